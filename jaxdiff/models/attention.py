@@ -1,0 +1,21 @@
+"""Scaled dot-product attention shared by every model (U-Net, VAE, CLIP, DiT, video)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dot_product_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d)) v with the softmax in float32.
+
+    Args:
+      q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+      mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True = attend.
+    Returns: [B, Lq, H, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
