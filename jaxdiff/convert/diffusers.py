@@ -1,0 +1,102 @@
+"""Weights in and out as diffusers model folders (`config.json` + `diffusion_pytorch_model.safetensors`).
+
+    unet, params = from_diffusers("sd/unet")            # UNet2DConditionModel -> UNet2DCondition
+    vae, params = from_diffusers("sd/vae")              # AutoencoderKL -> AutoencoderKL
+    to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
+    pipe = load_pipeline("sd")                          # a whole StableDiffusionPipeline folder
+
+Params are returned as plain (unboxed) arrays; `to_diffusers` accepts boxed or plain trees.
+Flax submodules carry diffusers' attribute names, so a Flax path spells its torch key once
+list indices are restored: `down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
+    save_state_dict
+from jaxdiff.models.unet import UNet2DCondition, UNetConfig
+from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Written as `_diffusers_version`: the config layout we emit is the one of this release.
+DIFFUSERS_FORMAT_VERSION = "0.35.0"
+
+# Submodule lists in diffusers (nn.ModuleList); Flax names their items `<list>_<i>`.
+_MODULE_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
+                 "upsamplers", "to_out", "net")
+_LIST_ITEM = re.compile(rf"^({'|'.join(_MODULE_LISTS)})_(\d+)$")
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+# diffusers `_class_name` -> (config class, module class)
+_MODELS = {
+    "UNet2DConditionModel": (UNetConfig, UNet2DCondition),
+    "AutoencoderKL": (AutoencoderKLConfig, AutoencoderKL),
+}
+
+
+def torch_key_of(path: tuple[str, ...]) -> str:
+    """Flax param path -> diffusers state-dict key."""
+    *modules, leaf = path
+    return ".".join([_LIST_ITEM.sub(r"\1.\2", m) for m in modules] + [_LEAF_NAMES[leaf]])
+
+
+def param_template(module: nn.Module):
+    """Shapes and dtypes of the module's params (unboxed), without allocating them."""
+    c = module.config
+    if isinstance(module, UNet2DCondition):
+        size = 2 ** (len(c.block_out_channels) - 1)
+        args = (jnp.zeros((1, size, size, c.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, c.cross_attention_dim)))
+        kwargs = {"class_labels": jnp.zeros((1,), jnp.int32)} if c.num_class_embeds is not None else {}
+    elif isinstance(module, AutoencoderKL):
+        args, kwargs = (jnp.zeros((1, c.downsample_factor, c.downsample_factor, c.in_channels)),), {}
+    else:
+        raise TypeError(f"no diffusers conversion for {type(module).__name__}; "
+                        f"supported: {', '.join(m.__name__ for _, m in _MODELS.values())}")
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+    return nn.meta.unbox(variables["params"])
+
+
+def module_from_config(config: dict, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> nn.Module:
+    """The jaxdiff module for a diffusers `config.json` dict (dispatch on `_class_name`)."""
+    name = config.get("_class_name")
+    if name not in _MODELS:
+        raise CheckpointError(f"diffusers model class {name!r} is not supported; supported: {', '.join(_MODELS)}")
+    config_cls, module_cls = _MODELS[name]
+    return module_cls(config_cls.from_diffusers_config(config), dtype=dtype, param_dtype=param_dtype)
+
+
+def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    """Loads a diffusers model folder. Returns (module, params) with params plain arrays in `param_dtype`.
+
+    Reads `diffusion_pytorch_model.safetensors`, or a sharded `*.safetensors.index.json` set.
+    Every tensor's shape is checked against the module; a missing or left-over tensor is an
+    error naming its key.
+    """
+    module = module_from_config(read_config(path), dtype, param_dtype)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    state_dict = load_state_dict(weights if os.path.isfile(weights) else path)
+    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), param_template(module))
+    params = import_params(state_dict, template, torch_key_of)
+    return module, jax.tree.map(jnp.asarray, params)
+
+
+def to_diffusers(module: nn.Module, params, path: str) -> None:
+    """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' `from_pretrained` loads.
+
+    Params are checked against the module's shapes first, so a wrong tree fails here, not in diffusers.
+    """
+    state_dict = export_params(nn.meta.unbox(params), torch_key_of)
+    import_params(state_dict, param_template(module), torch_key_of)  # fails naming any wrong key or shape
+    config = {**module.config.to_diffusers_config(), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_state_dict(state_dict, os.path.join(path, WEIGHTS_NAME))

@@ -1,0 +1,4 @@
+"""Flax Linen models (channels-last): U-Net, VAE, DiT, CLIP and their building blocks."""
+from jaxdiff.models.dit import DiT, DiTConfig
+from jaxdiff.models.unet import UNet2DCondition, UNetConfig
+from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
