@@ -1,0 +1,144 @@
+"""CLIP weights in and out as transformers folders (`config.json` + `*.safetensors`).
+
+Our CLIP modules use transformers' own module names, so the Flax path of a parameter
+spells its torch key: `encoder/layers_3/self_attn/q_proj/kernel` <->
+`encoder.layers.3.self_attn.q_proj.weight`. Layout changes (linear transposes, conv
+HWIO) are `convert.common`'s.
+
+Standalone towers come in two layouts: transformers 4.x writes `CLIPTextModel` keys
+under `text_model.` (every Stable Diffusion `text_encoder/` on the hub), 5.x without.
+Import accepts both; export writes the prefixed one, which both versions load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.convert.common import (CheckpointError, export_params, import_params, load_state_dict, read_config,
+                                    save_state_dict)
+from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                                 CLIPVisionConfig, CLIPVisionModel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one transformers class maps onto ours."""
+
+    module_class: type
+    config_class: type
+    tower_prefix: str  # prefix transformers 4.x puts on a standalone tower's keys; "" if none
+    buffers: frozenset[str]  # non-persistent buffers that older transformers versions saved anyway
+    example_inputs: Callable  # config -> positional inputs for `init`
+
+
+def _text_inputs(c: CLIPTextConfig):
+    return (jnp.zeros((1, c.max_position_embeddings), jnp.int32),)
+
+
+def _image_inputs(c: CLIPVisionConfig):
+    return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)
+
+
+ARCHITECTURES = {
+    "CLIPTextModel": Architecture(CLIPTextModel, CLIPTextConfig, "text_model.",
+                                  frozenset({"embeddings.position_ids"}), _text_inputs),
+    "CLIPTextModelWithProjection": Architecture(CLIPTextModelWithProjection, CLIPTextConfig, "",
+                                                frozenset({"text_model.embeddings.position_ids"}), _text_inputs),
+    "CLIPVisionModel": Architecture(CLIPVisionModel, CLIPVisionConfig, "vision_model.",
+                                    frozenset({"embeddings.position_ids"}), _image_inputs),
+    "CLIPModel": Architecture(CLIPModel, CLIPConfig, "",
+                              frozenset({"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}),
+                              lambda c: _text_inputs(c.text) + _image_inputs(c.vision)),
+}
+MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel"}
+
+_LAYER = re.compile(r"^layers_(\d+)$")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def torch_key(path: tuple[str, ...], prefix: str = "") -> str:
+    """Flax param path -> transformers state-dict key (`layers_3` -> `layers.3`, kernel/scale/embedding -> weight)."""
+    *modules, leaf = path
+    return prefix + ".".join([_LAYER.sub(r"layers.\1", m) for m in modules] + [_TORCH_LEAF.get(leaf, leaf)])
+
+
+def architecture_of(config: dict) -> str:
+    """The transformers class a config.json describes: `architectures[0]`, else its `model_type`."""
+    names = config.get("architectures") or []
+    if names:
+        if names[0] not in ARCHITECTURES:
+            raise CheckpointError(f"config field architectures={names!r} is not supported; "
+                                  f"supported: {', '.join(ARCHITECTURES)}")
+        return names[0]
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"config field model_type={model_type!r} is not supported; "
+                              f"supported: {', '.join(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+def _strip_tower_prefix(state: dict, prefix: str) -> dict:
+    """Accepts transformers 4.x standalone-tower keys (all under `prefix`) as well as 5.x's."""
+    if prefix and state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def param_template(module: nn.Module, arch: Architecture):
+    """Shapes and dtypes of `module`'s params (plain, unboxed), without allocating them."""
+    inputs = arch.example_inputs(module.config)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    return nn.meta.unbox(variables["params"])
+
+
+def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Loads a transformers CLIP folder (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel).
+
+    Args:
+      path: folder with config.json and model.safetensors (or a sharded set).
+      dtype: compute dtype; param_dtype: dtype the params are returned in.
+    Returns: (module, params), params a plain tree of jax arrays for `module.apply({'params': params}, ...)`.
+    Raises: CheckpointError naming any unsupported config value, missing or unused tensor, or wrong shape.
+    """
+    config = read_config(path)
+    name = architecture_of(config)
+    arch = ARCHITECTURES[name]
+    module = arch.module_class(arch.config_class.from_transformers_config(config), dtype=dtype,
+                               param_dtype=param_dtype)
+    state = _strip_tower_prefix(load_state_dict(path), arch.tower_prefix)
+    params = import_params(state, param_template(module, arch), torch_key, ignore=arch.buffers.__contains__)
+    return module, jax.tree.map(jnp.asarray, params)
+
+
+def _architecture_name(module: nn.Module) -> str:
+    for name, arch in ARCHITECTURES.items():
+        if type(module) is arch.module_class:
+            return name
+    raise TypeError(f"cannot export a {type(module).__name__}; supported: "
+                    f"{', '.join(a.module_class.__name__ for a in ARCHITECTURES.values())}")
+
+
+def to_transformers(module: nn.Module, params, path: str) -> None:
+    """Writes `module` + `params` as a transformers folder (config.json + model.safetensors) that
+    `transformers.<Architecture>.from_pretrained(path)` loads. Boxed (logically partitioned) params are unboxed;
+    bfloat16 params are written as float32 (torch casts on load to the model's dtype)."""
+    name = _architecture_name(module)
+    arch = ARCHITECTURES[name]
+    params = nn.meta.unbox(params)
+    expected = param_template(module, arch)
+    if jax.tree.structure(expected) != jax.tree.structure(params):
+        raise CheckpointError(f"params do not match the {name} module's parameter tree")
+    state = export_params(params, lambda p: torch_key(p, arch.tower_prefix))
+    state = {k: np.asarray(v, np.float32) if v.dtype == jnp.bfloat16 else v for k, v in state.items()}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"architectures": [name], **module.config.to_transformers_config()}, f, indent=2)
+    save_state_dict(state, os.path.join(path, "model.safetensors"))

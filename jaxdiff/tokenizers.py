@@ -1,0 +1,265 @@
+"""Text -> token ids for the text encoders.
+
+- `CLIPTokenizer`: CLIP's byte-level BPE, read from a checkpoint's tokenizer files and
+  run by the `tokenizers` library, configured to give the ids of transformers'
+  `CLIPTokenizer` (which 5.x also exports as `CLIPTokenizerFast`).
+- `WordTokenizer`: a whole-word vocabulary for the built-in caption datasets; saved
+  next to a trained model so the model ships with its tokenizer.
+
+Both return int32 arrays [B, max_length]: BOS, the text, EOS, then padding; prompts
+that do not fit are cut (EOS kept last) with a warning naming what was dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from typing import Sequence
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+# CLIP's word split: contractions, runs of letters, single digits, runs of other
+# non-space symbols; the special tokens first so they stay whole.
+CLIP_WORD_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                     r"""[^\s\p{L}\p{N}]+""")
+END_OF_WORD = "</w>"
+CLIP_DEFAULT_MAX_LENGTH = 77
+
+
+def _pack(rows: list[list[int]], max_length: int, pad_id: int, return_attention_mask: bool):
+    """Pads equal-or-shorter id lists to [B, max_length] int32 (and the 1/0 mask of real tokens)."""
+    ids = np.full((len(rows), max_length), pad_id, np.int32)
+    mask = np.zeros((len(rows), max_length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return (ids, mask) if return_attention_mask else ids
+
+
+def _as_list(texts: str | Sequence[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def _warn_truncated(text: str, dropped: str, max_length: int) -> None:
+    warnings.warn(f"prompt {text!r} is longer than {max_length} tokens and was truncated; "
+                  f"dropped: {dropped!r}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- CLIP BPE
+
+
+SPECIAL_TOKEN_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                          "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def added_token(value: str | dict) -> AddedToken:
+    """A special token as tokenizer files write it: a plain string (matched verbatim in the
+    raw text) or a dict of AddedToken fields (`normalized: true` matches after lowercasing)."""
+    if isinstance(value, str):
+        return AddedToken(value, special=True, normalized=False)
+    return AddedToken(value["content"], special=value.get("special", True), normalized=value.get("normalized", False),
+                      lstrip=value.get("lstrip", False), rstrip=value.get("rstrip", False),
+                      single_word=value.get("single_word", False))
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_merges(path: str) -> list[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def _read_bpe(folder: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab and merges from vocab.json + merges.txt, or from the model section of a tokenizer.json."""
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    if os.path.isfile(vocab_file) and os.path.isfile(merges_file):
+        return _read_json(vocab_file), _read_merges(merges_file)
+    model = _read_json(os.path.join(folder, "tokenizer.json")).get("model")
+    if not model or model.get("type") != "BPE":
+        raise FileNotFoundError(f"{folder!r} has neither vocab.json + merges.txt nor a BPE tokenizer.json")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def _tokenizer_folder(folder: str) -> str:
+    """The folder itself, or its `tokenizer/` subfolder (a diffusers pipeline root)."""
+    for candidate in (folder, os.path.join(folder, "tokenizer")):
+        if any(os.path.isfile(os.path.join(candidate, f)) for f in ("vocab.json", "tokenizer.json")):
+            return candidate
+    raise FileNotFoundError(f"no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json) in {folder!r}")
+
+
+def clip_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], unk_token: str,
+             added_tokens: Sequence[AddedToken]) -> Tokenizer:
+    """A `tokenizers` pipeline giving CLIP's ids (without BOS/EOS, which the caller adds).
+
+    NFC, whitespace runs -> one space, lowercase; CLIP's word split; GPT-2's byte-to-
+    unicode map; BPE whose word-final symbols carry `</w>`. Added (special) tokens are
+    cut out of the text first, as transformers does for every special token, the pad
+    token included: with SD2's pad `!`, "hi!" ends in id 0, not in the BPE token "!</w>".
+    """
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk_token, end_of_word_suffix=END_OF_WORD,
+                              continuing_subword_prefix="", fuse_unk=False))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.add_tokens(list(added_tokens))
+    return tokenizer
+
+
+class CLIPTokenizer:
+    """CLIP's BPE tokenizer; ids identical to transformers' `CLIPTokenizer`.
+
+    Call it with a prompt or a list of prompts: returns input_ids [B, max_length] int32
+    (and the attention mask [B, max_length], 1 = real token, with return_attention_mask).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *, bos_token: str = "<|startoftext|>",
+                 eos_token: str = "<|endoftext|>", pad_token: str = "<|endoftext|>", unk_token: str = "<|endoftext|>",
+                 model_max_length: int = CLIP_DEFAULT_MAX_LENGTH, added_tokens: Sequence[AddedToken] | None = None):
+        """added_tokens: how each special token is matched in text (default: the four, verbatim)."""
+        missing = [t for t in (bos_token, eos_token, pad_token, unk_token) if t not in vocab]
+        if missing:
+            raise ValueError(f"special tokens {missing} are not in the vocabulary")
+        if added_tokens is None:
+            added_tokens = [added_token(t) for t in dict.fromkeys((bos_token, eos_token, unk_token, pad_token))]
+        self._tokenizer = clip_bpe(vocab, merges, unk_token, added_tokens)
+        self.bos_token_id, self.eos_token_id = vocab[bos_token], vocab[eos_token]
+        self.pad_token_id, self.unk_token_id = vocab[pad_token], vocab[unk_token]
+        self.vocab_size = len(vocab)
+        self.model_max_length = model_max_length
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "CLIPTokenizer":
+        """From a transformers tokenizer folder (or a diffusers pipeline root with `tokenizer/`).
+
+        Special tokens and `model_max_length` come from tokenizer_config.json and
+        special_tokens_map.json (the latter wins): SD1's pad token is `<|endoftext|>`, SD2's `!`.
+        """
+        folder = _tokenizer_folder(folder)
+        vocab, merges = _read_bpe(folder)
+        tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        config = {**tokenizer_config, **_read_json(os.path.join(folder, "special_tokens_map.json"))}
+        specials = {name: config.get(name) or default for name, default in SPECIAL_TOKEN_DEFAULTS.items()}
+        # How each token is matched: the last word wins, as in transformers: special tokens in
+        # attribute order (SD1's plain-string pad makes `<|endoftext|>` verbatim-only), then the
+        # explicit lists of tokenizer_config.json and tokenizer.json.
+        added = {}
+        for value in [*specials.values(), *tokenizer_config.get("added_tokens_decoder", {}).values(),
+                      *_read_json(os.path.join(folder, "tokenizer.json")).get("added_tokens", [])]:
+            token = added_token(value)
+            added[token.content] = token
+        max_length = config.get("model_max_length", CLIP_DEFAULT_MAX_LENGTH)
+        return cls(vocab, merges, **{name: added_token(v).content for name, v in specials.items()},
+                   added_tokens=list(added.values()),
+                   # tokenizer configs without a limit store a huge sentinel (int(1e30))
+                   model_max_length=max_length if max_length < 1e6 else CLIP_DEFAULT_MAX_LENGTH)
+
+    def __call__(self, texts: str | Sequence[str], max_length: int | None = None,
+                 return_attention_mask: bool = False):
+        """texts -> input_ids [B, max_length] int32: BOS, the text, EOS, padding (and the mask if asked).
+
+        max_length defaults to the folder's `model_max_length` (77 for CLIP).
+        """
+        texts = _as_list(texts)
+        max_length = max_length or self.model_max_length
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS")
+        rows = []
+        for text, encoding in zip(texts, self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+            ids = encoding.ids
+            if len(ids) > max_length - 2:
+                _warn_truncated(text, text[encoding.offsets[max_length - 2][0]:], max_length)
+                ids = ids[:max_length - 2]
+            rows.append([self.bos_token_id, *ids, self.eos_token_id])
+        return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
+
+
+# --------------------------------------------------------------------------- whole words
+
+
+WORD_PATTERN = re.compile(r"\w+")
+WORD_TOKENIZER_FILE = "word_tokenizer.json"
+
+
+class WordTokenizer:
+    """Whole-word tokenizer for captions built from a known, small vocabulary.
+
+    ids: 0 <pad>, 1 <unk>, 2 <bos>, 3 <eos>, then the words in the order given. EOS is
+    not 2 on purpose: a CLIP text config with eos_token_id == 2 pools by transformers'
+    legacy argmax rule. Text is lowercased and split into runs of word characters, so
+    whitespace and punctuation only separate words.
+    """
+
+    SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+    pad_token_id, unk_token_id, bos_token_id, eos_token_id = range(4)
+
+    def __init__(self, words: Sequence[str], max_length: int = 16):
+        words = list(words)
+        bad = [w for w in words if WORD_PATTERN.fullmatch(w) is None or w != w.lower()]
+        if bad:
+            raise ValueError(f"vocabulary entries must be lowercase single words (letters, digits, _): {bad}")
+        duplicates = sorted({w for w in words if words.count(w) > 1})
+        if duplicates:
+            raise ValueError(f"vocabulary has duplicate words: {duplicates}")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS")
+        self.words = tuple(words)
+        self.max_length = max_length
+        self._ids = {w: i for i, w in enumerate(self.SPECIAL_TOKENS + self.words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._ids)
+
+    @classmethod
+    def from_captions(cls, max_length: int = 16) -> "WordTokenizer":
+        """The vocabulary of the built-in caption datasets (`jaxdiff.data.render.caption_vocabulary()`)."""
+        from jaxdiff.data.render import caption_vocabulary  # data code loads only when asked for
+
+        return cls(caption_vocabulary(), max_length)
+
+    def __call__(self, texts: str | Sequence[str], return_attention_mask: bool = False):
+        """texts -> input_ids [B, max_length] int32 (and the mask, 1 = real token, if asked)."""
+        rows = [self._encode(text) for text in _as_list(texts)]
+        return _pack(rows, self.max_length, self.pad_token_id, return_attention_mask)
+
+    def _encode(self, text: str) -> list[int]:
+        words = WORD_PATTERN.findall(text.lower())
+        unknown = sorted({w for w in words if w not in self._ids})
+        if unknown:
+            warnings.warn(f"words not in the vocabulary, mapped to <unk>: {unknown} (in {text!r})", stacklevel=3)
+        if len(words) > self.max_length - 2:
+            _warn_truncated(text, " ".join(words[self.max_length - 2:]), self.max_length)
+            words = words[:self.max_length - 2]
+        return [self.bos_token_id, *(self._ids.get(w, self.unk_token_id) for w in words), self.eos_token_id]
+
+    def decode(self, ids) -> str:
+        """ids [L] -> the words (and <unk>s), space-separated; BOS, EOS and padding left out."""
+        tokens = self.SPECIAL_TOKENS + self.words
+        structural = (self.pad_token_id, self.bos_token_id, self.eos_token_id)
+        return " ".join(tokens[i] for i in np.asarray(ids).tolist() if i not in structural)
+
+    def save(self, folder: str) -> None:
+        """Writes folder/word_tokenizer.json."""
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, WORD_TOKENIZER_FILE), "w") as f:
+            json.dump({"type": "WordTokenizer", "max_length": self.max_length, "words": list(self.words)}, f, indent=1)
+
+    @classmethod
+    def load(cls, folder: str) -> "WordTokenizer":
+        data = _read_json(os.path.join(folder, WORD_TOKENIZER_FILE))
+        if data.get("type") != "WordTokenizer":
+            raise FileNotFoundError(f"no {WORD_TOKENIZER_FILE} describing a WordTokenizer in {folder!r}")
+        return cls(data["words"], data["max_length"])
