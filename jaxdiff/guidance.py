@@ -1,0 +1,43 @@
+"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper that makes a plain `model_fn(x, t)`.
+
+Guidance scale and rescale are traced values: change them between calls without recompiling.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+
+def rescale_guidance(guided, cond, rescale):
+    """Guidance rescale (Lin et al. 2024, eq. 15-16): match the std of the conditional output.
+
+    std is taken per example over all non-batch axes; rescale = 0 leaves `guided` unchanged.
+    """
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(cond, axis=axes, keepdims=True)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True)
+    rescaled = guided * (std_cond / std_guided)
+    return rescale * rescaled + (1.0 - rescale) * guided
+
+
+def cfg(apply_fn: Callable, context, uncond_context, scale, rescale=0.0) -> Callable:
+    """model_fn(x, t) = u + scale (c - u), u/c the outputs under the negative/unconditional and the
+    conditional context, computed in one batched call of 2B.
+
+    Args:
+      apply_fn: (x [2B, ...], t [2B], context [2B, ...]) -> output.
+      context: [B, ...] conditioning (e.g. CLIP hidden states of the prompt).
+      uncond_context: [B, ...] the negative prompt's (or the empty prompt's) conditioning.
+      scale: guidance scale w (1 = plain conditional; diffusers' guidance_scale).
+      rescale: guidance rescale phi in [0, 1].
+    """
+    both = jnp.concatenate([uncond_context, context], axis=0)
+
+    def model_fn(x, t):
+        out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
+        uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+        guided = uncond + scale * (cond - uncond)
+        return rescale_guidance(guided, cond, rescale)
+
+    return model_fn

@@ -1,0 +1,223 @@
+"""The one entry point that runs any sampler: validation at the edge, then one `lax.scan`.
+
+`sample` builds the method's grid and float64 coefficient plan (both depend only on
+static arguments: method, steps, spacing, schedule), then scans the method's pure step
+over it. Prompt, seed, guidance scale and noise are traced values, so changing them never
+recompiles; changing the step count or shapes does.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import diffusion
+from jaxdiff.samplers import grids
+from jaxdiff.samplers.base import Method
+from jaxdiff.samplers.dpm_solver import DPMPP_2M
+from jaxdiff.samplers.first_order import DDIM, DDPM, EULER, EULER_ANCESTRAL, FLOW_EULER, LCM, linear_step
+from jaxdiff.samplers.heun import HEUN
+from jaxdiff.samplers.langevin import LANGEVIN_PC
+from jaxdiff.samplers.unipc import UNIPC
+from jaxdiff.schedules import FLOW, Schedule
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    DDPM, DDIM, EULER, EULER_ANCESTRAL, HEUN, DPMPP_2M, UNIPC, LCM, FLOW_EULER, LANGEVIN_PC)}
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacing: str = "leading",
+              steps_offset: int = 0, final_alpha_one: bool = True, karras: bool = False) -> grids.Grid:
+    """The grid a method walks on a schedule (see `grids`)."""
+    n_train = schedule.num_train_timesteps
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= n_train:
+        raise ValueError(f"steps must be an integer in 1..{n_train} (num_train_timesteps), got {steps!r}")
+    if timestep_spacing not in grids.SPACINGS:
+        raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of: {', '.join(grids.SPACINGS)}")
+    if karras and (schedule.kind == FLOW or method.grid not in ("sigma", "sigma_multistep")):
+        raise ValueError(f"karras sigmas apply to euler, euler_ancestral, heun, dpmpp_2m and unipc on a discrete "
+                         f"schedule, not to {method.name!r} on a {schedule.kind!r} schedule")
+    if schedule.kind == FLOW:
+        if method.grid == "lcm":
+            raise ValueError("lcm needs a discrete schedule (its boundary scalings are defined on timesteps)")
+        return grids.flow_grid(schedule, steps)
+    if method.grid == "flow":
+        raise ValueError(f"{method.name!r} needs a flow_matching schedule; use 'euler' on a {schedule.kind!r} one")
+    if method.grid == "discrete":
+        return grids.discrete_grid(schedule, steps, timestep_spacing, steps_offset, final_alpha_one)
+    if method.grid == "lcm":
+        return grids.lcm_grid(schedule, steps)
+    return grids.sigma_grid(schedule, steps, timestep_spacing, steps_offset,
+                            multistep=method.grid == "sigma_multistep", karras=karras)
+
+
+def _options(method: Method, options: dict) -> dict:
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        allowed = ", ".join(method.options) or "none"
+        raise TypeError(f"sampler {method.name!r} does not take option(s) {', '.join(unknown)}; it takes: {allowed}")
+    return {**method.options, **options}
+
+
+def _check_start(prediction_type: str, grid: grids.Grid, method: Method) -> None:
+    if grid.alpha[0] == 0 and prediction_type in ("epsilon", "score"):
+        raise ValueError(f"prediction_type {prediction_type!r} cannot recover x_0 where alpha = 0 (zero terminal SNR "
+                         f"at t={grid.t[0]:g}); use v_prediction, sample or flow, or start below the last timestep")
+    if grid.alpha[0] == 0 and method.needs_finite_ve:
+        raise ValueError(f"{method.name!r} integrates in sigma/alpha, which is infinite at zero terminal SNR; "
+                         f"use euler, dpmpp_2m, unipc or ddim on this schedule")
+
+
+def _check_array(name, a, like=None):
+    if not hasattr(a, "shape") or not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim < 1:
+        raise ValueError(f"{name} must be a floating array with a leading batch axis, got {type(a).__name__} "
+                         f"{getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}")
+    if like is not None and a.shape != like.shape:
+        raise ValueError(f"{name} has shape {a.shape} but noise has shape {like.shape}")
+
+
+def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: str = "ddim", steps: int = 50,
+           prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
+           final_alpha_one: bool = True, karras: bool = False, x_init=None, strength: float = 1.0,
+           hook: Callable | None = None, step_noise=None, return_trajectory: bool = False, **options):
+    """Draws x_0 from noise with a named sampler, as one `lax.scan` (jittable end to end).
+
+    Args:
+      model_fn: (x_t [B, ...], t [B]) -> model output; sees what a diffusers model would see
+        at that step (x_t after the scheduler's input scaling; t on the training scale,
+        sigma * N for flow matching).
+      schedule: from `jaxdiff.schedules` (closed over, not traced: its tables are float64).
+      noise: [B, ...] standard normal; scaled as diffusers' `init_noise_sigma` does.
+      key: PRNG key for the stochastic samplers (ddpm, ddim with eta > 0, euler_ancestral, lcm,
+        langevin_pc); step i draws from `fold_in(key, i)`.
+      method: one of `METHODS`.
+      steps: number of sampler steps (model calls: 1 per step; heun 2 but 1 on its last;
+        langevin_pc 1 + corrector_steps).
+      prediction_type: epsilon, v_prediction, sample, flow or score.
+      timestep_spacing, steps_offset: diffusers' `set_timesteps` rules (SD: leading, 1).
+      final_alpha_one: diffusers' `set_alpha_to_one` for the discrete grid (SD: False).
+      karras: Karras sigma spacing for the sigma-grid samplers.
+      x_init, strength: img2img; start from x_init noised to the step where `strength` of the
+        steps remain (diffusers' rule); strength 0 returns x_init.
+      hook: (x_next, point) -> x_next after every step, `point` a dict of the next grid
+        point's t, alpha, sigma and `last`; e.g. `mask_blend` for inpainting.
+      step_noise: optional [steps, k, B, ...] normal draws to use instead of `key` (k draws per step).
+      return_trajectory: also return {'x': [n, B, ...] x after each step, 'x0': [n, B, ...] predictions}.
+      **options: method options (ddim: eta; ddpm: variance; langevin_pc: snr, corrector_steps).
+    Returns: x_0 [B, ...] float32 (and the trajectory if asked).
+    """
+    m = get_method(method)
+    diffusion.check_prediction_type(prediction_type)
+    opts = _options(m, options)
+    _check_array("noise", noise)
+    if x_init is not None:
+        _check_array("x_init", x_init, noise)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    grid = make_grid(m, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                     final_alpha_one=final_alpha_one, karras=karras)
+    noise = jnp.asarray(noise, jnp.float32)
+    if x_init is None:
+        ve_start = m.ve_start and timestep_spacing in ("linspace", "trailing") and schedule.kind != FLOW
+        x = noise * (grid.sigma[0] if ve_start else 1.0)
+    else:
+        grid = grid.tail(steps - min(int(steps * strength), steps))
+        x_init = jnp.asarray(x_init, jnp.float32)
+        if grid.steps == 0:
+            empty = jnp.zeros((0,) + noise.shape, jnp.float32)
+            return (x_init, {"x": empty, "x0": empty}) if return_trajectory else x_init
+        x = grid.alpha[0] * x_init + grid.sigma[0] * noise
+    _check_start(prediction_type, grid, m)
+    plan = m.plan(grid, **{k: v for k, v in opts.items() if k not in m.step_options})
+    step = functools.partial(m.step, **{k: opts[k] for k in m.step_options})
+    init = m.init(x) if m.init else {}
+    return _scan(model_fn, prediction_type, step, grid, plan, {"x": x, **init}, key, m.noises(opts),
+                 step_noise, hook, return_trajectory)
+
+
+def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, prediction_type: str = "epsilon",
+           timestep_spacing: str = "leading", steps_offset: int = 0, final_alpha_one: bool = True,
+           return_trajectory: bool = False):
+    """DDIM inversion x_0 -> x_T: the deterministic DDIM grid walked backwards.
+
+    Each step from point i+1 up to point i evaluates the model at the *target* timestep t_i on the
+    current (less noisy) x, since x at t_i is not yet known -- the approximation every DDIM
+    inversion makes (Dhariwal & Nichol 2021; diffusers' DDIMInverseScheduler does the same).
+    Sampling the result with method='ddim' on the same grid returns close to x_0.
+    """
+    diffusion.check_prediction_type(prediction_type)
+    _check_array("x0", x0)
+    grid = make_grid(DDIM, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                     final_alpha_one=final_alpha_one)
+    # reversed walk: source point = grid[i + 1], target point = grid[i], i = n-1 .. 0
+    rev = grids.Grid(t=grid.t[::-1], alpha=grid.alpha[::-1], sigma=grid.sigma[::-1])
+    if prediction_type in ("epsilon", "score") and rev.alpha[-1] == 0:
+        raise ValueError(f"prediction_type {prediction_type!r} cannot invert to zero terminal SNR")
+    n = grid.steps
+    plan = {"A": np.zeros(n), "B": rev.alpha[1:], "C": rev.sigma[1:]}
+    # step k: the model sees the target timestep rev.t[k]; its output is read at the source rev.alpha[k]
+    return _scan(model_fn, prediction_type, linear_step, rev, plan, {"x": jnp.asarray(x0, jnp.float32)}, None, 0,
+                 None, None, return_trajectory)
+
+
+def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k_noise, step_noise, hook,
+          return_trajectory):
+    n = grid.steps
+    coeffs = dict(plan)
+    coeffs.update(t=grid.t, alpha=grid.alpha[:-1], sigma=grid.sigma[:-1], alpha_next=grid.alpha[1:],
+                  sigma_next=grid.sigma[1:], t_next=np.append(grid.t[1:], 0.0),
+                  last=(np.arange(n) == n - 1).astype(np.float64))
+    coeffs = {k: jnp.asarray(np.asarray(v, np.float64), jnp.float32) for k, v in coeffs.items()}
+    x = state["x"]
+    if k_noise and step_noise is None and key is None:
+        raise ValueError("this sampler draws noise at every step: pass key=jax.random.key(seed)")
+    if step_noise is not None:
+        step_noise = jnp.asarray(step_noise, jnp.float32).reshape((n, k_noise) + x.shape)
+
+    def denoise(x, t, alpha, sigma):
+        out = model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
+        return diffusion.to_x0_eps(prediction_type, jnp.asarray(out, jnp.float32), x, alpha, sigma)
+
+    def body(state, inputs):
+        c, i, given = inputs
+        if not k_noise:
+            noise = jnp.zeros((0,) + x.shape, jnp.float32)
+        elif given is not None:
+            noise = given
+        else:
+            noise = jax.random.normal(jax.random.fold_in(key, i), (k_noise,) + x.shape, jnp.float32)
+        state, x0 = step(state, c, denoise, noise)
+        if hook is not None:
+            point = {"t": c["t_next"], "alpha": c["alpha_next"], "sigma": c["sigma_next"], "last": c["last"]}
+            state = {**state, "x": hook(state["x"], point)}
+        return state, ((state["x"], x0) if return_trajectory else None)
+
+    state, ys = jax.lax.scan(body, state, (coeffs, jnp.arange(n), step_noise))
+    if return_trajectory:
+        return state["x"], {"x": ys[0], "x0": ys[1]}
+    return state["x"]
+
+
+def mask_blend(known_x0, mask, noise) -> Callable:
+    """Inpainting hook: keep the known region, noised to each step's level, where mask == 0.
+
+    After every step x <- mask * x + (1 - mask) * (alpha' known + sigma' noise), and exactly
+    `known` after the last step (RePaint-style blending as in diffusers' 4-channel inpainting).
+    Args: known_x0, noise: [B, ...]; mask: broadcastable, 1 = generate, 0 = keep.
+    """
+    def hook(x, point):
+        noised = point["alpha"] * known_x0 + point["sigma"] * noise
+        keep = jnp.where(point["last"] > 0, known_x0, noised)
+        return mask * x + (1.0 - mask) * keep
+
+    return hook
