@@ -60,11 +60,14 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def save_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
-    """Writes a `.safetensors` file atomically (a failed write leaves no partial file)."""
+    """Writes a `.safetensors` file atomically (a failed write leaves no partial file).
+
+    Scalars keep shape () (CLIP's `logit_scale`): np.ascontiguousarray would make them (1,).
+    """
     from safetensors.numpy import save_file
 
     tmp = path + ".tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
 
 
