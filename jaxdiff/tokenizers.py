@@ -43,9 +43,10 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
-def _warn_truncated(text: str, dropped: str, max_length: int) -> None:
+def _warn_truncated(text: str, dropped: str, max_length: int, stacklevel: int) -> None:
+    """stacklevel: of the caller's frame, so that the warning points at the user's call."""
     warnings.warn(f"prompt {text!r} is longer than {max_length} tokens and was truncated; "
-                  f"dropped: {dropped!r}", stacklevel=3)
+                  f"dropped: {dropped!r}", stacklevel=stacklevel + 1)
 
 
 # --------------------------------------------------------------------------- CLIP BPE
@@ -180,7 +181,7 @@ class CLIPTokenizer:
         for text, encoding in zip(texts, self._tokenizer.encode_batch(texts, add_special_tokens=False)):
             ids = encoding.ids
             if len(ids) > max_length - 2:
-                _warn_truncated(text, text[encoding.offsets[max_length - 2][0]:], max_length)
+                _warn_truncated(text, text[encoding.offsets[max_length - 2][0]:], max_length, stacklevel=2)
                 ids = ids[:max_length - 2]
             rows.append([self.bos_token_id, *ids, self.eos_token_id])
         return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
@@ -232,7 +233,9 @@ class WordTokenizer:
 
     def __call__(self, texts: str | Sequence[str], return_attention_mask: bool = False):
         """texts -> input_ids [B, max_length] int32 (and the mask, 1 = real token, if asked)."""
-        rows = [self._encode(text) for text in _as_list(texts)]
+        rows = []
+        for text in _as_list(texts):  # a loop, not a comprehension: warnings point at the caller
+            rows.append(self._encode(text))
         return _pack(rows, self.max_length, self.pad_token_id, return_attention_mask)
 
     def _encode(self, text: str) -> list[int]:
@@ -241,7 +244,7 @@ class WordTokenizer:
         if unknown:
             warnings.warn(f"words not in the vocabulary, mapped to <unk>: {unknown} (in {text!r})", stacklevel=3)
         if len(words) > self.max_length - 2:
-            _warn_truncated(text, " ".join(words[self.max_length - 2:]), self.max_length)
+            _warn_truncated(text, " ".join(words[self.max_length - 2:]), self.max_length, stacklevel=3)
             words = words[:self.max_length - 2]
         return [self.bos_token_id, *(self._ids.get(w, self.unk_token_id) for w in words), self.eos_token_id]
 
