@@ -2,3 +2,6 @@
 from jaxdiff.models.dit import DiT, DiTConfig
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPOutput, CLIPTextConfig, CLIPTextModel,
+                                 CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel, clip_loss,
+                                 zero_shot_classify)
