@@ -226,8 +226,10 @@ class UNet2DCondition(nn.Module):
             skips.extend(block_skips)
 
         if c.mid_block_type is not None:
+            # diffusers builds "UNetMidBlock2D" here with no attention and num_layers=0: one resnet.
+            cross = c.mid_block_type == "UNetMidBlock2DCrossAttn"
             h = MidBlock(c.block_out_channels[-1], output_scale_factor=c.mid_block_scale_factor,
-                         transformer=self._transformer(n - 1) if c.mid_block_type == "UNetMidBlock2DCrossAttn" else None,
+                         transformer=self._transformer(n - 1) if cross else None, num_layers=int(cross),
                          name="mid_block", **block_kw)(h, temb, context)
 
         for i, block_type in enumerate(c.up_block_types):
