@@ -136,54 +136,60 @@ def tiny_inputs():
     return ids, pixels
 
 
-def test_params_carry_logical_axes_and_unbox_to_plain_arrays():
+@pytest.fixture(scope="module")
+def tiny():
+    """Boxed params of a tiny random CLIPModel and its float32 outputs (each compiled once)."""
     ids, pixels = tiny_inputs()
-    boxed = CLIPModel(TINY).init(jax.random.key(0), ids, pixels)["params"]
+    model = CLIPModel(TINY)
+    boxed = jax.jit(model.init)(jax.random.key(0), ids, pixels)["params"]
+    params = nn.meta.unbox(boxed)
+    return boxed, params, jax.jit(model.apply)({"params": params}, ids, pixels)
+
+
+def test_params_carry_logical_axes_and_unbox_to_plain_arrays(tiny):
+    boxed, params, _ = tiny
     specs = nn.get_partition_spec(boxed)
     layer = specs["text_model"]["encoder"]["layers_0"]
     assert tuple(layer["mlp"]["fc1"]["kernel"]) == ("embed", "mlp")
     assert tuple(layer["self_attn"]["q_proj"]["kernel"]) == ("embed", "heads")
     assert tuple(specs["text_model"]["embeddings"]["token_embedding"]["embedding"]) == ("vocab", "embed")
-    plain = nn.meta.unbox(boxed)
-    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(plain))
-    assert any(isinstance(x, nn.Partitioned) for x in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    assert any(is_box(x) for x in jax.tree.leaves(boxed, is_leaf=is_box))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
 
 
-def test_logical_constraints_under_a_mesh_keep_the_numbers():
+def test_logical_constraints_under_a_mesh_keep_the_numbers(tiny):
+    _, params, plain = tiny
     ids, pixels = tiny_inputs()
-    model = CLIPModel(TINY)
-    params = nn.meta.unbox(model.init(jax.random.key(0), ids, pixels)["params"])
-    plain = model.apply({"params": params}, ids, pixels)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",),
-                             axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rules = (("batch", "data"), ("length", None), ("embed", None))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        sharded = jax.jit(lambda p: model.apply({"params": p}, ids, pixels))(params)
+        sharded = jax.jit(lambda p: CLIPModel(TINY).apply({"params": p}, ids, pixels))(params)
     np.testing.assert_allclose(sharded.logits_per_text, plain.logits_per_text, rtol=1e-6)
 
 
-def test_bfloat16_compute_and_param_dtypes():
+def test_bfloat16_compute_and_param_dtypes(tiny):
+    _, params, full = tiny
     ids, pixels = tiny_inputs()
-    params = nn.meta.unbox(CLIPModel(TINY).init(jax.random.key(0), ids, pixels)["params"])
-    full = CLIPModel(TINY).apply({"params": params}, ids, pixels)
-    half = CLIPModel(TINY, dtype=jnp.bfloat16).apply({"params": params}, ids, pixels)
+    half = jax.jit(CLIPModel(TINY, dtype=jnp.bfloat16).apply)({"params": params}, ids, pixels)
     assert half.text_embeds.dtype == jnp.float32  # similarities are computed in float32
     assert rel_err(half.logits_per_text, full.logits_per_text) < 3e-2
-    hidden, _ = CLIPTextModel(TINY_TEXT, dtype=jnp.bfloat16).apply({"params": params["text_model"]}, ids)
+    hidden, _ = jax.eval_shape(CLIPTextModel(TINY_TEXT, dtype=jnp.bfloat16).apply, {"params": params["text_model"]},
+                               ids)
     assert hidden.dtype == jnp.bfloat16
-    bf16_params = CLIPModel(TINY, param_dtype=jnp.bfloat16).init(jax.random.key(0), ids, pixels)["params"]
+    bf16_params = jax.eval_shape(CLIPModel(TINY, param_dtype=jnp.bfloat16).init, jax.random.key(0), ids, pixels)
     assert {x.dtype for x in jax.tree.leaves(nn.meta.unbox(bf16_params))} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_padding_mask_changes_only_padded_positions():
+def test_padding_mask_changes_only_padded_positions(tiny):
     """With right padding, a causal model's real tokens never see the pads; the mask only
     changes the (unused) pad positions, so pooled features are the same with or without it."""
+    _, params, _ = tiny
     ids, _ = tiny_inputs()
-    model = CLIPTextModel(TINY_TEXT)
-    params = model.init(jax.random.key(0), ids)["params"]
+    apply = jax.jit(CLIPTextModel(TINY_TEXT).apply)
     mask = (jnp.arange(8) <= jnp.argmax(ids == 39, axis=1)[:, None]).astype(jnp.int32)
-    hidden_masked, pooled_masked = model.apply({"params": params}, ids, mask)
-    hidden, pooled = model.apply({"params": params}, ids)
+    hidden_masked, pooled_masked = apply({"params": params["text_model"]}, ids, mask)
+    hidden, pooled = apply({"params": params["text_model"]}, ids)
     np.testing.assert_allclose(pooled_masked, pooled, rtol=1e-6)
     np.testing.assert_allclose(hidden_masked[0, :4], hidden[0, :4], rtol=1e-6)
     assert not np.allclose(hidden_masked[0, 4:], hidden[0, 4:])
@@ -192,7 +198,7 @@ def test_padding_mask_changes_only_padded_positions():
 def test_wrong_image_size_is_an_error():
     ids, pixels = tiny_inputs()
     with pytest.raises(ValueError, match="do not match"):
-        CLIPModel(TINY).init(jax.random.key(0), ids, pixels[:, :4])
+        jax.eval_shape(CLIPModel(TINY).init, jax.random.key(0), ids, pixels[:, :4])
 
 
 # ----------------------------------------------------------------------------- configs

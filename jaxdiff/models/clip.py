@@ -37,7 +37,6 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 
-_METADATA_FIELDS = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
 # --------------------------------------------------------------------------- configs
