@@ -14,7 +14,8 @@ from jaxdiff.tokenizers import CLIPTokenizer, WordTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "transformers"
 GOLDEN = json.loads((FIXTURES / "tokenizer_golden.json").read_text())
-EOS_ID, BOS_ID = 917, 916  # in the fixture vocabulary
+VOCAB = json.loads((FIXTURES / "tokenizer_sd1" / "vocab.json").read_text())
+EOS_ID, BOS_ID = VOCAB["<|endoftext|>"], VOCAB["<|startoftext|>"]
 
 
 def golden_case(folder: str, max_length: int) -> dict:
