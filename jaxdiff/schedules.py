@@ -78,6 +78,12 @@ class Schedule:
         return jnp.asarray(np.asarray(getattr(self, name), np.float32))[t]
 
 
+def concrete(schedule: Schedule) -> Schedule:
+    """The schedule with float64 NumPy tables; a clear error if it was traced through jit."""
+    return schedule.replace(alpha=_f64(schedule.alpha), sigma=_f64(schedule.sigma),
+                            timesteps=_f64(schedule.timesteps))
+
+
 def _f64(a) -> np.ndarray:
     try:
         return np.asarray(a, dtype=np.float64)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import diffusion
+from jaxdiff import diffusion, schedules
 from jaxdiff.samplers import grids
 from jaxdiff.samplers.base import Method
 from jaxdiff.samplers.dpm_solver import DPMPP_2M
@@ -39,6 +39,7 @@ def get_method(name: str) -> Method:
 def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacing: str = "leading",
               steps_offset: int = 0, final_alpha_one: bool = True, karras: bool = False) -> grids.Grid:
     """The grid a method walks on a schedule (see `grids`)."""
+    schedule = schedules.concrete(schedule)
     n_train = schedule.num_train_timesteps
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= n_train:
         raise ValueError(f"steps must be an integer in 1..{n_train} (num_train_timesteps), got {steps!r}")
