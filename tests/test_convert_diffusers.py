@@ -162,3 +162,67 @@ def test_diffusers_loads_our_export(tmp_path):
         out = model(torch.from_numpy(io["x"].transpose(0, 3, 1, 2).copy()), torch.from_numpy(io["t"]),
                     torch.from_numpy(io["context"]), class_labels=torch.from_numpy(io["class_labels"])).sample
     np.testing.assert_array_equal(out.numpy().transpose(0, 2, 3, 1), io["sample"])
+
+
+def test_bfloat16_params_export_as_float32(tmp_path):
+    module, params = jd.convert.from_diffusers(str(FIXTURES / "vae"), param_dtype=jnp.bfloat16)
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+    jd.convert.to_diffusers(module, params, str(tmp_path))
+    assert load_file(str(tmp_path / WEIGHTS))["quant_conv.weight"].dtype == np.float32
+    _, reloaded = jd.convert.from_diffusers(str(tmp_path), param_dtype=jnp.bfloat16)
+    a, b = flat(params), flat(reloaded)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+TRANSFORMERS_FIXTURES = FIXTURES.parent / "transformers"
+
+
+def make_pipeline_folder(root: Path, unet="unet_sd1") -> Path:
+    shutil.copytree(FIXTURES / unet, root / "unet")
+    shutil.copytree(FIXTURES / "vae", root / "vae")
+    shutil.copytree(TRANSFORMERS_FIXTURES / "text_gelu" / "model", root / "text_encoder")
+    shutil.copytree(TRANSFORMERS_FIXTURES / "tokenizer_sd1", root / "tokenizer")
+    (root / "scheduler").mkdir()
+    scheduler = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012, "num_train_timesteps": 1000, "steps_offset": 1}
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.35.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_load_pipeline(tmp_path):
+    pipe = jd.convert.load_pipeline(str(make_pipeline_folder(tmp_path)))
+    assert pipe.scheduler_config["beta_schedule"] == "scaled_linear"
+    _, unet_params = jd.convert.from_diffusers(str(FIXTURES / "unet_sd1"))
+    a, b = flat(pipe.unet_params), flat(unet_params)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    ids = pipe.tokenizer(["a photo of a cat", ""], max_length=16)
+    assert ids.shape == (2, 16) and ids[0, 0] == pipe.tokenizer.bos_token_id
+    # the parts fit together: text states -> U-Net context -> latents -> VAE decode
+    ids = jnp.asarray(ids) % pipe.text_encoder.config.vocab_size  # the tiny text model has a 99-token vocabulary
+
+    @jax.jit
+    def chain(ids, z):
+        context, _ = pipe.text_encoder.apply({"params": pipe.text_params}, ids)
+        eps = pipe.unet.apply({"params": pipe.unet_params}, z, jnp.array([10, 10]), context)
+        return pipe.vae.apply({"params": pipe.vae_params}, eps[:, :8, :8], method=pipe.vae.decode)
+
+    image = chain(ids, jax.random.normal(jax.random.key(0), (2, 16, 16, 4)))
+    assert image.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(image)))
+
+
+def test_load_pipeline_checks_components(tmp_path):
+    folder = make_pipeline_folder(tmp_path / "a", unet="unet_sd2")
+    with pytest.raises(CheckpointError, match="hidden_size=32 does not match the U-Net's cross_attention_dim=20"):
+        jd.convert.load_pipeline(str(folder))
+    folder = make_pipeline_folder(tmp_path / "b")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lacks components \['vae'\]"):
+        jd.convert.load_pipeline(str(folder))

@@ -11,6 +11,7 @@ list indices are restored: `down_blocks_0/resnets_1/conv1/kernel` <-> `down_bloc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,8 +23,10 @@ import jax.numpy as jnp
 
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
     save_state_dict
+from jaxdiff.convert.transformers import from_transformers
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jaxdiff.tokenizers import CLIPTokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Written as `_diffusers_version`: the config layout we emit is the one of this release.
@@ -95,8 +98,52 @@ def to_diffusers(module: nn.Module, params, path: str) -> None:
     """
     state_dict = export_params(nn.meta.unbox(params), torch_key_of)
     import_params(state_dict, param_template(module), torch_key_of)  # fails naming any wrong key or shape
+    # safetensors' numpy writer has no bfloat16: store those as float32 (torch casts on load).
+    state_dict = {k: v.astype("float32") if v.dtype == jnp.bfloat16 else v for k, v in state_dict.items()}
     config = {**module.config.to_diffusers_config(), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     save_state_dict(state_dict, os.path.join(path, WEIGHTS_NAME))
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The parts of a diffusers StableDiffusionPipeline folder, as jaxdiff modules and plain params."""
+    unet: UNet2DCondition
+    unet_params: Any
+    vae: AutoencoderKL
+    vae_params: Any
+    text_encoder: nn.Module
+    text_params: Any
+    tokenizer: Any
+    scheduler_config: dict
+
+
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> StableDiffusion:
+    """Loads a Stable Diffusion pipeline folder (`model_index.json`, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/). Other components (safety_checker, feature_extractor) are not loaded.
+
+    The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
+    `jaxdiff.tokenizers.CLIPTokenizer`; the scheduler's config is returned as a dict.
+    """
+    index = read_config(path, "model_index.json")
+    missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0] is not None)]
+    if missing:
+        raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) lacks components {missing}; "
+                              f"a Stable Diffusion folder needs {', '.join(PIPELINE_COMPONENTS)}")
+    unet, unet_params = from_diffusers(os.path.join(path, "unet"), dtype, param_dtype)
+    vae, vae_params = from_diffusers(os.path.join(path, "vae"), dtype, param_dtype)
+    if not isinstance(unet, UNet2DCondition) or not isinstance(vae, AutoencoderKL):
+        raise CheckpointError(f"pipeline {path!r}: unet/ holds a {type(unet).__name__}, vae/ a {type(vae).__name__}")
+    text_encoder, text_params = from_transformers(os.path.join(path, "text_encoder"), dtype, param_dtype)
+    width = text_encoder.config.hidden_size
+    if width != unet.config.cross_attention_dim:
+        raise CheckpointError(f"pipeline {path!r}: the text encoder's hidden_size={width} does not match the "
+                              f"U-Net's cross_attention_dim={unet.config.cross_attention_dim}")
+    return StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_params,
+                           CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+                           read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))
