@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxdiff as jd
-from jaxdiff.models import UNet2DCondition, UNetConfig
+from jaxdiff.models import UNetConfig
 from jaxdiff.models.layers import CONV_AXES, timestep_embedding
 
 FIXTURES = Path(__file__).parent / "fixtures" / "diffusers"
