@@ -128,10 +128,12 @@ def test_class_labels_are_required_and_used():
     assert rel_err(other, io["sample"]) > 1e-3
 
 
-def test_input_size_must_fit_the_downsampling():
+def test_input_size_and_context_are_checked():
     unet, params, io = load("unet_sd1")
     with pytest.raises(ValueError, match="multiples of 4"):
         jax.eval_shape(lambda: unet.apply({"params": params}, io["x"][:, :10, :10], io["t"], io["context"]))
+    with pytest.raises(ValueError, match="pass context"):
+        jax.eval_shape(lambda: unet.apply({"params": params}, io["x"], io["t"]))
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -199,6 +199,10 @@ class UNet2DCondition(nn.Module):
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"U-Net input height and width {x.shape[1:3]} must be multiples of {factor}")
 
+        cross = "CrossAttnDownBlock2D" in c.down_block_types or c.mid_block_type == "UNetMidBlock2DCrossAttn"
+        if cross and context is None:
+            raise ValueError("this U-Net has cross-attention blocks: pass context=[B, L, cross_attention_dim]")
+
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).astype(self.dtype)
         temb = TimestepEmbedding(c.time_embed_dim, name="time_embedding", **kw)(temb)
@@ -227,9 +231,9 @@ class UNet2DCondition(nn.Module):
 
         if c.mid_block_type is not None:
             # diffusers builds "UNetMidBlock2D" here with no attention and num_layers=0: one resnet.
-            cross = c.mid_block_type == "UNetMidBlock2DCrossAttn"
+            mid_cross = c.mid_block_type == "UNetMidBlock2DCrossAttn"
             h = MidBlock(c.block_out_channels[-1], output_scale_factor=c.mid_block_scale_factor,
-                         transformer=self._transformer(n - 1) if cross else None, num_layers=int(cross),
+                         transformer=self._transformer(n - 1) if mid_cross else None, num_layers=int(mid_cross),
                          name="mid_block", **block_kw)(h, temb, context)
 
         for i, block_type in enumerate(c.up_block_types):
