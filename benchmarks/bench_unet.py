@@ -5,7 +5,7 @@
 Columns, per implementation and compute dtype:
   params     parameter count
   compile    seconds to trace + compile (jax only)
-  forward    warm ms per forward pass (median of --repeats)
+  forward    warm ms per forward pass (best of --repeats, implementations timed in turn)
   fwd+bwd    warm ms per forward + backward (gradient of a mean-square loss wrt all params)
   GFLOP/s    forward FLOPs (XLA's cost analysis of the jax forward) / forward time
   rel err    ||out - out_torch_fp32|| / ||out_torch_fp32|| on identical weights and inputs
@@ -40,32 +40,22 @@ DIFFUSERS_CONFIG = dict(
 CONTEXT_LEN = 16
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
-def bench_jax(unet, params, x, t, context, repeats):
+def jax_runners(unet, params, x, t, context):
+    """Compiles forward and forward+backward; returns (forward, train, compile seconds, forward FLOPs, output)."""
     forward = jax.jit(lambda p, x: unet.apply({"params": p}, x, t, context))
     loss = lambda p, x: jnp.mean(jnp.square(unet.apply({"params": p}, x, t, context).astype(jnp.float32)))
     train = jax.jit(jax.value_and_grad(loss))
     start = time.perf_counter()
     compiled = forward.lower(params, x).compile()
-    jax.block_until_ready(compiled(params, x))
+    out = jax.block_until_ready(compiled(params, x))
     compile_s = time.perf_counter() - start
     flops = compiled.cost_analysis().get("flops", float("nan"))
-    jax.block_until_ready(train(params, x))  # warm-up (compile)
-    out = compiled(params, x)
-    fwd = median_ms(lambda: jax.block_until_ready(compiled(params, x)), repeats)
-    bwd = median_ms(lambda: jax.block_until_ready(train(params, x)), repeats)
-    return dict(compile=compile_s, forward=fwd, train=bwd, flops=flops, out=np.asarray(out, np.float32))
+    jax.block_until_ready(train(params, x))  # compile
+    return (lambda: jax.block_until_ready(compiled(params, x)), lambda: jax.block_until_ready(train(params, x)),
+            compile_s, flops, np.asarray(out, np.float32))
 
 
-def bench_torch(model, x, t, context, repeats):
+def torch_runners(model, x, t, context):
     import torch
 
     xt = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
@@ -77,12 +67,22 @@ def bench_torch(model, x, t, context, repeats):
 
     def train():
         model.zero_grad(set_to_none=True)
-        loss = torch.mean(model(xt, tt, ct).sample ** 2)
-        loss.backward()
+        torch.mean(model(xt, tt, ct).sample ** 2).backward()
 
-    forward(), train()  # warm-up
-    out = forward().numpy().transpose(0, 2, 3, 1)
-    return dict(forward=median_ms(forward, repeats), train=median_ms(train, repeats), out=out)
+    train()  # warm-up
+    return forward, train, float("nan"), float("nan"), forward().numpy().transpose(0, 2, 3, 1)
+
+
+def interleaved_times(runners: dict, repeats: int) -> dict:
+    """Best-of-`repeats` ms per call, implementations timed in turn within each round, so that
+    load from other processes on a shared machine hits them alike (the minimum is the least noisy)."""
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(ts) for name, ts in times.items()}
 
 
 def rel_err(a, b):
@@ -93,7 +93,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -122,20 +122,19 @@ def main():
                                     [0.05 * jax.random.normal(k, s.shape) for s, k in zip(shapes, keys)])
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
-    rows = []
-    results = {}
-    for name, dtype in (("jaxdiff fp32", jnp.float32), ("jaxdiff bf16 compute", jnp.bfloat16)):
-        results[name] = bench_jax(unet.clone(dtype=dtype), params, x, t, context, args.repeats)
-        print(f"{name}: done", flush=True)
+    impls = {name: jax_runners(unet.clone(dtype=dtype), params, x, t, context)
+             for name, dtype in (("jaxdiff fp32", jnp.float32), ("jaxdiff bf16 compute", jnp.bfloat16))}
     if torch is not None:
-        results["diffusers/torch fp32"] = bench_torch(model, x, t, context, args.repeats)
-        reference = results["diffusers/torch fp32"]["out"].astype(np.float64)
-    flops = results["jaxdiff fp32"]["flops"]
-    for name, r in results.items():
-        err = f"{rel_err(r['out'], reference):.1e}" if torch is not None else "-"
-        compile_s = f"{r['compile']:.1f}" if "compile" in r else "-"
-        rows.append(f"| {name} | {n_params / 1e6:.2f} M | {compile_s} | {r['forward']:.1f} | {r['train']:.1f} | "
-                    f"{flops / r['forward'] / 1e6:.1f} | {err} |")
+        impls["diffusers/torch fp32"] = torch_runners(model, x, t, context)
+    forward_ms = interleaved_times({name: r[0] for name, r in impls.items()}, args.repeats)
+    train_ms = interleaved_times({name: r[1] for name, r in impls.items()}, args.repeats)
+    flops = impls["jaxdiff fp32"][3]
+    rows = []
+    for name, (_, _, compile_s, _, out) in impls.items():
+        err = f"{rel_err(out, impls['diffusers/torch fp32'][4]):.1e}" if torch is not None else "-"
+        compile_col = "-" if np.isnan(compile_s) else f"{compile_s:.1f}"
+        rows.append(f"| {name} | {n_params / 1e6:.2f} M | {compile_col} | {forward_ms[name]:.1f} | "
+                    f"{train_ms[name]:.1f} | {flops / forward_ms[name] / 1e6:.1f} | {err} |")
 
     table = "\n".join([
         "| implementation | params | compile s | forward ms | fwd+bwd ms | GFLOP/s (fwd) | rel err vs torch |",
@@ -148,8 +147,8 @@ def main():
             f"SD-1.x-shaped U-Net: block_out_channels={cfg['block_out_channels']}, layers_per_block="
             f"{cfg['layers_per_block']}, {cfg['attention_head_dim']} heads, cross_attention_dim="
             f"{cfg['cross_attention_dim']}; x [{args.batch}, {args.size}, {args.size}, 4], context "
-            f"[{args.batch}, {CONTEXT_LEN}, {cfg['cross_attention_dim']}]. Same weights on both sides; times are "
-            f"medians of {args.repeats} warm runs; forward FLOPs {flops / 1e9:.2f} G (XLA cost analysis). "
+            f"[{args.batch}, {CONTEXT_LEN}, {cfg['cross_attention_dim']}]. Same weights on both sides; times are the "
+            f"best of {args.repeats} warm runs, implementations interleaved; forward FLOPs {flops / 1e9:.2f} G (XLA cost analysis). "
             f"bf16 compute keeps fp32 params, norm statistics and softmax in fp32.\n\n{table}\n")
     print(table)
     write_section("U-Net", body)
