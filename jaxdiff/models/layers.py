@@ -275,6 +275,8 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        if self.activation not in ("geglu", "gelu_tanh"):
+            raise ValueError(f"FeedForward activation {self.activation!r}; choose one of: geglu, gelu_tanh")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = GELUProjection(self.dim * self.mult, gated=self.activation == "geglu", name="net_0", **kw)(x)
         return dense(self.dim, ("mlp", "embed"), name="net_2", **kw)(h)
