@@ -1,0 +1,1 @@
+"""Command line for generating images: `python -m sample --help`."""
