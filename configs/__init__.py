@@ -1,0 +1,1 @@
+"""Recipe configs: `python -m train --config configs/<recipe>.py[:variant]`; each file's get_config(variant)."""

@@ -1,0 +1,37 @@
+"""Latent text-to-image diffusion: U-Net in a frozen VAE's latent space, frozen CLIP text encoder,
+caption dropout for classifier-free guidance.
+
+  python -m train --config configs/latent_diffusion.py          # the shapes model
+  python -m train --config configs/latent_diffusion.py:tiny     # seconds, synthetic squares
+"""
+import ml_collections
+
+from configs import common
+from jaxdiff.training.config import base_config
+
+
+def get_config(variant: str = "shapes"):
+    c = base_config()
+    c.recipe = "diffusion"
+    c.model = ml_collections.ConfigDict(dict(backbone="unet", space="latent", **common.diffusion_objective()))
+    if variant == "tiny":
+        common.tiny_run(c)
+        c.model.unet = common.tiny_unet(cross_attention=True)
+        c.model.vae = dict(common.tiny_vae(), checkpoint="")
+        c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
+        c.model.sample_steps = 5
+        return c
+    if variant != "shapes":
+        raise ValueError(f"unknown variant {variant!r} of configs/latent_diffusion.py; choose one of: shapes, tiny")
+    c.data = ml_collections.ConfigDict(dict(source="shapes", image_size=32))
+    c.steps, c.batch_size = 20000, 64
+    c.optim.lr, c.optim.warmup_steps, c.ema_decay = 3e-4, 500, 0.999
+    c.checkpoint_every, c.sample_every, c.log_every = 500, 2000, 50
+    c.model.unet = dict(block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                        num_attention_heads=4, cross_attention_dim=128, norm_num_groups=16)
+    c.model.vae = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+                       scaling_factor=1.0, checkpoint="/work/runs/vae_shapes")
+    c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
+                                num_attention_heads=4, checkpoint="/work/runs/clip_shapes")
+    return c

@@ -1,0 +1,167 @@
+"""The generic training loop: mesh, sharded state, the jitted step, checkpoints, metrics, samples.
+
+    result = train(config, workdir, resume=True)
+
+Every recipe runs through it (see `jaxdiff.training.recipes`). A run is a function of
+(config, seed): batches, per-step keys and initial parameters are all derived from the seed,
+so a resumed run continues exactly where the uninterrupted one would be.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxdiff import parallel
+from jaxdiff.training import recipes
+from jaxdiff.training import state as state_lib
+from jaxdiff.training.checkpoint import Checkpoints, abstract_like
+from jaxdiff.training.config import check_batch_fits, validate
+from jaxdiff.training.data import make_batches
+from jaxdiff.training.metrics import MetricWriter
+from jaxdiff.training.optim import lr_schedule, make_optimizer
+from jaxdiff.training.steps import jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: state_lib.TrainState
+    losses: list[float]          # one per step run in this call
+    workdir: str
+    mesh: jax.sharding.Mesh
+
+
+def _put(tree, shardings):
+    """Host arrays -> global arrays with `shardings`, each process filling its own shards."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
+def _setup_state(config, task, optimizer, mesh, rules):
+    """(initial state, its shardings): initialised directly into its shards, boxes give the layout."""
+    create = lambda: state_lib.create(task.init, optimizer, config.seed)
+    boxed = jax.eval_shape(create)
+    shardings = parallel.shardings_for(boxed, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda: nn.meta.unbox(create()), out_shardings=shardings)()
+    return state, shardings
+
+
+def train(config, workdir: str, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Runs `config` up to `config.steps` updates, checkpointing into `workdir/checkpoints`.
+
+    resume: continue from the latest checkpoint in `workdir` (params, EMA, optimizer, step,
+      data position, RNG); without it a workdir that has checkpoints is an error.
+    stop_after: stop after this many updates without the final save, as if killed (tests).
+    Raises NonFiniteLossError naming the step when the loss is NaN/inf; the checkpoints on disk
+    are the last good ones.
+    """
+    validate(config)
+    parallel.initialize_distributed(**config.distributed)
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.check_rules(config.rules)
+    check_batch_fits(config, mesh)
+    main = jax.process_index() == 0
+
+    batches, spec = make_batches(config.data, config.batch_size, config.seed)
+    task = recipes.build(config, spec)
+    optimizer = make_optimizer(config.optim, config.steps)
+    state, state_shardings = _setup_state(config, task, optimizer, mesh, rules)
+    frozen = frozen_shardings = None
+    if task.frozen is not None:
+        frozen_shardings = parallel.shardings_for(task.frozen, mesh, rules)
+        frozen = _put(nn.meta.unbox(task.frozen), frozen_shardings)
+
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if latest is not None and not resume:
+        raise FileExistsError(f"{workdir!r} already has checkpoints (latest step {latest}); pass --resume to "
+                              f"continue that run, or choose a new --workdir")
+    if resume and latest is not None:
+        state, data_state = checkpoints.restore(latest, abstract_like(state, state_shardings))
+        batches.set_state(data_state)
+        log.info("resumed from step %d", latest)
+
+    step_fn = jit_train_step(make_train_step(task.loss, optimizer, ema_decay=config.ema_decay,
+                                             accumulate=config.accumulate,
+                                             lr_fn=lr_schedule(config.optim, config.steps)),
+                             mesh, rules, state_shardings, frozen_shardings, None)
+    sample_fn = None
+    if task.sample is not None and config.sample_every:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        sample_fn = jax.jit(task.sample, out_shardings=replicated)
+    writer = MetricWriter(workdir) if main else None
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    losses = []
+    start = int(jax.device_get(state.step))
+    progress = _Progress(config, start, enabled=main)
+    for done in range(start + 1, config.steps + 1):
+        if stop_after is not None and done > stop_after:
+            break
+        batch = parallel.global_batch(next(batches), mesh)
+        state, metrics = step_fn(state, frozen, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["loss"]):
+            progress.close()
+            raise NonFiniteLossError(
+                f"loss is {metrics['loss']} at step {done}; stopping without saving this state. The last good "
+                f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}")
+        losses.append(metrics["loss"])
+        rates = progress.update(metrics["loss"])
+        if main and config.log_every and (done % config.log_every == 0 or done == config.steps):
+            writer.scalars(done, {**metrics, **rates})
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+            checkpoints.save(done, state, batches.get_state(), json.loads(config.to_json()))
+        if sample_fn is not None and (done % config.sample_every == 0 or done == config.steps):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                images = sample_fn(state.ema, frozen, state.key(-1))
+            if main:
+                writer.grid(done, np.asarray(images.addressable_data(0)))
+    progress.close()
+    if writer:
+        writer.close()
+    checkpoints.close()
+    return TrainResult(state=state, losses=losses, workdir=workdir, mesh=mesh)
+
+
+class _Progress:
+    """tqdm bar with loss, steps/s, examples/s and ETA; rates exclude the first (compiling) step."""
+
+    def __init__(self, config, start: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.batch_size = config.batch_size
+        self.bar = tqdm(total=config.steps, initial=start, unit="step", disable=not enabled, dynamic_ncols=True,
+                        desc=config.recipe)
+        self.t0, self.n = None, 0
+
+    def update(self, loss: float) -> dict:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        else:
+            self.n += 1
+        rate = self.n / max(now - self.t0, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate * self.batch_size:.1f}")
+        return {"steps_per_sec": rate, "examples_per_sec": rate * self.batch_size}
+
+    def close(self):
+        self.bar.close()

@@ -1,0 +1,34 @@
+"""The train state: everything a step reads and writes, one pytree."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """step: int32 scalar, optimizer updates done; params: trainable float32 master weights;
+    ema: their exponential moving average; opt_state: optax state; rng: uint32 key data [2]
+    (raw, so checkpoints hold a plain array); step i draws from `fold_in(rng, i)`."""
+    step: jax.Array
+    params: Any
+    ema: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def key(self, step=None):
+        """The PRNG key of a step (this state's step by default): fold_in(rng, step)."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step if step is None else step)
+
+
+def create(init: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state with params = init(key). Boxed (`nn.Partitioned`) params keep their boxes in
+    the EMA and the optimizer state, which is how all their shardings are derived."""
+    k_init, k_train = jax.random.split(jax.random.key(seed))
+    params = init(k_init)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
+                      opt_state=optimizer.init(params), rng=jax.random.key_data(k_train))
