@@ -295,13 +295,19 @@ def max_travel(num_frames: int, size: str) -> float:
     return (1 - SIZES[size]) / max(num_frames - 1, 1)
 
 
-def _moving_object(rng, shape, colour, num_frames) -> MovingObject:
-    # Large objects need room to move >= MIN_SPEED per frame; fall back to small.
-    sizes = [s for s in SIZES if max_travel(num_frames, s) >= MIN_SPEED]
+def movable_sizes(num_frames: int) -> tuple[str, ...]:
+    """The sizes with room to move >= MIN_SPEED per frame for `num_frames` frames."""
+    sizes = tuple(s for s in SIZES if max_travel(num_frames, s) >= MIN_SPEED)
     if not sizes:
         raise ValueError(f"num_frames={num_frames} leaves no room to move at "
-                         f"{MIN_SPEED * 64:.1f} px/frame (at 64 px); use fewer frames")
-    size = _choice(rng, sizes)
+                         f"{MIN_SPEED * 64:.1f} px/frame (at 64 px); use at most "
+                         f"{int((1 - SIZES['small']) / MIN_SPEED) + 1} frames")
+    return sizes
+
+
+def _moving_object(rng, shape, colour, num_frames) -> MovingObject:
+    # Long clips leave large objects no room to move; those clips use small ones only.
+    size = _choice(rng, movable_sizes(num_frames))
     direction = _choice(rng, DIRECTIONS)
     speed = float(rng.uniform(MIN_SPEED, min(MAX_SPEED, max_travel(num_frames, size))))
     travel = speed * (num_frames - 1)
