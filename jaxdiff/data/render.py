@@ -32,7 +32,9 @@ DIRECTIONS = ("left", "right", "up", "down")
 
 MIN_GAP = 2 / 64  # 2 px at 64x64 between bounding boxes, scaled with the resolution
 PLACE_BOUND = 0.4  # "on the left" means centre x < 0.4 W; "on the right" x > 0.6 W
-RELATION_OFFSET = 0.25  # "above" etc.: centres differ by >= 0.25 along the axis
+# "above" etc.: centres differ by >= 0.25 along the relation's axis and by <= 0.2 along
+# the other, a margin that keeps the relation unambiguous after rasterisation.
+RELATION_OFFSET, RELATION_SPREAD = 0.25, 0.2
 # Moving objects: speed in image sides per frame (1.5 to 3 px per frame at 64x64).
 MIN_SPEED, MAX_SPEED = 1.5 / 64, 3.0 / 64
 
@@ -167,12 +169,12 @@ def place_holds(obj: SceneObject, place: str) -> bool:
     return c < PLACE_BOUND if side < 0 else c > 1 - PLACE_BOUND
 
 
-def relation_holds(a: SceneObject, b: SceneObject, relation: str,
-                   offset: float = RELATION_OFFSET) -> bool:
-    """`a` {relation} `b`: >= offset apart along the relation's axis, < offset along the other."""
+def relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
+    """`a` {relation} `b`: >= RELATION_OFFSET apart along the relation's axis, within
+    RELATION_SPREAD along the other."""
     axis, sign = RELATIONS[relation]
     d = (a.x - b.x, a.y - b.y)
-    return sign * d[axis] >= offset and abs(d[1 - axis]) < offset
+    return sign * d[axis] >= RELATION_OFFSET and abs(d[1 - axis]) <= RELATION_SPREAD
 
 
 def _choice(rng: np.random.Generator, options):
