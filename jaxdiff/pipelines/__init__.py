@@ -1,4 +1,6 @@
-"""Pipelines: text-to-image (and, as they land, img2img, inpainting, outpainting, editing, video)."""
+"""Pipelines: text-to-image, and editing real images with it (img2img, inpainting, outpainting,
+inversion editing)."""
+from jaxdiff.pipelines.editing import edit, img2img, inpaint, invert, outpaint
 from jaxdiff.pipelines.text_to_image import TextToImage
 
-__all__ = ["TextToImage"]
+__all__ = ["TextToImage", "edit", "img2img", "inpaint", "invert", "outpaint"]

@@ -4,8 +4,10 @@
     pipe = TextToImage.from_pretrained("path/to/stable-diffusion-folder")
     images = pipe(["a red circle"], negative_prompts=["blurry"], steps=25, guidance_scale=7.5, seed=0)
 
-Each call runs one jitted program per (batch, size, steps, sampler) shape: prompt ids, seed,
-guidance scale and rescale are traced arguments, so changing them never recompiles.
+Every request -- text-to-image here, img2img / inpainting / outpainting / editing in
+`jaxdiff.pipelines.editing` -- runs through `generate`: one jitted program per static setup
+(steps, sampler, strength, inpainting mode) and shape. Prompt ids, seeds, guidance scale and
+rescale, images and masks are traced arguments, so changing them never recompiles.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import numpy as np
 from jaxdiff import guidance, samplers
 from jaxdiff.convert.scheduler import schedule_from_config
 from jaxdiff.schedules import Schedule
+
+INPAINT_MODES = (None, "blend", "channels")
 
 
 @dataclasses.dataclass
@@ -50,9 +54,19 @@ class TextToImage:
         return cls(sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
                    schedule, {"method": "ddim", **defaults})
 
+    # ------------------------------------------------------------------ pieces (pure, jittable)
+
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def default_size(self) -> int:
+        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.tokenizer(list(prompts)), np.int32)
@@ -60,6 +74,12 @@ class TextToImage:
     def encode_text(self, text_params, ids):
         """Token ids [B, L] -> the U-Net's context [B, L, D] (CLIP's last hidden state)."""
         return self.text_encoder.apply({"params": text_params}, ids)[0]
+
+    def encode_image(self, vae_params, images):
+        """Images in [0, 1], [B, H, W, 3] -> diffusion latents (the posterior mean, scaled)."""
+        c = self.vae.config
+        mean, _ = self.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=self.vae.encode)
+        return (mean - (c.shift_factor or 0.0)) * c.scaling_factor
 
     def decode(self, vae_params, latents):
         """Diffusion latents [B, h, w, C] -> images in [0, 1], [B, H, W, 3] float32."""
@@ -73,31 +93,56 @@ class TextToImage:
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f} (the VAE's downsampling), "
                              f"got {height}x{width}")
-        return (batch, height // f, width // f, self.unet.config.in_channels)
+        return (batch, height // f, width // f, self.latent_channels)
 
-    def _program(self, steps: int, sampler: tuple):
+    # ------------------------------------------------------------------ the one program
+
+    def _program(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, trajectory: bool):
         """The whole generation as one jitted function of traced inputs (cached per static setup)."""
-        key = (steps, sampler, id(self.schedule))
-        if key not in self._compiled:
-            kwargs, schedule = dict(sampler), self.schedule
+        key = (steps, sampler, strength, inpaint, trajectory, id(self.schedule))
+        if key in self._compiled:
+            return self._compiled[key]
+        kwargs, schedule = dict(sampler), self.schedule
 
-            def generate(params, ids, uncond_ids, noise, rng, scale, rescale):
-                unet_params, vae_params, text_params = params
-                context = self.encode_text(text_params, ids)
-                uncond = self.encode_text(text_params, uncond_ids)
+        def generate(params, ids, uncond_ids, noise, rng, scale, rescale, init_latents, latent_mask):
+            unet_params, vae_params, text_params = params
+            context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
+            if inpaint == "channels":  # 9-channel inpainting U-Net: [x_t | mask | masked image latents]
+                extra = jnp.concatenate([latent_mask, init_latents], axis=-1)
+                extra = jnp.concatenate([extra, extra], axis=0)  # for the uncond/cond halves of CFG
+                apply_fn = lambda x, t, ctx: self.unet.apply(
+                    {"params": unet_params}, jnp.concatenate([x, extra], axis=-1), t, ctx)
+            else:
                 apply_fn = lambda x, t, ctx: self.unet.apply({"params": unet_params}, x, t, ctx)
-                model_fn = guidance.cfg(apply_fn, context, uncond, scale, rescale)
-                latents = samplers.sample(model_fn, schedule, noise, key=rng, steps=steps, **kwargs)
-                return self.decode(vae_params, latents), latents
+            model_fn = guidance.cfg(apply_fn, context, uncond, scale, rescale)
+            extra_kwargs = {}
+            if strength is not None:
+                extra_kwargs.update(x_init=init_latents, strength=strength)
+            if inpaint == "blend":
+                extra_kwargs["hook"] = samplers.mask_blend(init_latents, latent_mask, noise)
+            out = samplers.sample(model_fn, schedule, noise, key=rng, steps=steps, return_trajectory=trajectory,
+                                  **kwargs, **extra_kwargs)
+            latents, traj = out if trajectory else (out, None)
+            images = self.decode(vae_params, latents)
+            if trajectory:  # decoded x_t and predicted x_0 after every step: [steps, B, H, W, 3]
+                decode_all = jax.vmap(lambda z: self.decode(vae_params, z))
+                traj = {k: decode_all(v) for k, v in traj.items()}
+            return images, latents, traj
 
-            self._compiled[key] = jax.jit(generate)
+        self._compiled[key] = jax.jit(generate)
         return self._compiled[key]
 
-    def __call__(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, steps: int = 25,
+    def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, steps: int = 25,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0,
-                 height: int | None = None, width: int | None = None, noise=None, return_latents: bool = False,
-                 **sampler_kwargs):
-        """Images [B, H, W, 3] in [0, 1] for prompts; `noise` [B, h, w, C] overrides the seed's latents."""
+                 height: int | None = None, width: int | None = None, noise=None, init_latents=None,
+                 strength: float | None = None, latent_mask=None, inpaint: str | None = None,
+                 return_trajectory: bool = False, **sampler_kwargs) -> dict:
+        """Runs the program; returns {'images', 'latents'} (+ 'trajectory' {'x', 'x0'} if asked).
+
+        init_latents [B, h, w, C] with `strength` is img2img; with `latent_mask` [B, h, w, 1]
+        (1 = generate) and inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is
+        inpainting. `noise` [B, h, w, C] overrides the seed's initial latents.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
@@ -105,15 +150,40 @@ class TextToImage:
             [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts))
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
-        sample_size = self.unet.config.sample_size * self.vae_scale_factor
-        shape = self.latent_shape(len(prompts), height or sample_size, width or sample_size)
+        if inpaint not in INPAINT_MODES:
+            raise ValueError(f"unknown inpaint mode {inpaint!r}; choose one of: blend, channels")
+        if strength is not None and not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if (inpaint is not None or strength is not None) and init_latents is None:
+            raise ValueError("img2img and inpainting need init_latents")
+        if inpaint is not None and latent_mask is None:
+            raise ValueError("inpainting needs latent_mask")
+        shape = self.latent_shape(len(prompts), height or self.default_size, width or self.default_size)
+        for name, a, want in (("noise", noise, shape), ("init_latents", init_latents, shape),
+                              ("latent_mask", latent_mask, shape[:-1] + (1,))):
+            if a is not None and tuple(a.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {want}")
+        expected_in = self.latent_channels * (2 if inpaint == "channels" else 1) + (inpaint == "channels")
+        if self.unet.config.in_channels != expected_in:
+            raise ValueError(f"the U-Net takes {self.unet.config.in_channels} input channels; inpaint={inpaint!r} "
+                             f"feeds {expected_in} (use inpaint='channels' only with 9-channel inpainting U-Nets)")
         if noise is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         sampler = tuple(sorted({**self.sampler_defaults, **sampler_kwargs}.items()))
-        program = self._program(steps, sampler)
+        program = self._program(steps, sampler, strength, inpaint, return_trajectory)
         params = (self.unet_params, self.vae_params, self.text_params)
-        images, latents = program(params, self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
-                                  jax.random.key(seed + 1), jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
-        return (images, latents) if return_latents else images
+        images, latents, traj = program(
+            params, self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), jax.random.key(seed + 1),
+            jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
+            None if init_latents is None else jnp.asarray(init_latents, jnp.float32),
+            None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32))
+        out = {"images": images, "latents": latents}
+        if return_trajectory:
+            out["trajectory"] = traj
+        return out
+
+    def __call__(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
+                 return_latents: bool = False, **kwargs):
+        """Text-to-image: images [B, H, W, 3] in [0, 1] (and the final latents if asked)."""
+        out = self.generate(prompts, negative_prompts, **kwargs)
+        return (out["images"], out["latents"]) if return_latents else out["images"]
