@@ -1,0 +1,165 @@
+"""ShapesEval: the analyser agrees with the renderer, is near chance on shuffled pairs,
+tolerates imperfect images, tracks motion, and its command prints a per-family table."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import jaxdiff.data  # noqa: F401  registers the builders
+from jaxdiff.data import eval as ev
+from jaxdiff.data import render
+
+PER_FAMILY = 40
+SHAPES = f"shapes/64px-8-4-{4 * PER_FAMILY}-seed0"  # the test split holds 40 per family
+VIDEOS = "moving_shapes/64px-16f-4-2-40-seed0"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tfds"))
+    for name in (SHAPES, VIDEOS):
+        tfds.builder(name, data_dir=d).download_and_prepare()
+    return d
+
+
+@pytest.fixture(scope="module")
+def test_split(data_dir):
+    ds = tfds.data_source(SHAPES, data_dir=data_dir, split="test")
+    records = list(ds)
+    return [r["caption"].decode() for r in records], [r["image"] for r in records]
+
+
+def test_own_test_images_score_at_least_99_percent_per_family(test_split):
+    captions, images = test_split
+    result = ev.evaluate(captions, images)
+    assert result["count"] == {f: PER_FAMILY for f in render.FAMILIES}
+    for family in render.FAMILIES:
+        assert result[family] >= 0.99, (family, result)
+
+
+def test_shuffled_pairs_near_chance(test_split):
+    captions, images = test_split
+    perm = np.random.default_rng(0).permutation(len(captions))
+    result = ev.evaluate([captions[i] for i in perm], images)
+    # Chance: a random colour-shape binding matches 1 in 18; relation and attribution
+    # need two bindings (and the relation) at once.
+    assert result["overall"] <= 0.1, result
+    assert result["relation"] <= 0.05 and result["attribution"] <= 0.05
+
+
+def test_detections_match_the_scene():
+    for i in range(40):
+        scene = render.scene_at(3, 0, i)
+        found = ev.analyse(render.render(scene.objects, 64))
+        assert sorted((d.colour, d.shape, d.size) for d in found) == sorted(
+            (o.colour, o.shape, o.size) for o in scene.objects)
+        for o in scene.objects:
+            d = min(found, key=lambda d: abs(d.x - o.x) + abs(d.y - o.y))
+            assert abs(d.x - o.x) <= 1 / 64 and abs(d.y - o.y) <= 1 / 64
+
+
+def test_each_requirement_is_checked():
+    red_left = render.SceneObject("circle", "red", "small", 0.2, 0.5)
+    blue_right = render.SceneObject("square", "blue", "large", 0.75, 0.5)
+    image = render.render([red_left, blue_right])
+    assert ev.score("a red circle", image)
+    assert ev.score("a small red circle on the left", image)
+    assert not ev.score("a large red circle", image)  # size
+    assert not ev.score("a red circle on the right", image)  # place
+    assert not ev.score("a red square", image)  # shape
+    assert not ev.score("a green circle", image)  # colour
+    assert ev.score("a red circle to the left of a blue square", image)
+    assert not ev.score("a red circle to the right of a blue square", image)
+    assert not ev.score("a red circle above a blue square", image)  # wrong axis
+    assert ev.score("a blue square and a red circle", image)
+    assert not ev.score("a blue circle and a red square", image)  # swapped bindings
+    assert not ev.score("two red circles", image)
+    three = render.render([render.SceneObject("triangle", "green", "small", x, 0.5) for x in (0.15, 0.5, 0.85)])
+    assert ev.score("three green triangles", three)
+    assert not ev.score("two green triangles", three) and not ev.score("four green triangles", three)
+
+
+def test_tolerates_noise_and_specks():
+    rng = np.random.default_rng(0)
+    scenes = [render.scene_at(0, 2, i) for i in range(80)]
+    noisy = []
+    for s in scenes:
+        image = render.render(s.objects).astype(np.float64) + rng.normal(0, 15, (64, 64, 3))
+        image[rng.integers(64, size=5), rng.integers(64, size=5)] = render.PALETTE["red"]  # specks
+        noisy.append(np.clip(image, 0, 255).astype(np.uint8))
+    assert ev.evaluate([s.caption for s in scenes], noisy)["overall"] >= 0.97
+
+
+def test_parse_prompt_errors_name_the_grammar():
+    req = ev.parse_prompt("A  large Red circle at the top")
+    assert req.objects[0] == ev.ObjectSpec("circle", "red", "large", "at the top")
+    assert ev.parse_prompt("four cyan squares").count == 4
+    with pytest.raises(ValueError, match="not in the ShapesEval grammar; families: single"):
+        ev.parse_prompt("a photo of a cat")
+
+
+def test_video_analyser_recovers_direction(data_dir):
+    ds = tfds.data_source(VIDEOS, data_dir=data_dir, split="test")
+    flip = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    hits = wrong = 0
+    for r in ds:
+        caption, video = r["caption"].decode(), r["image"]
+        hits += ev.score_video(caption, video)
+        flipped = " ".join(flip.get(w, w) for w in caption.split())
+        wrong += ev.score_video(flipped, video)
+        # Reversed in time, the same clip shows the opposite motion.
+        assert ev.score_video(flipped, video[::-1]) == ev.score_video(caption, video)
+    assert hits == len(ds) and wrong == 0
+    # Identity: an object that changes shape mid-clip is not tracked.
+    obj = render.MovingObject("circle", "red", "small", 0.2, 0.5, "right", 2 / 64)
+    video = render.render_video([obj], 16)
+    video[8:] = render.render_video([render.MovingObject("square", "red", "small", 0.2, 0.5, "right", 2 / 64)], 16)[8:]
+    assert ev.score_video("a red circle moving right", render.render_video([obj], 16))
+    assert not ev.score_video("a red circle moving right", video)
+
+
+def test_heldout_prompts_are_the_test_split_captions(test_split):
+    captions, _ = test_split
+    prompts = ev.heldout_prompts(PER_FAMILY)
+    assert prompts == ev.heldout_prompts(PER_FAMILY)  # fixed
+    assert sorted(prompts) == sorted(captions)
+    assert [ev.parse_prompt(p).family for p in prompts[:4]] == list(render.FAMILIES)
+
+
+def test_evaluate_model_with_an_oracle_and_a_constant_generator():
+    def oracle(prompts):
+        lookup = {render.scene_at(0, 2, i).caption: render.scene_at(0, 2, i) for i in range(40)}
+        return np.stack([render.render(lookup[p].objects) for p in prompts])
+
+    assert ev.evaluate_model(oracle, per_family=10, batch_size=7)["overall"] == 1.0
+    blank = ev.evaluate_model(lambda ps: np.full((len(ps), 64, 64, 3), 0.92, np.float32), per_family=10)
+    assert blank["overall"] == 0.0
+
+
+def test_command_on_a_folder(tmp_path, capsys):
+    scenes = [render.scene_at(0, 2, i) for i in range(8)]
+    # Half the prompts in PNG metadata (as `python -m sample` writes), half in sidecars.
+    for i, s in enumerate(scenes):
+        path = tmp_path / f"{i:04d}.png"
+        if i % 2:
+            info = PngInfo()
+            info.add_text("prompt", s.caption)
+            Image.fromarray(render.render(s.objects)).save(path, pnginfo=info)
+        else:
+            Image.fromarray(render.render(scenes[(i + 2) % 8].objects)).save(path)  # a wrong image
+            (tmp_path / f"{i:04d}.txt").write_text(s.caption)
+    assert ev.main(["--images", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| family | n | accuracy |" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["count"] == {"single": 2, "relation": 2, "counting": 2, "attribution": 2}
+    assert result["overall"] == pytest.approx(0.5)
+    prompts = tmp_path / "prompts.txt"
+    assert ev.main(["--write_prompts", str(prompts), "--per_family", "3"]) == 0
+    assert prompts.read_text().splitlines() == ev.heldout_prompts(3)
+    with pytest.raises(SystemExit):
+        ev.main(["--images", str(tmp_path / "missing")])
+    assert "no folder" in capsys.readouterr().err
