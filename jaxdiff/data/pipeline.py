@@ -164,7 +164,7 @@ def _tfds_source(cfg: DataConfig):
     features = builder.info.features
     if cfg.image_key not in features:
         raise ValueError(f"image_key {cfg.image_key!r} is not a field of {cfg.name!r}; "
-                         f"its fields: {', '.join(features)}")
+                         f"its fields: {', '.join(sorted(features))}")
     label = features[cfg.label_key] if cfg.label_key in features else None
     names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
     return builder.as_data_source(split=cfg.split), names
@@ -289,7 +289,7 @@ def _preprocess_for(cfg: DataConfig, source, label_names) -> Preprocess:
                   else ("caption_key", cfg.caption_key))
     if key is not None and key not in first:
         raise ValueError(f"{field} {key!r} is not a field of {cfg.name!r}; its fields: "
-                         f"{', '.join(first)} (or set caption_key=None for no captions)")
+                         f"{', '.join(sorted(first))} (or set caption_key=None for no captions)")
     pre(first, np.random.default_rng(0))  # rank / channel / dtype errors surface here
     return pre
 
