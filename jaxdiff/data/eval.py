@@ -289,9 +289,10 @@ def evaluate(prompts, images) -> dict:
         family = family_of_prompt(prompt)
         ok = score_video(prompt, image) if family == "motion" else score(prompt, image)
         hits.setdefault(family, []).append(ok)
-    result = {f: float(np.mean(h)) for f, h in hits.items()}
+    order = [f for f in (*render.FAMILIES, "motion") if f in hits]
+    result = {f: float(np.mean(hits[f])) for f in order}
     result["overall"] = float(np.mean(list(result.values())))
-    result["count"] = {f: len(h) for f, h in hits.items()}
+    result["count"] = {f: len(hits[f]) for f in order}
     return result
 
 
