@@ -23,9 +23,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import jaxdiff.data.moving_shapes  # noqa: F401  registers `moving_shapes` with tfds
-import jaxdiff.data.shapes  # noqa: F401  registers `shapes` with tfds
-
 CROPS = ("center", "random", "none")
 BUILT_IN = ("shapes", "moving_shapes")
 FOLDER = "folder"
