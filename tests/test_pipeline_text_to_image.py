@@ -62,3 +62,33 @@ def test_scheduler_config_errors():
                                              "set_alpha_to_one": False})
     assert "method" not in kwargs and kwargs["steps_offset"] == 1 and kwargs["final_alpha_one"] is False
     np.testing.assert_allclose(schedule.alphas_cumprod, jd.schedules.get("scaled_linear").alphas_cumprod)
+
+
+def test_batch_sharded_over_the_data_axis_matches_one_device(pipe, tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "sharded_generate.py")
+    out = tmp_path / "sharded.npz"
+    subprocess.run([sys.executable, script, str(out)], check=True, timeout=600)
+    sharded = np.load(out)
+    assert int(sharded["devices"]) == 8 and int(sharded["per_device_batch"]) == 1
+    from scripts.sharded_generate import PROMPTS
+    single = pipe.generate(PROMPTS, steps=4, guidance_scale=5.0, seed=7)["images"]
+    np.testing.assert_allclose(sharded["images"], single, atol=2e-6)
+
+
+def test_progress_bar_counts_every_step(pipe, monkeypatch):
+    class Bar:
+        n, closed = 0, False
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    bar = Bar()
+    monkeypatch.setattr("jaxdiff.pipelines.text_to_image._progress_bar", lambda steps: bar)
+    pipe(["a red circle"], steps=3, progress=True)
+    assert bar.n == 3 and bar.closed

@@ -43,6 +43,7 @@ class TextToImage:
     schedule: Schedule
     sampler_defaults: dict = dataclasses.field(default_factory=dict)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _progress: Any = dataclasses.field(default=None, repr=False)  # the live progress bar, if any
 
     @classmethod
     def from_pretrained(cls, path: str) -> "TextToImage":
@@ -97,12 +98,20 @@ class TextToImage:
 
     # ------------------------------------------------------------------ the one program
 
-    def _program(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, trajectory: bool):
+    def _on_step(self, step):
+        """Host side of the progress bar: called from inside the sampling scan after every step."""
+        if self._progress is not None:
+            self._progress.update(int(step) - self._progress.n)
+
+    def _program(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, trajectory: bool,
+                 progress: bool):
         """The whole generation as one jitted function of traced inputs (cached per static setup)."""
-        key = (steps, sampler, strength, inpaint, trajectory, id(self.schedule))
+        key = (steps, sampler, strength, inpaint, trajectory, progress, id(self.schedule))
         if key in self._compiled:
             return self._compiled[key]
         kwargs, schedule = dict(sampler), self.schedule
+        if progress:
+            kwargs["callback"] = self._on_step
 
         def generate(params, ids, uncond_ids, noise, rng, scale, rescale, init_latents, latent_mask):
             unet_params, vae_params, text_params = params
@@ -136,12 +145,14 @@ class TextToImage:
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0,
                  height: int | None = None, width: int | None = None, noise=None, init_latents=None,
                  strength: float | None = None, latent_mask=None, inpaint: str | None = None,
-                 return_trajectory: bool = False, **sampler_kwargs) -> dict:
+                 return_trajectory: bool = False, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
         """Runs the program; returns {'images', 'latents'} (+ 'trajectory' {'x', 'x0'} if asked).
 
         init_latents [B, h, w, C] with `strength` is img2img; with `latent_mask` [B, h, w, 1]
         (1 = generate) and inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is
-        inpainting. `noise` [B, h, w, C] overrides the seed's initial latents.
+        inpainting. `noise` [B, h, w, C] overrides the seed's initial latents. `progress` shows
+        a progress bar over the denoising steps. With a `mesh` (a `jax.sharding.Mesh` with a
+        'data' axis) the batch is split over that axis and the params are replicated.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -170,13 +181,25 @@ class TextToImage:
         if noise is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         sampler = tuple(sorted({**self.sampler_defaults, **sampler_kwargs}.items()))
-        program = self._program(steps, sampler, strength, inpaint, return_trajectory)
+        program = self._program(steps, sampler, strength, inpaint, return_trajectory, progress)
         params = (self.unet_params, self.vae_params, self.text_params)
-        images, latents, traj = program(
-            params, self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), jax.random.key(seed + 1),
-            jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
-            None if init_latents is None else jnp.asarray(init_latents, jnp.float32),
-            None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32))
+        batch_args = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
+                      None if init_latents is None else jnp.asarray(init_latents, jnp.float32),
+                      None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32)]
+        if mesh is not None:
+            params, batch_args = _shard_over_data(mesh, params, batch_args)
+        ids, uncond_ids, noise, init_latents, latent_mask = batch_args
+        bar = _progress_bar(steps) if progress else None
+        self._progress = bar
+        try:
+            images, latents, traj = program(params, ids, uncond_ids, noise, jax.random.key(seed + 1),
+                                            jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
+                                            init_latents, latent_mask)
+            images = jax.block_until_ready(images)
+        finally:
+            self._progress = None
+            if bar is not None:
+                bar.close()
         out = {"images": images, "latents": latents}
         if return_trajectory:
             out["trajectory"] = traj
@@ -187,3 +210,24 @@ class TextToImage:
         """Text-to-image: images [B, H, W, 3] in [0, 1] (and the final latents if asked)."""
         out = self.generate(prompts, negative_prompts, **kwargs)
         return (out["images"], out["latents"]) if return_latents else out["images"]
+
+
+def _shard_over_data(mesh, params, batch_args):
+    """Batch arrays split over the mesh's 'data' axis, params replicated on every device."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    if "data" not in mesh.axis_names:
+        raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
+    n = mesh.shape["data"]
+    batch = batch_args[0].shape[0]
+    if batch % n:
+        raise ValueError(f"batch {batch} is not divisible by the mesh's data axis ({n}); pad the prompts")
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    return params, [None if a is None else jax.device_put(a, data) for a in batch_args]
+
+
+def _progress_bar(steps: int):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="denoising", unit="step", leave=False)

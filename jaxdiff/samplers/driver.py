@@ -8,7 +8,7 @@ recompiles; changing the step count or shapes does.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,8 @@ def _check_array(name, a, like=None):
 def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: str = "ddim", steps: int = 50,
            prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
            final_alpha_one: bool = True, karras: bool = False, x_init=None, strength: float = 1.0,
-           hook: Callable | None = None, step_noise=None, return_trajectory: bool = False, **options):
+           hook: Callable | None = None, step_noise=None, return_trajectory: bool = False,
+           callback: Callable[[Any], None] | None = None, **options):
     """Draws x_0 from noise with a named sampler, as one `lax.scan` (jittable end to end).
 
     Args:
@@ -114,6 +115,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
         point's t, alpha, sigma and `last`; e.g. `mask_blend` for inpainting.
       step_noise: optional [steps, k, B, ...] normal draws to use instead of `key` (k draws per step).
       return_trajectory: also return {'x': [n, B, ...] x after each step, 'x0': [n, B, ...] predictions}.
+      callback: a host function called with the step number (1..n) after every step, through
+        `jax.debug.callback` (progress bars); it is part of the program, so keep the same one.
       **options: method options (ddim: eta; ddpm: variance; langevin_pc: snr, corrector_steps).
     Returns: x_0 [B, ...] float32 (and the trajectory if asked).
     """
@@ -143,7 +146,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
     step = functools.partial(m.step, **{k: opts[k] for k in m.step_options})
     init = m.init(x) if m.init else {}
     return _scan(model_fn, prediction_type, step, grid, plan, {"x": x, **init}, key, m.noises(opts),
-                 step_noise, hook, return_trajectory)
+                 step_noise, hook, return_trajectory, callback)
 
 
 def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, prediction_type: str = "epsilon",
@@ -168,11 +171,11 @@ def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, predic
     plan = {"A": np.zeros(n), "B": rev.alpha[1:], "C": rev.sigma[1:]}
     # step k: the model sees the target timestep rev.t[k]; its output is read at the source rev.alpha[k]
     return _scan(model_fn, prediction_type, linear_step, rev, plan, {"x": jnp.asarray(x0, jnp.float32)}, None, 0,
-                 None, None, return_trajectory)
+                 None, None, return_trajectory, None)
 
 
 def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k_noise, step_noise, hook,
-          return_trajectory):
+          return_trajectory, callback):
     n = grid.steps
     coeffs = dict(plan)
     coeffs.update(t=grid.t, alpha=grid.alpha[:-1], sigma=grid.sigma[:-1], alpha_next=grid.alpha[1:],
@@ -201,6 +204,8 @@ def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k
         if hook is not None:
             point = {"t": c["t_next"], "alpha": c["alpha_next"], "sigma": c["sigma_next"], "last": c["last"]}
             state = {**state, "x": hook(state["x"], point)}
+        if callback is not None:
+            jax.debug.callback(callback, i + 1, ordered=True)
         return state, ((state["x"], x0) if return_trajectory else None)
 
     state, ys = jax.lax.scan(body, state, (coeffs, jnp.arange(n), step_noise))
