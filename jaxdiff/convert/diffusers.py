@@ -1,6 +1,7 @@
 """Weights in and out as diffusers model folders (`config.json` + `diffusion_pytorch_model.safetensors`).
 
     unet, params = from_diffusers("sd/unet")            # UNet2DConditionModel -> UNet2DCondition
+    video, params = from_diffusers("t2v/unet")          # UNet3DConditionModel -> TemporalUNet
     vae, params = from_diffusers("sd/vae")              # AutoencoderKL -> AutoencoderKL
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
     pipe = load_pipeline("sd")                          # a whole StableDiffusionPipeline folder
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
     save_state_dict
 from jaxdiff.convert.transformers import from_transformers
+from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.tokenizers import CLIPTokenizer
@@ -34,7 +36,9 @@ DIFFUSERS_FORMAT_VERSION = "0.35.0"
 
 # Submodule lists in diffusers (nn.ModuleList); Flax names their items `<list>_<i>`.
 _MODULE_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
-                 "upsamplers", "to_out", "net")
+                 "upsamplers", "to_out", "net", "temp_convs", "temp_attentions",
+                 # TemporalConvLayer's nn.Sequential items (`conv1.0` GroupNorm, `conv1.2` Conv3d, ...)
+                 "conv1", "conv2", "conv3", "conv4")
 _LIST_ITEM = re.compile(rf"^({'|'.join(_MODULE_LISTS)})_(\d+)$")
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -42,6 +46,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 _MODELS = {
     "UNet2DConditionModel": (UNetConfig, UNet2DCondition),
     "AutoencoderKL": (AutoencoderKLConfig, AutoencoderKL),
+    "UNet3DConditionModel": (TemporalUNetConfig, TemporalUNet),
 }
 
 
@@ -60,6 +65,11 @@ def param_template(module: nn.Module):
         kwargs = {"class_labels": jnp.zeros((1,), jnp.int32)} if c.num_class_embeds is not None else {}
     elif isinstance(module, AutoencoderKL):
         args, kwargs = (jnp.zeros((1, c.downsample_factor, c.downsample_factor, c.in_channels)),), {}
+    elif isinstance(module, TemporalUNet):
+        size = 2 ** (len(c.block_out_channels) - 1)
+        args = (jnp.zeros((1, 2, size, size, c.latent_channels)), jnp.zeros((1,)),
+                jnp.zeros((1, 1, c.cross_attention_dim)))
+        kwargs = {}
     else:
         raise TypeError(f"no diffusers conversion for {type(module).__name__}; "
                         f"supported: {', '.join(m.__name__ for _, m in _MODELS.values())}")
@@ -123,9 +133,11 @@ class StableDiffusion:
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> StableDiffusion:
+def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                  unet_type: type = UNet2DCondition) -> StableDiffusion:
     """Loads a Stable Diffusion pipeline folder (`model_index.json`, unet/, vae/, text_encoder/,
     tokenizer/, scheduler/). Other components (safety_checker, feature_extractor) are not loaded.
+    `unet_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
 
     The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
     `jaxdiff.tokenizers.CLIPTokenizer`; the scheduler's config is returned as a dict.
@@ -137,7 +149,7 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
                               f"a Stable Diffusion folder needs {', '.join(PIPELINE_COMPONENTS)}")
     unet, unet_params = from_diffusers(os.path.join(path, "unet"), dtype, param_dtype)
     vae, vae_params = from_diffusers(os.path.join(path, "vae"), dtype, param_dtype)
-    if not isinstance(unet, UNet2DCondition) or not isinstance(vae, AutoencoderKL):
+    if not isinstance(unet, unet_type) or not isinstance(vae, AutoencoderKL):
         raise CheckpointError(f"pipeline {path!r}: unet/ holds a {type(unet).__name__}, vae/ a {type(vae).__name__}")
     text_encoder, text_params = from_transformers(os.path.join(path, "text_encoder"), dtype, param_dtype)
     width = text_encoder.config.hidden_size

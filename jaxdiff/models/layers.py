@@ -372,6 +372,22 @@ class SpatialTransformer(nn.Module):
         return constrain_image(x + h)
 
 
+# ----------------------------------------------------------------------------- temporal hooks
+
+# A resolution block with `temporal` set (a `jaxdiff.models.temporal_unet.TemporalSpec`) runs on
+# frames flattened into the batch, [B*T, H, W, C], and mixes them after every resnet (a temporal
+# convolution, `temp_convs_<i>`) and every spatial transformer (temporal self-attention,
+# `temp_attentions_<i>`), in the order of diffusers' UNet3DConditionModel blocks. Without it
+# (the default) the blocks are the 2-D ones, unchanged.
+
+def _temporal_conv(temporal, i: int, x, num_frames, kw):
+    return x if temporal is None else temporal.conv(name=f"temp_convs_{i}", **kw)(x, num_frames)
+
+
+def _temporal_attention(temporal, i: int, x, num_frames, kw):
+    return x if temporal is None else temporal.attention(name=f"temp_attentions_{i}", **kw)(x, num_frames)
+
+
 # ----------------------------------------------------------------------------- resolution blocks
 
 class DownBlock(nn.Module):
@@ -390,18 +406,21 @@ class DownBlock(nn.Module):
     transformer: TransformerSpec | None = None
     add_downsample: bool = True
     downsample_padding: int = 1
+    temporal: Any = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb=None, context=None):
+    def __call__(self, x, temb=None, context=None, num_frames: int | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock(self.out_channels, self.groups, self.eps, self.time_embedding_norm,
                             name=f"resnets_{i}", **kw)(x, temb)
+            x = _temporal_conv(self.temporal, i, x, num_frames, kw)
             if self.transformer is not None:
                 x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
+                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
             skips.append(x)
         if self.add_downsample:
             x = Downsample(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -424,11 +443,12 @@ class UpBlock(nn.Module):
     time_embedding_norm: str = "default"
     transformer: TransformerSpec | None = None
     add_upsample: bool = True
+    temporal: Any = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, skips: Sequence | None = None, temb=None, context=None):
+    def __call__(self, x, skips: Sequence | None = None, temb=None, context=None, num_frames: int | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if skips is not None and len(skips) != self.num_layers:
             raise ValueError(f"UpBlock with {self.num_layers} resnets got {len(skips)} skip connections")
@@ -437,8 +457,10 @@ class UpBlock(nn.Module):
                 x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = ResnetBlock(self.out_channels, self.groups, self.eps, self.time_embedding_norm,
                             name=f"resnets_{i}", **kw)(x, temb)
+            x = _temporal_conv(self.temporal, i, x, num_frames, kw)
             if self.transformer is not None:
                 x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
+                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
         if self.add_upsample:
             x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
@@ -459,21 +481,25 @@ class MidBlock(nn.Module):
     transformer: TransformerSpec | None = None
     self_attention: bool = False
     num_layers: int = 1
+    temporal: Any = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb=None, context=None):
+    def __call__(self, x, temb=None, context=None, num_frames: int | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         resnet = lambda i: ResnetBlock(self.channels, self.groups, self.eps, self.time_embedding_norm,
                                        self.output_scale_factor, name=f"resnets_{i}", **kw)
         x = resnet(0)(x, temb)
+        x = _temporal_conv(self.temporal, 0, x, num_frames, kw)
         for i in range(self.num_layers):
             if self.transformer is not None:
                 x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
+                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
             elif self.self_attention:
                 x = SpatialSelfAttention(1, self.channels, self.channels, qkv_bias=True, groups=self.groups,
                                          eps=self.eps, output_scale_factor=self.output_scale_factor,
                                          name=f"attentions_{i}", **kw)(x)
             x = resnet(i + 1)(x, temb)
+            x = _temporal_conv(self.temporal, i + 1, x, num_frames, kw)
         return x
