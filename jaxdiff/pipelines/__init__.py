@@ -2,5 +2,6 @@
 inversion editing)."""
 from jaxdiff.pipelines.editing import edit, img2img, inpaint, invert, outpaint
 from jaxdiff.pipelines.text_to_image import TextToImage
+from jaxdiff.pipelines.text_to_video import TextToVideo
 
-__all__ = ["TextToImage", "edit", "img2img", "inpaint", "invert", "outpaint"]
+__all__ = ["TextToImage", "TextToVideo", "edit", "img2img", "inpaint", "invert", "outpaint"]

@@ -1,0 +1,150 @@
+"""Text-to-video and image-to-video latent diffusion: CLIP text encoder -> classifier-free guided
+TemporalUNet on latent videos [B, T, h, w, C] -> the image VAE's decoder on every frame.
+
+    pipe = TextToVideo.from_pretrained("path/to/text-to-video-folder")    # diffusers TextToVideoSDPipeline layout
+    videos = pipe(["a red circle moving left"], num_frames=8, steps=25, guidance_scale=7.5, seed=0)
+    videos = pipe(["a red circle moving left"], init_image=first_frames)  # image-to-video
+    jaxdiff.video_io.write_video("out.gif", videos[0], fps=8)
+
+Image-to-video: the conditioning image [B, H, W, 3] in [0, 1] is encoded by the VAE (posterior
+mean, scaled) into the first frame's latent z0. Two mechanisms, both on by default:
+- a U-Net with `conditioning_frame_channels` also sees z0 through its extra input channels
+  (`jaxdiff.models.temporal_unet.frame_conditioning`), in both halves of the CFG batch (guidance
+  is on the text only);
+- `keep_first_frame`: after every sampler step frame 0 is replaced by z0 noised to that step's
+  level, and by z0 itself after the last step (`jaxdiff.samplers.mask_blend` with a mask that is 0
+  on frame 0), so the first frame of the video is the image up to the VAE round trip, by
+  construction, for any video U-Net.
+
+Each request runs one jitted program per static setup (steps, sampler, image or not) and shape:
+prompt ids, seed, guidance scale and rescale and the image are traced, so changing them never
+recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff import guidance, samplers
+from jaxdiff.convert.scheduler import schedule_from_config
+from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar
+
+
+@dataclasses.dataclass
+class TextToVideo(TextToImage):
+    """A latent text-to-video model (TemporalUNet + image VAE + CLIP), sharing TextToImage's text and
+    VAE pieces (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length."""
+
+    num_frames: int = 8
+
+    @classmethod
+    def from_pretrained(cls, path: str, num_frames: int = 8) -> "TextToVideo":
+        """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel)."""
+        from jaxdiff.convert import load_pipeline
+        from jaxdiff.models.temporal_unet import TemporalUNet
+
+        sd = load_pipeline(path, unet_type=TemporalUNet)
+        schedule, defaults = schedule_from_config(sd.scheduler_config)
+        return cls(sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
+                   schedule, {"method": "ddim", **defaults}, num_frames=num_frames)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.latent_channels
+
+    def decode_video(self, vae_params, latents):
+        """Latent videos [B, T, h, w, C] -> videos in [0, 1], [B, T, H, W, 3]: the VAE decodes each frame."""
+        b, t = latents.shape[:2]
+        frames = self.decode(vae_params, latents.reshape(b * t, *latents.shape[2:]))
+        return frames.reshape(b, t, *frames.shape[1:])
+
+    def video_latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
+        if frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {frames}")
+        b, h, w, c = self.latent_shape(batch, height, width)
+        return (b, frames, h, w, c)
+
+    def _video_program(self, steps: int, sampler: tuple, image: bool, keep_first_frame: bool, progress: bool):
+        key = ("video", steps, sampler, image, keep_first_frame, progress, id(self.schedule))
+        if key in self._compiled:
+            return self._compiled[key]
+        kwargs, schedule = dict(sampler), self.schedule
+        if progress:
+            kwargs["callback"] = self._on_step
+        conditioned = bool(self.unet.config.conditioning_frame_channels)
+
+        def generate(params, ids, uncond_ids, noise, rng, scale, rescale, init_image):
+            unet_params, vae_params, text_params = params
+            context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
+            first = self.encode_image(vae_params, init_image) if image else None   # [B, h, w, C]
+            extra = {}
+            if conditioned and image:
+                extra["cond_frames"] = jnp.concatenate([first, first], axis=0)  # uncond and cond halves of CFG
+            apply_fn = lambda x, t, ctx: self.unet.apply({"params": unet_params}, x, t, ctx, **extra)
+            model_fn = guidance.cfg(apply_fn, context, uncond, scale, rescale)
+            blend = {}
+            if image and keep_first_frame:
+                known = jnp.broadcast_to(first[:, None], noise.shape)
+                mask = (jnp.arange(noise.shape[1]) > 0).astype(noise.dtype)[None, :, None, None, None]
+                blend["hook"] = samplers.mask_blend(known, mask, noise)
+            latents = samplers.sample(model_fn, schedule, noise, key=rng, steps=steps, **kwargs, **blend)
+            return self.decode_video(vae_params, latents), latents
+
+        self._compiled[key] = jax.jit(generate)
+        return self._compiled[key]
+
+    def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
+                 num_frames: int | None = None, steps: int = 25, guidance_scale: float = 7.5,
+                 guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None, width: int | None = None,
+                 noise=None, init_image=None, keep_first_frame: bool = True, progress: bool = False,
+                 **sampler_kwargs) -> dict:
+        """Runs the program; returns {'videos' [B, T, H, W, 3] in [0, 1], 'latents' [B, T, h, w, C]}.
+
+        `init_image` [B, H, W, 3] (or [H, W, 3] for every prompt) in [0, 1] makes it image-to-video;
+        `noise` [B, T, h, w, C] overrides the seed's initial latents.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        negative = [""] * len(prompts) if negative_prompts is None else (
+            [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts))
+        if len(negative) != len(prompts):
+            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        frames = self.num_frames if num_frames is None else int(num_frames)
+        shape = self.video_latent_shape(len(prompts), frames, height or self.default_size, width or self.default_size)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        if init_image is not None:
+            init_image = jnp.asarray(init_image, jnp.float32)
+            if init_image.ndim == 3:
+                init_image = jnp.broadcast_to(init_image, (len(prompts), *init_image.shape))
+            want = (len(prompts), shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor, 3)
+            if tuple(init_image.shape) != want:
+                raise ValueError(f"init_image has shape {tuple(init_image.shape)}, expected {want} (one image in "
+                                 f"[0, 1] per prompt, the video's size)")
+        if noise is None:
+            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        sampler = tuple(sorted({**self.sampler_defaults, **sampler_kwargs}.items()))
+        program = self._video_program(steps, sampler, init_image is not None, keep_first_frame, progress)
+        params = (self.unet_params, self.vae_params, self.text_params)
+        bar = _progress_bar(steps) if progress else None
+        self._progress = bar
+        try:
+            videos, latents = program(params, self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
+                                      jax.random.key(seed + 1), jnp.float32(guidance_scale),
+                                      jnp.float32(guidance_rescale), init_image)
+            videos = jax.block_until_ready(videos)
+        finally:
+            self._progress = None
+            if bar is not None:
+                bar.close()
+        return {"videos": videos, "latents": latents}
+
+    def __call__(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
+                 return_latents: bool = False, **kwargs):
+        """Videos [B, T, H, W, 3] in [0, 1] (and the final latents if asked)."""
+        out = self.generate(prompts, negative_prompts, **kwargs)
+        return (out["videos"], out["latents"]) if return_latents else out["videos"]

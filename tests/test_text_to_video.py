@@ -1,0 +1,112 @@
+"""TextToVideo against diffusers' TextToVideoSDPipeline (golden files), image-to-video keeping the
+first frame, no recompiles for new prompts / seeds / scales, and video files (GIF, MP4)."""
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff.convert.common import read_config
+from jaxdiff.convert.scheduler import schedule_from_config
+from jaxdiff.models import inflate
+from jaxdiff.pipelines import TextToVideo
+from jaxdiff.video_io import read_video, write_video
+
+FIXTURES = Path(__file__).parent / "fixtures"
+T2V = FIXTURES / "diffusers_video" / "pipeline_t2v"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return jd.convert.load_pipeline(str(FIXTURES / "pipeline_sd"))
+
+
+def video_pipe(sd, unet, unet_params):
+    # The fixture's VAE, CLIP and tokenizer are pipeline_sd's (not copied into pipeline_t2v).
+    schedule, defaults = schedule_from_config(read_config(str(T2V / "scheduler"), "scheduler_config.json"))
+    return TextToVideo(unet, unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
+                       schedule, {"method": "ddim", **defaults}, num_frames=4)
+
+
+def test_matches_diffusers_pipeline_and_does_not_recompile(sd):
+    golden = np.load(T2V / "outputs.npz")
+    case = json.loads(str(golden["meta"]))
+    pipe = video_pipe(sd, *jd.convert.from_diffusers(str(T2V / "unet")))
+    videos, latents = pipe(case["prompts"], case["negative"], num_frames=case["frames"], steps=case["steps"],
+                           guidance_scale=case["guidance_scale"], noise=jnp.asarray(golden["latents_nthwc"]),
+                           return_latents=True)
+    rel = np.linalg.norm(np.asarray(latents) - golden["final_latents_nthwc"]) / np.linalg.norm(
+        golden["final_latents_nthwc"])
+    print(f"text-to-video final latents vs diffusers: relative error {rel:.1e}")
+    assert rel <= 1e-4
+    assert videos.shape == golden["video"].shape == (2, 4, 16, 16, 3)
+    np.testing.assert_allclose(videos, golden["video"], atol=1e-4)
+    # New prompts, seed and guidance scale run the same compiled program.
+    other = pipe(["two green triangles", "a red circle"], num_frames=4, steps=case["steps"], guidance_scale=2.0,
+                 seed=3)
+    programs = [p for k, p in pipe._compiled.items() if k[0] == "video"]
+    assert len(programs) == 1 and programs[0]._cache_size() == 1
+    assert not np.allclose(other, videos)
+
+
+def test_image_to_video_keeps_the_first_frame(sd):
+    # An image U-Net inflated into a video U-Net with image-conditioning channels (the route from the
+    # shipped image model); its conditioning weights start at zero, so the first frame is kept by the
+    # per-step frame-0 blend alone.
+    unet, params = inflate(sd.unet, sd.unet_params, jax.random.key(0), conditioning_frame_channels=5)
+    pipe = video_pipe(sd, unet, params)
+    image = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+    videos = pipe(["a red circle moving left", "a blue square"], init_image=image, num_frames=3, steps=4,
+                  guidance_scale=4.0, seed=0)
+    round_trip = pipe.decode(sd.vae_params, pipe.encode_image(sd.vae_params, image))
+    err = float(jnp.max(jnp.abs(videos[:, 0] - round_trip)))
+    print(f"image-to-video: max |frame 0 - VAE round trip of the image| = {err:.1e}")
+    assert err <= 1e-5
+    assert float(jnp.max(jnp.abs(videos[:, 1] - round_trip))) > 1e-2   # the other frames are generated
+
+
+def test_bad_requests(sd):
+    pipe = video_pipe(sd, *jd.convert.from_diffusers(str(T2V / "unet")))
+    with pytest.raises(ValueError, match="no prompts given"):
+        pipe([])
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        pipe(["a"], num_frames=0)
+    with pytest.raises(ValueError, match=r"init_image has shape \(1, 8, 8, 3\), expected \(1, 16, 16, 3\)"):
+        pipe(["a"], init_image=np.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match=r"noise has shape \(1, 4, 8, 8, 4\), expected \(1, 2, 8, 8, 4\)"):
+        pipe(["a"], num_frames=2, noise=jnp.zeros((1, 4, 8, 8, 4)))
+
+
+def test_gif_round_trip_keeps_every_frame(tmp_path):
+    frames = np.zeros((5, 9, 12, 3), np.uint8)
+    for t in range(5):
+        frames[t, 2:6, 2 * t:2 * t + 4] = (255, 40, 0)
+    frames[3] = frames[2]                       # Pillow merges identical frames; reading undoes it
+    path = write_video(tmp_path / "v.gif", frames, fps=10)
+    np.testing.assert_array_equal(read_video(path), frames)
+    np.testing.assert_array_equal(read_video(write_video(tmp_path / "f.gif", frames / 255.0, fps=10)), frames)
+    assert sorted(os.listdir(tmp_path)) == ["f.gif", "v.gif"]   # no temporary files left
+
+
+def test_mp4_round_trip(tmp_path):
+    pytest.importorskip("imageio_ffmpeg")
+    frames = np.zeros((6, 15, 16, 3), np.uint8)
+    for t in range(6):
+        frames[t, 4:10, t:t + 6] = (220, 30, 30)
+    back = read_video(write_video(tmp_path / "v.mp4", frames, fps=8))
+    assert back.shape == (6, 16, 16, 3)         # odd height padded for yuv420p
+    assert np.abs(back[:, :15].astype(int) - frames).mean() < 8   # lossy H.264
+
+
+def test_video_file_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown video extension '.avi'.*choose one of: .gif, .mp4"):
+        write_video(tmp_path / "v.avi", np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"must be \[T, H, W, 3\]"):
+        write_video(tmp_path / "v.gif", np.zeros((2, 4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="fps must be positive"):
+        write_video(tmp_path / "v.gif", np.zeros((2, 4, 4, 3), np.uint8), fps=0)
+    assert not os.listdir(tmp_path)
