@@ -53,13 +53,16 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(directory: str, which: str = "ema", step: int | None = None):
-    """The `params` or `ema` tree of a training run's checkpoint (latest step by default), as host
-    numpy arrays; for loading a trained model (e.g. the frozen text encoder of latent diffusion)
-    without knowing its optimizer."""
+def load_params(workdir: str, which: str = "ema", step: int | None = None):
+    """The `params` or `ema` tree of a training run's checkpoint (in `workdir/checkpoints`, latest
+    step by default), as host numpy arrays; for loading a trained model (e.g. the frozen text
+    encoder of latent diffusion) without knowing its optimizer."""
     if which not in ("ema", "params"):
         raise ValueError(f"which={which!r}: choose one of: ema, params")
-    manager = ocp.CheckpointManager(os.path.abspath(directory))
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints folder in {workdir!r} (expected {directory})")
+    manager = ocp.CheckpointManager(directory)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory!r}")

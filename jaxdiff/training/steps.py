@@ -58,7 +58,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                                                 accumulate)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state.step)
         new = state.replace(step=state.step + 1, params=params, ema=ema_update(state.ema, params, ema_decay),

@@ -1,0 +1,22 @@
+"""Rectified-flow matching (Lipman et al. 2023; Liu et al. 2023) in pixel space with a U-Net,
+logit-normal timesteps (Esser et al. 2024).
+
+  python -m train --config configs/flow.py:tiny --workdir /tmp/flow
+"""
+import ml_collections
+
+from configs import common
+from jaxdiff.training.config import base_config
+
+
+def get_config(variant: str = "tiny"):
+    c = base_config()
+    c.recipe = "diffusion"
+    c.model = ml_collections.ConfigDict(dict(backbone="unet", space="pixel",
+                                             **common.diffusion_objective("flow", "flow_matching")))
+    if variant != "tiny":
+        raise ValueError(f"unknown variant {variant!r} of configs/flow.py; choose one of: tiny")
+    common.tiny_run(c)
+    c.model.unet = common.tiny_unet(cross_attention=False)
+    c.model.sample_steps = 5
+    return c

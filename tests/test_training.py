@@ -1,0 +1,176 @@
+"""The training system on one device: exact resume, NaN stop, EMA and LR closed forms, gradient
+accumulation, config parsing and errors, TensorBoard framing, atomic checkpoints."""
+import json
+import math
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import toy2d as toy2d_config
+from jaxdiff.training import (Checkpoints, NonFiniteLossError, accumulate_grads, base_config, ema_update,
+                              lr_schedule, train, validate)
+from jaxdiff.training import tensorboard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def toy_config(steps=8, every=3):
+    c = toy2d_config.get_config()
+    c.steps, c.batch_size, c.checkpoint_every, c.log_every, c.sample_every = steps, 64, every, 2, 0
+    c.model.hidden, c.optim.warmup_steps = 32, 2
+    return c
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Killed after step 5 (last checkpoint at 3), resumed: step 8 equals the uninterrupted run bit for bit."""
+    full = train(toy_config(), str(tmp_path / "full"))
+    killed = train(toy_config(), str(tmp_path / "cut"), stop_after=5)
+    assert Checkpoints(str(tmp_path / "cut" / "checkpoints")).all_steps() == [3]
+    resumed = train(toy_config(), str(tmp_path / "cut"), resume=True)
+    assert int(resumed.state.step) == 8
+    assert resumed.losses == full.losses[3:]
+    assert killed.losses == full.losses[:5]
+    for a, b in zip(leaves(resumed.state), leaves(full.state)):
+        np.testing.assert_array_equal(a, b)
+    lines = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [2, 4, 6, 8]
+    assert {"loss", "lr", "grad_norm", "steps_per_sec", "examples_per_sec"} <= set(lines[0])
+    assert os.listdir(tmp_path / "full" / "tensorboard")
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    train(toy_config(steps=3), str(tmp_path))
+    with pytest.raises(FileExistsError, match="latest step 3.*--resume"):
+        train(toy_config(steps=3), str(tmp_path))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = toy_config(steps=50, every=1)
+    c.optim.lr, c.optim.warmup_steps, c.optim.clip_norm = 1e38, 0, 0.0  # diverges within a few steps
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+).*last good checkpoint is step (\d+)") as e:
+        train(c, str(tmp_path))
+    import re
+    bad, good = map(int, re.search(r"at step (\d+).*step (\d+)", str(e.value)).groups())
+    assert good == bad - 1
+    ckpt = Checkpoints(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == good
+    from jaxdiff.training import load_params
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_params(str(tmp_path), "params")))
+
+
+def test_ema_closed_form():
+    p, e0, d = jnp.array([2.0, -1.0]), jnp.array([0.0, 5.0]), 0.9
+    e = e0
+    for _ in range(7):
+        e = ema_update(e, p, d)
+    np.testing.assert_allclose(e, p + d ** 7 * (e0 - p), rtol=1e-6)
+
+
+def test_warmup_cosine_closed_form():
+    c = base_config()
+    c.optim.lr, c.optim.warmup_steps, c.optim.min_lr_ratio = 1e-3, 10, 0.1
+    lr = lr_schedule(c.optim, 110)
+    peak, end = 1e-3, 1e-4
+    for s in (0, 5, 10, 35, 60, 110):
+        want = peak * s / 10 if s < 10 else end + (peak - end) * (1 + math.cos(math.pi * (s - 10) / 100)) / 2
+        assert float(lr(s)) == pytest.approx(want, rel=1e-5, abs=1e-12)
+
+
+def test_accumulation_equals_big_batch():
+    """Mean of 4 micro-batch gradients == the gradient of the whole batch (a mean-over-examples loss)."""
+    w = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2)}
+    batch = {"x": jax.random.normal(jax.random.key(0), (16, 3)), "y": jax.random.normal(jax.random.key(1), (16, 2))}
+
+    def loss_fn(params, frozen, batch, key, step):
+        err = jnp.tanh(batch["x"] @ params["w"]) - batch["y"]
+        return jnp.mean(err ** 2), {"mae": jnp.mean(jnp.abs(err))}
+
+    big = accumulate_grads(loss_fn, w, None, batch, jax.random.key(2), 0, 1)
+    acc = accumulate_grads(loss_fn, w, None, batch, jax.random.key(2), 0, 4)
+    for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(big)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_command_line_overrides_reach_the_config(tmp_path):
+    """`--config.x.y=v` overrides any field; validation errors name the field; unknown fields are refused."""
+    r = _cli("--config", "configs/latent_diffusion.py:tiny", "--workdir", str(tmp_path), "--config.optim.lr=0.25",
+             "--config.mesh.fsdp=2", "--config.dtype=float16")
+    assert r.returncode == 1 and "error: config.dtype='float16': choose one of: float32, bfloat16" in r.stderr
+    r = _cli("--config", "configs/clip.py:tiny", "--workdir", str(tmp_path), "--config.optim.learning_rate=1")
+    assert r.returncode != 0 and "learning_rate" in r.stderr
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("recipe", "gan", "config.recipe='gan': unknown recipe; choose one of: clip, vae, diffusion, toy2d"),
+    ("dtype", "float16", "config.dtype='float16': choose one of: float32, bfloat16"),
+    ("steps", 0, "config.steps=0: need a positive int"),
+    ("accumulate", 3, "config.batch_size=64 is not a multiple of config.accumulate=3"),
+    ("ema_decay", 1.0, "config.ema_decay=1.0: need 0 <= decay < 1"),
+])
+def test_bad_config_values_are_named(field, value, message):
+    c = toy_config()
+    c[field] = value
+    with pytest.raises(ValueError) as e:
+        validate(c)
+    assert str(e.value) == message
+
+
+def test_bad_model_choices_are_named(tmp_path):
+    from configs import latent_diffusion
+
+    c = latent_diffusion.get_config("tiny")
+    c.model.prediction_type = "flow"
+    with pytest.raises(ValueError, match="prediction_type='flow' does not fit config.model.schedule='scaled_linear'"):
+        train(c, str(tmp_path / "a"))
+    c = latent_diffusion.get_config("tiny")
+    c.model.backbone = "resnet"
+    with pytest.raises(ValueError, match="config.model.backbone='resnet': choose one of: unet, dit"):
+        train(c, str(tmp_path / "b"))
+    c.mesh.data = 3
+    with pytest.raises(ValueError, match="mesh sizes .* use 3 devices, but there are 1"):
+        train(c, str(tmp_path / "c"))
+
+
+def test_tensorboard_records_are_framed_with_crc32c(tmp_path):
+    assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    w = tensorboard.EventWriter(str(tmp_path))
+    w.scalars(7, {"loss": 0.5})
+    w.close()
+    data = open(w.path, "rb").read()
+    records = []
+    while data:
+        (n,) = struct.unpack("<Q", data[:8])
+        assert struct.unpack("<I", data[8:12])[0] == tensorboard.masked_crc(data[:8])
+        payload = data[12:12 + n]
+        assert struct.unpack("<I", data[12 + n:16 + n])[0] == tensorboard.masked_crc(payload)
+        records.append(payload)
+        data = data[16 + n:]
+    assert b"brain.Event:2" in records[0]
+    assert b"loss" in records[1] and struct.pack("<f", 0.5) in records[1]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
+    """A save killed mid-way leaves only orbax's temporary folder, which is never taken as a checkpoint."""
+    train(toy_config(steps=3), str(tmp_path))
+    partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "state").mkdir()
+    assert Checkpoints(str(tmp_path / "checkpoints")).latest_step() == 3
+    resumed = train(toy_config(steps=4), str(tmp_path), resume=True)
+    assert int(resumed.state.step) == 4
