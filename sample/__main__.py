@@ -1,8 +1,12 @@
 """python -m sample "a red circle above a blue square" --model PATH --out image.png
 
-A thin command line over `jaxdiff.pipelines.TextToImage`: prompts in, PNGs out (with the
-prompt, seed, sampler and model in each PNG's metadata). Bad input ends with a message and
-exit status 2, never a traceback; existing files are kept unless --overwrite is given.
+A thin command line over `jaxdiff.pipelines`: text-to-image, and with --init-image:
+img2img (--strength), inpainting (--mask), outpainting (--outpaint T,R,B,L) or inversion
+editing (--edit "new caption", the prompt being the image's caption). Each PNG records the
+prompt, seed, sampler and model in its metadata. --grid-seeds/--grid-guidance write a grid
+of seeds x guidance scales; --trajectory a strip of x_t and predicted x_0 per step.
+Bad input ends with a message and exit status 2, never a traceback; existing files are kept
+unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from jaxdiff.samplers import METHODS
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m sample", description="Generate images from text prompts.")
+    p = argparse.ArgumentParser(prog="python -m sample", description="Generate and edit images from text prompts.")
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line; writes NNNN.png into --out")
     p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (model_index.json, unet/, ...)")
@@ -28,17 +32,47 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
     p.add_argument("--batch", type=int, default=8, help="prompts per compiled batch with --prompts-file")
+    p.add_argument("--init-image", help="an RGB image to edit: img2img, or with --mask / --outpaint / --edit")
+    p.add_argument("--strength", type=float, default=0.6, help="img2img: how much of the way to re-noise (0..1)")
+    p.add_argument("--mask", help="inpainting mask, same size as --init-image: white = repaint, black = keep")
+    p.add_argument("--outpaint", help="extend --init-image by TOP,RIGHT,BOTTOM,LEFT pixels and paint the border")
+    p.add_argument("--edit", metavar="CAPTION", help="inversion editing: regenerate --init-image under CAPTION")
+    p.add_argument("--grid-seeds", type=int, default=0, help="write a grid of this many seeds (rows) ...")
+    p.add_argument("--grid-guidance", default="", help="... by these comma-separated guidance scales (columns)")
+    p.add_argument("--trajectory", action="store_true", help="write a strip of x_t and predicted x_0 per step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of: a prompt, or --prompts-file")
-    if args.steps <= 0:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.batch <= 0:
-        p.error(f"--batch must be >= 1, got {args.batch}")
+    for name in ("steps", "batch"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if not 0.0 <= args.strength <= 1.0:
+        p.error(f"--strength must be in [0, 1], got {args.strength}")
+    modes = [m for m in ("mask", "outpaint", "edit") if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f"--{modes[0]} and --{modes[1]} cannot be combined")
+    if modes and not args.init_image:
+        p.error(f"--{modes[0]} needs --init-image")
+    special = args.init_image or args.grid_seeds or args.trajectory
+    if special and args.prompts_file:
+        p.error("--prompts-file makes plain text-to-image batches; --init-image, grids and --trajectory take one prompt")
+    if bool(args.grid_seeds) != bool(args.grid_guidance):
+        p.error("--grid-seeds and --grid-guidance go together")
+    try:
+        args.grid_scales = [float(g) for g in args.grid_guidance.split(",")] if args.grid_guidance else []
+    except ValueError:
+        p.error(f"--grid-guidance must be comma-separated numbers, got {args.grid_guidance!r}")
+    try:
+        args.margins = [int(m) for m in args.outpaint.split(",")] if args.outpaint else None
+    except ValueError:
+        p.error(f"--outpaint must be TOP,RIGHT,BOTTOM,LEFT integers, got {args.outpaint!r}")
     return p, args
 
 
@@ -52,10 +86,12 @@ def read_prompts(p, args) -> list[str]:
             prompts = [line.strip() for line in f]
     except OSError as e:
         p.error(f"cannot read --prompts-file: {e}")
-    if not prompts or not any(prompts):
+    while prompts and not prompts[-1]:
+        prompts.pop()
+    if not prompts:
         p.error(f"{args.prompts_file!r} holds no prompts")
     if not all(prompts):
-        p.error(f"{args.prompts_file!r} has empty lines (line {prompts.index('') + 1}); one prompt per line")
+        p.error(f"{args.prompts_file!r} has an empty line (line {prompts.index('') + 1}); one prompt per line")
     return prompts
 
 
@@ -70,7 +106,8 @@ def output_paths(p, args, n: int) -> list[str]:
         folder = args.out
         if os.path.exists(folder) and not os.path.isdir(folder):
             p.error(f"--out {folder!r} exists and is not a folder")
-        os.makedirs(folder, exist_ok=True)
+        if os.path.isdir(os.path.dirname(os.path.abspath(folder))):
+            os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, f"{i:04d}.png") for i in range(n)]
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         p.error(f"cannot write to folder {folder!r}")
@@ -78,6 +115,20 @@ def output_paths(p, args, n: int) -> list[str]:
     if existing and not args.overwrite:
         p.error(f"{existing[0]!r} exists ({len(existing)} of {n} outputs do); pass --overwrite to replace")
     return paths
+
+
+def load_image(p, path: str, what: str, modes: Sequence[str]) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        p.error(f"cannot read {what} {path!r}: {e}")
+    if img.mode not in modes:
+        p.error(f"{what} {path!r} has mode {img.mode}; it must be {' or '.join(modes)} "
+                f"(convert it, e.g. Image.open(f).convert('{modes[0]}'))")
+    return np.asarray(img)
 
 
 def save_png(path: str, image: np.ndarray, meta: dict) -> None:
@@ -89,8 +140,46 @@ def save_png(path: str, image: np.ndarray, meta: dict) -> None:
     for k, v in meta.items():
         info.add_text(k, str(v))
     tmp = path + ".tmp"
-    Image.fromarray(np.round(np.asarray(image) * 255).astype(np.uint8)).save(tmp, format="PNG", pnginfo=info)
+    Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG",
+                                                                                           pnginfo=info)
     os.replace(tmp, path)
+
+
+def tile(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
+    """A grid of equal-size images [H, W, 3] with white gutters."""
+    h, w = rows[0][0].shape[:2]
+    out = np.ones((len(rows) * (h + pad) - pad, len(rows[0]) * (w + pad) - pad, 3), np.float32)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = img
+    return out
+
+
+def run_edits(p, args, pipe, prompt: str, common: dict) -> np.ndarray:
+    """The --init-image modes; returns one image [H, W, 3]."""
+    from jaxdiff.pipelines import editing
+
+    image = load_image(p, args.init_image, "--init-image", ("RGB",))
+    f = pipe.size_multiple
+    if image.shape[0] % f or image.shape[1] % f:
+        p.error(f"--init-image is {image.shape[1]}x{image.shape[0]}; both sides must be multiples of {f}")
+    common = {k: v for k, v in common.items() if k not in ("height", "width")}
+    if args.mask:
+        mask = load_image(p, args.mask, "--mask", ("L", "1"))
+        if mask.shape != image.shape[:2]:
+            p.error(f"--mask is {mask.shape[1]}x{mask.shape[0]} but --init-image is {image.shape[1]}x{image.shape[0]}")
+        out = editing.inpaint(pipe, [prompt], image, (mask > 127)[None].astype(np.float32), paste_back=True,
+                              **common)
+    elif args.margins is not None:
+        if len(args.margins) != 4 or min(args.margins) < 0 or any(m % f for m in args.margins):
+            p.error(f"--outpaint needs 4 non-negative multiples of {f} (TOP,RIGHT,BOTTOM,LEFT), got {args.outpaint}")
+        out = editing.outpaint(pipe, [prompt], image, args.margins, **common)
+    elif args.edit:
+        common.pop("method", None)
+        out = editing.edit(pipe, image, [prompt], [args.edit], **common)
+    else:
+        out = editing.img2img(pipe, [prompt], image, strength=args.strength, **common)
+    return np.asarray(out)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,29 +187,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = read_prompts(p, args)
     paths = output_paths(p, args, len(prompts))
 
+    from jaxdiff import compilation_cache
     from jaxdiff.convert.common import CheckpointError
     from jaxdiff.pipelines import TextToImage
 
+    compilation_cache.enable()
     try:
         pipe = TextToImage.from_pretrained(args.model)
     except (OSError, ValueError, CheckpointError) as e:
         p.error(f"cannot load the model from {args.model!r}: {e}")
     sampler = {"method": args.sampler} if args.sampler else {}
-    method = sampler.get("method", pipe.sampler_defaults.get("method"))
-    for start in range(0, len(prompts), args.batch):
-        chunk = prompts[start:start + args.batch]
-        try:
-            images = pipe(chunk, [args.negative] * len(chunk), steps=args.steps, guidance_scale=args.guidance,
-                          guidance_rescale=args.guidance_rescale, seed=args.seed + start, **sampler)
-        except ValueError as e:
-            p.error(str(e))
-        for i, image in enumerate(np.asarray(images)):
-            meta = {"prompt": chunk[i], "negative_prompt": args.negative, "seed": args.seed + start,
-                    "batch_index": i, "sampler": method, "steps": args.steps, "guidance_scale": args.guidance,
-                    "model": os.path.abspath(args.model)}
-            save_png(paths[start + i], image, meta)
-            print(paths[start + i])
+    common = {"steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
+              "seed": args.seed, "height": args.height, "width": args.width, "progress": not args.no_progress,
+              **sampler}
+    meta = {"negative_prompt": args.negative, "sampler": sampler.get("method", pipe.sampler_defaults.get("method")),
+            "steps": args.steps, "guidance_scale": args.guidance, "model": os.path.abspath(args.model)}
+    try:
+        if args.init_image:
+            image = run_edits(p, args, pipe, prompts[0], common)
+            mode = "inpaint" if args.mask else "outpaint" if args.margins else "edit" if args.edit else "img2img"
+            save_png(paths[0], image, {"prompt": prompts[0], "seed": args.seed, "mode": mode,
+                                       "init_image": os.path.abspath(args.init_image), **meta,
+                                       **({"edit": args.edit} if args.edit else {})})
+            print(paths[0])
+        elif args.grid_seeds or args.trajectory:
+            image = grid_or_trajectory(args, pipe, prompts[0], common)
+            save_png(paths[0], image, {"prompt": prompts[0], "seed": args.seed, **meta})
+            print(paths[0])
+        else:
+            for start in range(0, len(prompts), args.batch):
+                chunk = prompts[start:start + args.batch]
+                images = pipe(chunk, [args.negative] * len(chunk), **{**common, "seed": args.seed + start})
+                for i, image in enumerate(np.asarray(images)):
+                    save_png(paths[start + i], image, {"prompt": chunk[i], "seed": args.seed + start,
+                                                       "batch_index": i, **meta})
+                    print(paths[start + i])
+    except ValueError as e:
+        p.error(str(e))
     return 0
+
+
+def grid_or_trajectory(args, pipe, prompt: str, common: dict) -> np.ndarray:
+    if args.trajectory:
+        out = pipe.generate([prompt], [args.negative], return_trajectory=True, **common)
+        traj = out["trajectory"]
+        return tile([list(np.asarray(traj["x"])[:, 0]), list(np.asarray(traj["x0"])[:, 0])])
+    rows = []
+    for s in range(args.grid_seeds):
+        rows.append([np.asarray(pipe([prompt], [args.negative], **{**common, "seed": args.seed + s,
+                                                                    "guidance_scale": g}))[0]
+                     for g in args.grid_scales])
+    return tile(rows)
 
 
 if __name__ == "__main__":

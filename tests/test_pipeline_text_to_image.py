@@ -48,7 +48,7 @@ def test_bad_requests(pipe):
         pipe([])
     with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
         pipe(["a", "b"], ["c"])
-    with pytest.raises(ValueError, match="positive multiples of 2"):
+    with pytest.raises(ValueError, match="positive multiples of 4"):
         pipe(["a"], height=15)
 
 

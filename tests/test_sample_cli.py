@@ -50,7 +50,61 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     assert "--steps must be >= 1" in run(["a", "--model", MODEL, "--steps", "0"], capsys)
     assert "cannot write to folder" in run(["a", "--model", MODEL, "--out", "/proc/nope/x.png"], capsys)
     empty = tmp_path / "empty.txt"
-    empty.write_text("\n")
+    empty.write_text("\n\n")
     assert "holds no prompts" in run(["--prompts-file", str(empty), "--model", MODEL, "--out", str(tmp_path)],
                                      capsys)
     assert "the prompt is empty" in run(["  ", "--model", MODEL], capsys)
+
+
+@pytest.fixture(scope="module")
+def rgb(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(d / "in.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :8] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    Image.fromarray(mask[:8]).save(d / "small_mask.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 4), dtype=np.uint8)).save(d / "rgba.png")
+    return d
+
+
+@pytest.mark.parametrize("mode,extra,size", [
+    ("img2img", ["--strength", "0.5"], (16, 16)),
+    ("inpaint", ["--mask", "MASK"], (16, 16)),
+    ("outpaint", ["--outpaint", "0,4,4,4"], (24, 20)),
+    ("edit", ["--edit", "a blue circle"], (16, 16)),
+])
+def test_editing_modes(rgb, tmp_path, mode, extra, size):
+    out = tmp_path / f"{mode}.png"
+    extra = [str(rgb / "mask.png") if e == "MASK" else e for e in extra]
+    assert main(["a red circle", "--model", MODEL, "--init-image", str(rgb / "in.png"), "--out", str(out),
+                 "--steps", "3", *extra]) == 0
+    img = Image.open(out)
+    assert img.size == size and img.text["mode"] == mode
+    original = np.asarray(Image.open(rgb / "in.png"))
+    if mode == "inpaint":  # the kept (black) half is the input, pixel for pixel
+        np.testing.assert_array_equal(np.asarray(img)[:, 8:], original[:, 8:])
+    if mode == "outpaint":
+        np.testing.assert_array_equal(np.asarray(img)[0:16, 4:20], original)
+
+
+def test_grid_and_trajectory(tmp_path):
+    grid = tmp_path / "grid.png"
+    assert main(["a red circle", "--model", MODEL, "--out", str(grid), "--steps", "2", "--grid-seeds", "2",
+                 "--grid-guidance", "1,4,7"]) == 0
+    assert Image.open(grid).size == (3 * 16 + 2 * 2, 2 * 16 + 2)
+    strip = tmp_path / "strip.png"
+    assert main(["a red circle", "--model", MODEL, "--out", str(strip), "--steps", "4", "--trajectory"]) == 0
+    assert Image.open(strip).size == (4 * 16 + 3 * 2, 2 * 16 + 2)
+
+
+def test_bad_images_and_masks(rgb, tmp_path, capsys):
+    base = ["a", "--model", MODEL, "--out", str(tmp_path / "o.png"), "--init-image"]
+    assert "has mode RGBA" in run([*base, str(rgb / "rgba.png")], capsys)
+    assert "--mask is 16x8 but --init-image is 16x16" in run([*base, str(rgb / "in.png"), "--mask",
+                                                             str(rgb / "small_mask.png")], capsys)
+    assert "cannot read --init-image" in run([*base, str(tmp_path / "missing.png")], capsys)
+    assert "--mask needs --init-image" in run(["a", "--model", MODEL, "--mask", str(rgb / "mask.png")], capsys)
+    assert "--outpaint needs 4 non-negative multiples of 4" in run([*base, str(rgb / "in.png"), "--outpaint",
+                                                                   "1,2,2,2"], capsys)

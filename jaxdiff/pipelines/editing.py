@@ -67,9 +67,9 @@ def inpaint(pipe: TextToImage, prompts, images, masks, *, paste_back: bool = Fal
     """
     images = as_images(images)
     masks = as_masks(masks, images)
-    f = pipe.vae_scale_factor
-    if images.shape[1] % f or images.shape[2] % f:
-        raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} must be a multiple of {f}")
+    f, m = pipe.vae_scale_factor, pipe.size_multiple
+    if images.shape[1] % m or images.shape[2] % m:
+        raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} must be a multiple of {m}")
     lmask = latent_mask(masks, f)
     channels = pipe.unet.config.in_channels == 2 * pipe.latent_channels + 1
     known = images * (1.0 - masks) if channels else images

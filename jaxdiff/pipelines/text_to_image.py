@@ -62,6 +62,11 @@ class TextToImage:
         return self.vae.config.downsample_factor
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's and the U-Net's downsampling together."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
@@ -90,10 +95,10 @@ class TextToImage:
         return jnp.clip(x / 2.0 + 0.5, 0.0, 1.0)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {f} (the VAE's downsampling), "
-                             f"got {height}x{width}")
+        m, f = self.size_multiple, self.vae_scale_factor
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {m} (the VAE's and U-Net's "
+                             f"downsampling), got {height}x{width}")
         return (batch, height // f, width // f, self.latent_channels)
 
     # ------------------------------------------------------------------ the one program
