@@ -1,0 +1,104 @@
+"""Text-to-image pipeline speed: jaxdiff vs diffusers' PyTorch pipeline on this CPU, same model folder.
+
+    python benchmarks/bench_pipeline.py [--model tests/fixtures/pipeline_sd] [--steps 25]
+
+Rows, each measured in one run:
+  first image, fresh process  wall time of a new Python process that imports, loads the folder and
+                              writes one image (jaxdiff: cold, then warm persistent compilation cache)
+  images/s at batch 1 / 16    warm throughput in a running process
+Same sampler (DPM-Solver++ 2M), steps and guidance on both sides. Needs the [dev] extra for torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from report import write_section  # noqa: E402
+
+JAX_FIRST = """
+import sys, time, jaxdiff as jd
+from jaxdiff import compilation_cache
+compilation_cache.enable(sys.argv[2])
+pipe = jd.pipelines.TextToImage.from_pretrained(sys.argv[1])
+pipe(["a red circle above a blue square"], steps=int(sys.argv[3]), method="dpmpp_2m").block_until_ready()
+"""
+TORCH_FIRST = """
+import sys, torch, diffusers
+pipe = diffusers.StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None)
+pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+pipe(["a red circle above a blue square"], num_inference_steps=int(sys.argv[3]), output_type="np")
+"""
+
+
+def fresh_process(code: str, model: str, cache: str, steps: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, model, cache, str(steps)], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def jax_throughput(model: str, steps: int, batch: int, repeat: int = 2) -> float:
+    import jaxdiff as jd
+
+    pipe = jd.pipelines.TextToImage.from_pretrained(model)
+    prompts = ["a red circle above a blue square"] * batch
+    pipe(prompts, steps=steps, method="dpmpp_2m").block_until_ready()
+    t0 = time.perf_counter()
+    for s in range(repeat):
+        pipe(prompts, steps=steps, method="dpmpp_2m", seed=s).block_until_ready()
+    return batch * repeat / (time.perf_counter() - t0)
+
+
+def torch_throughput(model: str, steps: int, batch: int, repeat: int = 2) -> float:
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle above a blue square"] * batch
+    pipe(prompts, num_inference_steps=steps, output_type="np")
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        pipe(prompts, num_inference_steps=steps, output_type="np")
+    return batch * repeat / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "pipeline_sd"))
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    model = os.path.abspath(args.model)
+    try:
+        import diffusers  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+
+    with tempfile.TemporaryDirectory() as cache:
+        cold = fresh_process(JAX_FIRST, model, cache, args.steps)
+        warm = fresh_process(JAX_FIRST, model, cache, args.steps)
+    rows = [("first image, fresh process (s)", f"{cold:.1f} cold cache / {warm:.1f} warm cache",
+             f"{fresh_process(TORCH_FIRST, model, '', args.steps):.1f}" if have_torch else "n/a")]
+    for batch in (1, 16):
+        rows.append((f"images/s, batch {batch}", f"{jax_throughput(model, args.steps, batch):.2f}",
+                     f"{torch_throughput(model, args.steps, batch):.2f}" if have_torch else "n/a"))
+        print(rows[-1], flush=True)
+    table = "| measure | jaxdiff | diffusers (torch) |\n|---|---|---|\n" + "\n".join(
+        f"| {a} | {b} | {c} |" for a, b, c in rows)
+    meta = (f"Model folder `{os.path.relpath(model)}`, DPM-Solver++ 2M, {args.steps} steps, CFG, float32, "
+            f"{os.cpu_count()} CPU cores.")
+    print(meta)
+    print(table)
+    if not args.no_write:
+        write_section("Text-to-image pipeline", f"`python benchmarks/bench_pipeline.py`\n\n{meta}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
