@@ -1,7 +1,6 @@
 """TemporalUNet against diffusers' UNet3DConditionModel (golden files), inflation of an image
 U-Net (per-frame equality), the image-to-video conditioning input, frame position embeddings,
 conversion round trips and config errors."""
-import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -60,16 +59,18 @@ def test_frame_conditioning_layout():
 
 
 def test_inflated_image_unet_equals_it_per_frame():
-    # SD 1.x layout: 1x1-conv transformer projections (become linear), per-block head widths; with
-    # image-to-video input channels (zero weights at inflation) and a conditioning frame given.
-    image_unet, image_params = jd.convert.from_diffusers(str(FIXTURES / "diffusers" / "unet_sd1"))
-    io = dict(np.load(FIXTURES / "diffusers" / "unet_sd1" / "io.npz"))
+    # SD 1.x layout (pipeline_sd's U-Net): 1x1-conv transformer projections (become linear), per-block
+    # head widths; with image-to-video input channels (zero weights at inflation) and a conditioning frame.
+    sd = FIXTURES / "pipeline_sd" / "unet"
+    image_unet, image_params = jd.convert.from_diffusers(str(sd))
     video, params = inflate(image_unet, image_params, jax.random.key(1), conditioning_frame_channels=5)
     b, frames = 2, 3
-    x = np.random.default_rng(0).standard_normal((b, frames, 8, 8, 4)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, frames, 8, 8, 4)).astype(np.float32)
+    io = {"t": np.array([3, 901]), "context": rng.standard_normal((b, 5, 32)).astype(np.float32)}
     flat = jnp.asarray(x.reshape(b * frames, 8, 8, 4))
     per_frame = jax.jit(image_unet.apply)({"params": image_params}, flat, jnp.repeat(io["t"], frames),
-                                 jnp.repeat(io["context"], frames, axis=0)).reshape(b, frames, 8, 8, 4)
+                                          jnp.repeat(io["context"], frames, axis=0)).reshape(b, frames, 8, 8, 4)
     apply = jax.jit(video.apply)
     out = apply({"params": params}, x, io["t"], io["context"], cond_frames=x[:, 0])
     err = float(jnp.max(jnp.abs(out - per_frame)) / jnp.max(jnp.abs(per_frame)))
