@@ -21,7 +21,7 @@ def get_config(variant: str = "shapes"):
         return c
     if variant != "shapes":
         raise ValueError(f"unknown variant {variant!r} of configs/clip.py; choose one of: shapes, tiny")
-    c.data = ml_collections.ConfigDict(dict(source="shapes", image_size=32))
+    c.data = common.shapes_data()
     c.steps, c.batch_size = 5000, 128
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 5e-4, 200, 0.1
     c.checkpoint_every, c.log_every = 500, 50

@@ -23,7 +23,7 @@ def get_config(variant: str = "shapes"):
         return c
     if variant != "shapes":
         raise ValueError(f"unknown variant {variant!r} of configs/latent_diffusion.py; choose one of: shapes, tiny")
-    c.data = ml_collections.ConfigDict(dict(source="shapes", image_size=32))
+    c.data = common.shapes_data()
     c.steps, c.batch_size = 20000, 64
     c.optim.lr, c.optim.warmup_steps, c.ema_decay = 3e-4, 500, 0.999
     c.checkpoint_every, c.sample_every, c.log_every = 500, 2000, 50

@@ -21,7 +21,7 @@ def get_config(variant: str = "shapes"):
         return c
     if variant != "shapes":
         raise ValueError(f"unknown variant {variant!r} of configs/vae.py; choose one of: shapes, tiny")
-    c.data = ml_collections.ConfigDict(dict(source="shapes", image_size=32))
+    c.data = common.shapes_data()
     c.steps, c.batch_size = 6000, 32
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 4e-4, 200, 0.0
     c.checkpoint_every, c.log_every = 500, 50

@@ -59,7 +59,8 @@ class IndexedBatches:
 # ---------------------------------------------------------------- 'squares': a tiny synthetic text-to-image set
 
 SQUARE_COLOURS = np.array([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1]], np.float32)
-_PAD, _BOS, _EOS, _FIRST_WORD = 0, 1, 2, 3
+# WordTokenizer's ids (EOS is not 2: CLIP configs with eos_token_id == 2 pool by a legacy rule).
+_PAD, _BOS, _EOS, _FIRST_WORD = 0, 2, 3, 4
 
 
 def squares(rng: np.random.Generator, n: int, image_size: int = 16, max_length: int = 4) -> dict:
@@ -105,6 +106,40 @@ def make_batches(data, batch_size: int, seed: int):
     return shapes_batches(data, batch_size, seed)
 
 
+class CaptionedBatches:
+    """A grain iterator of jaxdiff.data batches without the host-only caption strings."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {k: v for k, v in next(self.iterator).items() if k != "caption"}
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
 def shapes_batches(data, batch_size: int, seed: int):
-    """The built-in `shapes` dataset through jaxdiff.data's grain loader."""
-    raise NotImplementedError("data.source='shapes' needs jaxdiff.data's loader, which is not committed yet")
+    """A `jaxdiff.data` tfds dataset (the built-in `shapes` by default; prepare it first with
+    `python -m jaxdiff.data.prepare shapes --data_dir DIR`) through its grain pipeline, captions
+    tokenised by a WordTokenizer over the caption grammar's vocabulary."""
+    from jaxdiff.data import DataConfig, caption_vocabulary, make_dataset
+    from jaxdiff.tokenizers import WordTokenizer
+
+    tokenizer = WordTokenizer(caption_vocabulary(), max_length=data.get("max_length", 16))
+    cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None,
+                     resolution=data.image_size, batch_size=batch_size, seed=seed,
+                     worker_count=data.get("worker_count", 0))
+    empty = tokenizer([""])[0]
+    spec = DataSpec(image_size=data.image_size, max_length=tokenizer.max_length, vocab_size=tokenizer.vocab_size,
+                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, empty_tokens=tuple(int(i) for i in empty),
+                    tokenize=lambda prompts: np.asarray(tokenizer(list(prompts)), np.int32),
+                    preview_prompts=tuple(data.get("preview_prompts", ())))
+    return CaptionedBatches(iter(make_dataset(cfg, tokenizer))), spec
