@@ -1,6 +1,8 @@
 """python -m sample "a red circle above a blue square" --model PATH --out image.png
+python -m sample --video "a red circle moving left" --model VIDEO_PATH --out clip.gif
 
-A thin command line over `jaxdiff.pipelines`: text-to-image, and with --init-image:
+A thin command line over `jaxdiff.pipelines`: text-to-video with --video (GIF or MP4 by
+extension; with --init-image, image-to-video), text-to-image, and with --init-image:
 img2img (--strength), inpainting (--mask), outpainting (--outpaint T,R,B,L) or inversion
 editing (--edit "new caption", the prompt being the image's caption). Each PNG records the
 prompt, seed, sampler and model in its metadata. --grid-seeds/--grid-guidance write a grid
@@ -43,12 +45,16 @@ def parse_args(argv):
     p.add_argument("--grid-seeds", type=int, default=0, help="write a grid of this many seeds (rows) ...")
     p.add_argument("--grid-guidance", default="", help="... by these comma-separated guidance scales (columns)")
     p.add_argument("--trajectory", action="store_true", help="write a strip of x_t and predicted x_0 per step")
+    p.add_argument("--video", action="store_true", help="text-to-video (image-to-video with --init-image)")
+    p.add_argument("--frames", type=int, default=16, help="video frames")
+    p.add_argument("--fps", type=int, default=8, help="video frames per second")
+    p.add_argument("--video-format", default="gif", choices=["gif", "mp4"], help="file type with --prompts-file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of: a prompt, or --prompts-file")
-    for name in ("steps", "batch"):
+    for name in ("steps", "batch", "frames", "fps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
@@ -60,7 +66,10 @@ def parse_args(argv):
         p.error(f"--{modes[0]} and --{modes[1]} cannot be combined")
     if modes and not args.init_image:
         p.error(f"--{modes[0]} needs --init-image")
-    special = args.init_image or args.grid_seeds or args.trajectory
+    if args.video and (modes or args.grid_seeds or args.trajectory):
+        p.error("--video takes a prompt (or --prompts-file) and optionally --init-image; no editing flags, grids or "
+                "--trajectory")
+    special = (args.init_image and not args.video) or args.grid_seeds or args.trajectory
     if special and args.prompts_file:
         p.error("--prompts-file makes plain text-to-image batches; --init-image, grids and --trajectory take one prompt")
     if bool(args.grid_seeds) != bool(args.grid_guidance):
@@ -97,9 +106,11 @@ def read_prompts(p, args) -> list[str]:
 
 def output_paths(p, args, n: int) -> list[str]:
     """Where each image goes; checked before any work so nothing is half-written."""
+    ext = "." + args.video_format if args.video else ".png"
     if args.prompts_file is None:
-        if not args.out.lower().endswith(".png"):
-            p.error(f"--out must end in .png for a single prompt, got {args.out!r}")
+        allowed = (".gif", ".mp4") if args.video else (".png",)
+        if not args.out.lower().endswith(allowed):
+            p.error(f"--out must end in {' or '.join(allowed)} for a single prompt, got {args.out!r}")
         paths = [args.out]
         folder = os.path.dirname(os.path.abspath(args.out))
     else:
@@ -108,7 +119,7 @@ def output_paths(p, args, n: int) -> list[str]:
             p.error(f"--out {folder!r} exists and is not a folder")
         if os.path.isdir(os.path.dirname(os.path.abspath(folder))):
             os.makedirs(folder, exist_ok=True)
-        paths = [os.path.join(folder, f"{i:04d}.png") for i in range(n)]
+        paths = [os.path.join(folder, f"{i:04d}{ext}") for i in range(n)]
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         p.error(f"cannot write to folder {folder!r}")
     existing = [q for q in paths if os.path.exists(q)]
@@ -192,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxdiff.pipelines import TextToImage
 
     compilation_cache.enable()
+    if args.video:
+        return run_video(p, args, prompts, paths)
     try:
         pipe = TextToImage.from_pretrained(args.model)
     except (OSError, ValueError, CheckpointError) as e:
@@ -222,6 +235,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                     save_png(paths[start + i], image, {"prompt": chunk[i], "seed": args.seed + start,
                                                        "batch_index": i, **meta})
                     print(paths[start + i])
+    except ValueError as e:
+        p.error(str(e))
+    return 0
+
+
+def run_video(p, args, prompts: list[str], paths: list[str]) -> int:
+    """Text-to-video (image-to-video with --init-image): one GIF/MP4 per prompt."""
+    from jaxdiff.convert.common import CheckpointError
+    from jaxdiff.pipelines import TextToVideo
+    from jaxdiff.video_io import write_video
+
+    try:
+        pipe = TextToVideo.from_pretrained(args.model, num_frames=args.frames)
+    except (OSError, ValueError, CheckpointError) as e:
+        p.error(f"cannot load a video model from {args.model!r}: {e}")
+    init = None
+    if args.init_image:
+        init = load_image(p, args.init_image, "--init-image", ("RGB",)).astype(np.float32) / 255.0
+    sampler = {"method": args.sampler} if args.sampler else {}
+    try:
+        for start in range(0, len(prompts), args.batch):
+            chunk = prompts[start:start + args.batch]
+            videos = pipe(chunk, [args.negative] * len(chunk), num_frames=args.frames, steps=args.steps,
+                          guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                          seed=args.seed + start, height=args.height, width=args.width, init_image=init,
+                          progress=not args.no_progress, **sampler)
+            for i, video in enumerate(np.asarray(videos)):
+                write_video(paths[start + i], video, fps=args.fps)
+                print(paths[start + i])
     except ValueError as e:
         p.error(str(e))
     return 0

@@ -108,3 +108,46 @@ def test_bad_images_and_masks(rgb, tmp_path, capsys):
     assert "--mask needs --init-image" in run(["a", "--model", MODEL, "--mask", str(rgb / "mask.png")], capsys)
     assert "--outpaint needs 4 non-negative multiples of 4" in run([*base, str(rgb / "in.png"), "--outpaint",
                                                                    "1,2,2,2"], capsys)
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    """A whole text-to-video folder: pipeline_t2v's UNet3D and scheduler with pipeline_sd's other parts."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("t2v")
+    t2v = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers_video", "pipeline_t2v")
+    for part in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(os.path.join(MODEL, part), folder / part)
+    for part in ("unet", "scheduler"):
+        shutil.copytree(os.path.join(t2v, part), folder / part)
+    index = json.load(open(os.path.join(MODEL, "model_index.json")))
+    index.update(_class_name="TextToVideoSDPipeline", unet=["diffusers", "UNet3DConditionModel"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return str(folder)
+
+
+def test_video_gif_and_prompts_file(tmp_path, video_model):
+    VIDEO_MODEL = video_model
+    from jaxdiff.video_io import read_video
+
+    out = tmp_path / "clip.gif"
+    assert main(["--video", "a red circle moving left", "--model", VIDEO_MODEL, "--out", str(out), "--frames", "3",
+                 "--steps", "2", "--no-progress"]) == 0
+    assert read_video(out).shape == (3, 16, 16, 3)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")
+    folder = tmp_path / "vids"
+    assert main(["--video", "--prompts-file", str(prompts), "--model", VIDEO_MODEL, "--out", str(folder),
+                 "--frames", "3", "--steps", "2", "--no-progress"]) == 0
+    assert sorted(os.listdir(folder)) == ["0000.gif", "0001.gif"]
+
+
+def test_video_bad_input(tmp_path, capsys, video_model):
+    VIDEO_MODEL = video_model
+    assert "must end in .gif or .mp4" in run(["--video", "a", "--model", VIDEO_MODEL, "--out",
+                                               str(tmp_path / "x.png")], capsys)
+    assert "cannot load a video model" in run(["--video", "a", "--model", MODEL, "--out",
+                                                str(tmp_path / "x.gif")], capsys)
+    assert "--frames must be >= 1" in run(["--video", "a", "--model", VIDEO_MODEL, "--frames", "0"], capsys)
