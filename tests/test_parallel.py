@@ -40,7 +40,10 @@ def _params(npz):
 
 
 def _max_rel_err(a, b):
-    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-6)) for k in b)
+    """The largest norm-wise relative error ||a - b|| / ||b|| over the parameter tensors (the
+    project's parity measure; Adam's per-coordinate normalisation turns float32 reduction-order
+    differences into ~1e-5 max-abs differences on near-zero coordinates)."""
+    return max(float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-12)) for k in b)
 
 
 @pytest.fixture(scope="module")
