@@ -43,7 +43,7 @@ def prepare(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxdiff.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="shapes, moving_shapes (optionally name/config) or a tfds catalog name")
-    p.add_argument("--data_dir", required=True, help="the tfds data_dir to write into")
+    p.add_argument("--data_dir", default=None, help="the tfds data_dir to write into (default: tfds' own, ~/tensorflow_datasets or $TFDS_DATA_DIR)")
     p.add_argument("--resolution", type=int, help="built-in: image side (default 64)")
     p.add_argument("--num_frames", type=int, help="moving_shapes: frames per video (default 16)")
     for k in _SIZES:
