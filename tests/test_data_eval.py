@@ -172,3 +172,15 @@ def test_command_on_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--images", str(tmp_path / "missing")])
     assert "no folder" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_model_folder(capsys):
+    """--model generates the held-out prompts with the model and scores them (a random tiny model: ~0)."""
+    import os
+
+    from jaxdiff.data import eval as shapes_eval
+
+    model = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_sd")
+    assert shapes_eval.main(["--model", model, "--per_family", "1", "--steps", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sum(result["count"].values()) == 4 and 0.0 <= result["overall"] <= 0.25

@@ -320,6 +320,14 @@ def evaluate_model(generate, per_family: int = 100, batch_size: int = 16, seed: 
     return evaluate(prompts, images)
 
 
+def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0):
+    """generate(prompts) for `evaluate_model` from a model folder: DPM-Solver++ with CFG (the issue's protocol)."""
+    from jaxdiff.pipelines import TextToImage
+
+    pipe = TextToImage.from_pretrained(path)
+    return lambda prompts: pipe(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed, method="dpmpp_2m")
+
+
 def to_uint8(image) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype == np.uint8:
@@ -390,7 +398,11 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", help="folder of PNGs (or GIF/.npy videos) and their prompts")
     g.add_argument("--write_prompts", help="write the held-out prompt set to this file and exit")
+    g.add_argument("--model", help="a text-to-image model folder: generate the held-out prompts and score them")
     p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family")
+    p.add_argument("--steps", type=int, default=25, help="with --model: DPM-Solver++ steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="with --model: classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed")
     p.add_argument("--videos", action="store_true", help="with --write_prompts: video prompts")
     args = p.parse_args(argv)
     if args.write_prompts:
@@ -400,10 +412,15 @@ def main(argv=None) -> int:
             f.write("\n".join(prompts) + "\n")
         print(f"wrote {len(prompts)} prompts to {args.write_prompts}")
         return 0
+    if args.per_family < 1 or args.steps < 1:
+        p.error("--per_family and --steps must be >= 1")
     try:
-        pairs = folder_prompts(args.images)
-        media = [load_media(os.path.join(args.images, f)) for f, _ in pairs]
-        result = evaluate([q for _, q in pairs], media)
+        if args.model:
+            result = evaluate_model(model_generator(args.model, args.steps, args.guidance, args.seed), args.per_family)
+        else:
+            pairs = folder_prompts(args.images)
+            media = [load_media(os.path.join(args.images, f)) for f, _ in pairs]
+            result = evaluate([q for _, q in pairs], media)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     print(format_table(result))
