@@ -25,6 +25,18 @@ from jaxdiff.schedules import Schedule
 INPAINT_MODES = (None, "blend", "channels")
 
 
+def prompt_lists(prompts, negative_prompts) -> tuple[list[str], list[str]]:
+    """Prompts and one negative prompt each ("" when none are given), checked."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    negative = [""] * len(prompts) if negative_prompts is None else (
+        [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts))
+    if len(negative) != len(prompts):
+        raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
+    return prompts, negative
+
+
 @dataclasses.dataclass
 class TextToImage:
     """A latent text-to-image model: modules, their params, tokenizer, schedule and sampler defaults.
@@ -159,13 +171,7 @@ class TextToImage:
         a progress bar over the denoising steps. With a `mesh` (a `jax.sharding.Mesh` with a
         'data' axis) the batch is split over that axis and the params are replicated.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        negative = [""] * len(prompts) if negative_prompts is None else (
-            [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts))
-        if len(negative) != len(prompts):
-            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        prompts, negative = prompt_lists(prompts, negative_prompts)
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"unknown inpaint mode {inpaint!r}; choose one of: blend, channels")
         if strength is not None and not 0.0 <= strength <= 1.0:

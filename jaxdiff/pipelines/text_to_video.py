@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxdiff import guidance, samplers
 from jaxdiff.convert.scheduler import schedule_from_config
-from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar
+from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, prompt_lists
 
 
 @dataclasses.dataclass
@@ -106,13 +106,7 @@ class TextToVideo(TextToImage):
         `init_image` [B, H, W, 3] (or [H, W, 3] for every prompt) in [0, 1] makes it image-to-video;
         `noise` [B, T, h, w, C] overrides the seed's initial latents.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        negative = [""] * len(prompts) if negative_prompts is None else (
-            [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts))
-        if len(negative) != len(prompts):
-            raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
+        prompts, negative = prompt_lists(prompts, negative_prompts)
         frames = self.num_frames if num_frames is None else int(num_frames)
         shape = self.video_latent_shape(len(prompts), frames, height or self.default_size, width or self.default_size)
         if noise is not None and tuple(noise.shape) != shape:
