@@ -45,6 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("channels", None),
     ("patch", None),
     ("norm", None),
+    ("conv_time", None),
     ("conv_height", None),
     ("conv_width", None),
     ("height", None),

@@ -111,10 +111,15 @@ def test_default_rules_cover_every_logical_name_of_the_models():
                                    num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=4),
         vision=models.CLIPVisionConfig(hidden_size=8, intermediate_size=8, projection_dim=8, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=8, patch_size=4), projection_dim=8))
+    video = models.TemporalUNet(models.TemporalUNetConfig(
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, attention_head_dim=4,
+        transformer_in_heads=2, cross_attention_dim=8, norm_num_groups=4))
     k, x, t, ctx, y = jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 2, 8)), jnp.zeros(1, int)
     trees = [jax.eval_shape(unet.init, k, x, t, ctx, y), jax.eval_shape(vae.init, k, jnp.zeros((1, 8, 8, 3))),
              jax.eval_shape(dit.init, k, x[:, :4, :4], t, ctx, y),
-             jax.eval_shape(clip.init, k, jnp.zeros((1, 4), int), jnp.zeros((1, 8, 8, 3)))]
+             jax.eval_shape(clip.init, k, jnp.zeros((1, 4), int), jnp.zeros((1, 8, 8, 3))),
+             jax.eval_shape(video.init, k, jnp.zeros((1, 2, 8, 8, 4)), t, ctx)]
     names = {n for tree in trees for leaf in jax.tree.leaves(tree, is_leaf=lambda b: isinstance(b, nn.Partitioned))
              if isinstance(leaf, nn.Partitioned) for n in leaf.names if n}
     activations = {"batch", "height", "width", "channels", "length", "embed"}
