@@ -21,11 +21,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jaxdiff as jd  # noqa: E402
-from jaxdiff import diffusion  # noqa: E402
 from jaxdiff.samplers import driver  # noqa: E402
 from report import write_section  # noqa: E402
 
@@ -63,14 +61,11 @@ def python_loop(model_fn, schedule, method, steps, schedule_kwargs, prediction_t
     m = jd.samplers.get_method(method)
     grid = jd.samplers.make_grid(m, schedule, steps, **schedule_kwargs)
     plan = m.plan(grid, **{k: v for k, v in m.options.items() if k not in m.step_options})
-    plan.update(t=grid.t, alpha=grid.alpha[:-1], sigma=grid.sigma[:-1], alpha_next=grid.alpha[1:],
-                sigma_next=grid.sigma[1:], t_next=np.append(grid.t[1:], 0.0))
-    coeffs = [{k: jnp.float32(v[i]) for k, v in plan.items()} for i in range(steps)]
+    inputs = driver.step_inputs(grid, plan)
+    coeffs = [{k: jnp.float32(v[i]) for k, v in inputs.items()} for i in range(steps)]
     k_noise = m.noises(m.options)
 
-    def denoise(x, t, alpha, sigma):
-        out = model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
-        return diffusion.to_x0_eps(prediction_type, out, x, alpha, sigma)
+    denoise = driver.denoiser(model_fn, prediction_type)
 
     @jax.jit
     def step(state, c, key):

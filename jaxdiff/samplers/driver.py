@@ -174,23 +174,34 @@ def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, predic
                  None, None, return_trajectory, None)
 
 
+def denoiser(model_fn: ModelFn, prediction_type: str):
+    """denoise(x, t, alpha, sigma) -> (x0_hat, eps_hat): the model at timestep t, read at (alpha, sigma)."""
+    def denoise(x, t, alpha, sigma):
+        out = model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
+        return diffusion.to_x0_eps(prediction_type, jnp.asarray(out, jnp.float32), x, alpha, sigma)
+
+    return denoise
+
+
+def step_inputs(grid: grids.Grid, plan: dict) -> dict[str, np.ndarray]:
+    """Per-step values a `step` reads (see `base`): the plan plus the grid's current and next point, [n] float64."""
+    n = grid.steps
+    return {**plan, "t": grid.t, "alpha": grid.alpha[:-1], "sigma": grid.sigma[:-1], "alpha_next": grid.alpha[1:],
+            "sigma_next": grid.sigma[1:], "t_next": np.append(grid.t[1:], 0.0),
+            "last": (np.arange(n) == n - 1).astype(np.float64)}
+
+
 def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k_noise, step_noise, hook,
           return_trajectory, callback):
     n = grid.steps
-    coeffs = dict(plan)
-    coeffs.update(t=grid.t, alpha=grid.alpha[:-1], sigma=grid.sigma[:-1], alpha_next=grid.alpha[1:],
-                  sigma_next=grid.sigma[1:], t_next=np.append(grid.t[1:], 0.0),
-                  last=(np.arange(n) == n - 1).astype(np.float64))
-    coeffs = {k: jnp.asarray(np.asarray(v, np.float64), jnp.float32) for k, v in coeffs.items()}
+    coeffs = {k: jnp.asarray(v, jnp.float32) for k, v in step_inputs(grid, plan).items()}
     x = state["x"]
     if k_noise and step_noise is None and key is None:
         raise ValueError("this sampler draws noise at every step: pass key=jax.random.key(seed)")
     if step_noise is not None:
         step_noise = jnp.asarray(step_noise, jnp.float32).reshape((n, k_noise) + x.shape)
 
-    def denoise(x, t, alpha, sigma):
-        out = model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
-        return diffusion.to_x0_eps(prediction_type, jnp.asarray(out, jnp.float32), x, alpha, sigma)
+    denoise = denoiser(model_fn, prediction_type)
 
     def body(state, inputs):
         c, i, given = inputs
