@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance, samplers
+from jaxdiff import samplers
 from jaxdiff.pipelines.text_to_image import TextToImage
 
 
@@ -111,9 +111,7 @@ def invert(pipe: TextToImage, images, prompts, *, steps: int = 50, guidance_scal
 
         def run(params, ids, uncond_ids, images, scale):
             unet_params, vae_params, text_params = params
-            ctx, unc = pipe.encode_text(text_params, ids), pipe.encode_text(text_params, uncond_ids)
-            apply_fn = lambda x, t, c: pipe.unet.apply({"params": unet_params}, x, t, c)
-            model_fn = guidance.cfg(apply_fn, ctx, unc, scale)
+            model_fn = pipe.guided_model(unet_params, text_params, ids, uncond_ids, scale)
             return samplers.invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
 
         pipe._compiled[key] = jax.jit(run)

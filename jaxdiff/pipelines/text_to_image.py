@@ -93,6 +93,25 @@ class TextToImage:
         """Token ids [B, L] -> the U-Net's context [B, L, D] (CLIP's last hidden state)."""
         return self.text_encoder.apply({"params": text_params}, ids)[0]
 
+    def guided_model(self, unet_params, text_params, ids, uncond_ids, scale, rescale=0.0, extra_channels=None,
+                     **unet_kwargs):
+        """The U-Net under classifier-free guidance as a sampler's model_fn(x, t).
+
+        extra_channels [B, h, w, K] are appended to x's channels (9-channel inpainting U-Nets);
+        unet_kwargs hold per-example inputs [B, ...] such as a video U-Net's `cond_frames`. Both are
+        repeated for the unconditional and conditional halves of the guided batch.
+        """
+        context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
+        twice = lambda a: jnp.concatenate([a, a], axis=0)
+        unet_kwargs = {k: twice(v) for k, v in unet_kwargs.items()}
+        extra = None if extra_channels is None else twice(extra_channels)
+
+        def apply_fn(x, t, ctx):
+            x = x if extra is None else jnp.concatenate([x, extra], axis=-1)
+            return self.unet.apply({"params": unet_params}, x, t, ctx, **unet_kwargs)
+
+        return guidance.cfg(apply_fn, context, uncond, scale, rescale)
+
     def encode_image(self, vae_params, images):
         """Images in [0, 1], [B, H, W, 3] -> diffusion latents (the posterior mean, scaled)."""
         c = self.vae.config
@@ -132,15 +151,9 @@ class TextToImage:
 
         def generate(params, ids, uncond_ids, noise, rng, scale, rescale, init_latents, latent_mask):
             unet_params, vae_params, text_params = params
-            context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
-            if inpaint == "channels":  # 9-channel inpainting U-Net: [x_t | mask | masked image latents]
-                extra = jnp.concatenate([latent_mask, init_latents], axis=-1)
-                extra = jnp.concatenate([extra, extra], axis=0)  # for the uncond/cond halves of CFG
-                apply_fn = lambda x, t, ctx: self.unet.apply(
-                    {"params": unet_params}, jnp.concatenate([x, extra], axis=-1), t, ctx)
-            else:
-                apply_fn = lambda x, t, ctx: self.unet.apply({"params": unet_params}, x, t, ctx)
-            model_fn = guidance.cfg(apply_fn, context, uncond, scale, rescale)
+            # a 9-channel inpainting U-Net sees [x_t | mask | masked image latents]
+            extra = jnp.concatenate([latent_mask, init_latents], axis=-1) if inpaint == "channels" else None
+            model_fn = self.guided_model(unet_params, text_params, ids, uncond_ids, scale, rescale, extra)
             extra_kwargs = {}
             if strength is not None:
                 extra_kwargs.update(x_init=init_latents, strength=strength)

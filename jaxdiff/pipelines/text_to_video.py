@@ -28,7 +28,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import guidance, samplers
+from jaxdiff import samplers
 from jaxdiff.convert.scheduler import schedule_from_config
 from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, prompt_lists
 
@@ -78,13 +78,9 @@ class TextToVideo(TextToImage):
 
         def generate(params, ids, uncond_ids, noise, rng, scale, rescale, init_image):
             unet_params, vae_params, text_params = params
-            context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
             first = self.encode_image(vae_params, init_image) if image else None   # [B, h, w, C]
-            extra = {}
-            if conditioned and image:
-                extra["cond_frames"] = jnp.concatenate([first, first], axis=0)  # uncond and cond halves of CFG
-            apply_fn = lambda x, t, ctx: self.unet.apply({"params": unet_params}, x, t, ctx, **extra)
-            model_fn = guidance.cfg(apply_fn, context, uncond, scale, rescale)
+            extra = {"cond_frames": first} if conditioned and image else {}
+            model_fn = self.guided_model(unet_params, text_params, ids, uncond_ids, scale, rescale, **extra)
             blend = {}
             if image and keep_first_frame:
                 known = jnp.broadcast_to(first[:, None], noise.shape)
