@@ -388,6 +388,20 @@ def _temporal_attention(temporal, i: int, x, num_frames, kw):
     return x if temporal is None else temporal.attention(name=f"temp_attentions_{i}", **kw)(x, num_frames)
 
 
+def _resnet_layer(block, i: int, x, temb, context, num_frames, kw):
+    """Layer i of a Down/UpBlock: resnet (+ temporal conv), then transformer (+ temporal attention).
+
+    Called inside the block's compact `__call__`, so the submodules are the block's own.
+    """
+    x = ResnetBlock(block.out_channels, block.groups, block.eps, block.time_embedding_norm,
+                    name=f"resnets_{i}", **kw)(x, temb)
+    x = _temporal_conv(block.temporal, i, x, num_frames, kw)
+    if block.transformer is not None:
+        x = SpatialTransformer(block.transformer, block.groups, name=f"attentions_{i}", **kw)(x, context)
+        x = _temporal_attention(block.temporal, i, x, num_frames, kw)
+    return x
+
+
 # ----------------------------------------------------------------------------- resolution blocks
 
 class DownBlock(nn.Module):
@@ -415,12 +429,7 @@ class DownBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for i in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, self.eps, self.time_embedding_norm,
-                            name=f"resnets_{i}", **kw)(x, temb)
-            x = _temporal_conv(self.temporal, i, x, num_frames, kw)
-            if self.transformer is not None:
-                x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
-                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
+            x = _resnet_layer(self, i, x, temb, context, num_frames, kw)
             skips.append(x)
         if self.add_downsample:
             x = Downsample(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -455,12 +464,7 @@ class UpBlock(nn.Module):
         for i in range(self.num_layers):
             if skips is not None:
                 x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = ResnetBlock(self.out_channels, self.groups, self.eps, self.time_embedding_norm,
-                            name=f"resnets_{i}", **kw)(x, temb)
-            x = _temporal_conv(self.temporal, i, x, num_frames, kw)
-            if self.transformer is not None:
-                x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
-                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
+            x = _resnet_layer(self, i, x, temb, context, num_frames, kw)
         if self.add_upsample:
             x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
