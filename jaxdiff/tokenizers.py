@@ -266,3 +266,12 @@ class WordTokenizer:
         if data.get("type") != "WordTokenizer":
             raise FileNotFoundError(f"no {WORD_TOKENIZER_FILE} describing a WordTokenizer in {folder!r}")
         return cls(data["words"], data["max_length"])
+
+
+def load_tokenizer(folder: str) -> CLIPTokenizer | WordTokenizer:
+    """The tokenizer stored in `folder` (or its `tokenizer/` subfolder): a WordTokenizer when
+    `word_tokenizer.json` is there (jaxdiff's own caption-vocabulary models), else CLIP's BPE."""
+    for candidate in (folder, os.path.join(folder, "tokenizer")):
+        if os.path.isfile(os.path.join(candidate, WORD_TOKENIZER_FILE)):
+            return WordTokenizer.load(candidate)
+    return CLIPTokenizer.from_pretrained(folder)

@@ -28,7 +28,7 @@ from jaxdiff.convert.transformers import from_transformers
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jaxdiff.tokenizers import CLIPTokenizer
+from jaxdiff.tokenizers import load_tokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Written as `_diffusers_version`: the config layout we emit is the one of this release.
@@ -140,7 +140,8 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     `unet_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
 
     The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
-    `jaxdiff.tokenizers.CLIPTokenizer`; the scheduler's config is returned as a dict.
+    `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, or a
+    WordTokenizer for jaxdiff's caption-vocabulary models); the scheduler's config is returned as a dict.
     """
     index = read_config(path, "model_index.json")
     missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0] is not None)]
@@ -157,5 +158,5 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
         raise CheckpointError(f"pipeline {path!r}: the text encoder's hidden_size={width} does not match the "
                               f"U-Net's cross_attention_dim={unet.config.cross_attention_dim}")
     return StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_params,
-                           CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+                           load_tokenizer(os.path.join(path, "tokenizer")),
                            read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))

@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every = 10
     c.sample_every = 0            # 0: no sample grids during training (one is still written at the end if >0)
+    c.eval_every = 0              # held-out evaluation (recipes that have one) every N steps; always at the end
+    c.eval_examples = 1000        # held-out examples per evaluation
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     c.data = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()
@@ -52,9 +54,9 @@ def validate(c) -> None:
         raise ValueError(f"config.recipe={c.recipe!r}: unknown recipe; choose one of: {', '.join(RECIPES)}")
     if c.dtype not in DTYPES:
         raise ValueError(f"config.dtype={c.dtype!r}: choose one of: {', '.join(DTYPES)}")
-    for path in ("steps", "batch_size", "accumulate", "keep_checkpoints"):
+    for path in ("steps", "batch_size", "accumulate", "keep_checkpoints", "eval_examples"):
         _positive(c, path)
-    for path in ("checkpoint_every", "log_every", "sample_every", "optim.warmup_steps"):
+    for path in ("checkpoint_every", "log_every", "sample_every", "eval_every", "optim.warmup_steps"):
         _positive(c, path, allow_zero=True)
     if c.batch_size % c.accumulate:
         raise ValueError(f"config.batch_size={c.batch_size} is not a multiple of config.accumulate={c.accumulate}")

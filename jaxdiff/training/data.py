@@ -23,6 +23,7 @@ SOURCES = ("squares", "toy2d", "shapes")
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What a recipe needs to know about its data to build its model."""
+    source: str = ""                # config.data.source
     image_size: int = 0
     max_length: int = 0             # caption length L
     vocab_size: int = 0
@@ -81,7 +82,7 @@ def squares(rng: np.random.Generator, n: int, image_size: int = 16, max_length: 
 
 def squares_spec(image_size: int) -> DataSpec:
     empty = (_BOS, _EOS, _PAD, _PAD)
-    return DataSpec(image_size=image_size, max_length=4, vocab_size=_FIRST_WORD + 6, pad_token_id=_PAD,
+    return DataSpec(source="squares", image_size=image_size, max_length=4, vocab_size=_FIRST_WORD + 6, pad_token_id=_PAD,
                     bos_token_id=_BOS, eos_token_id=_EOS, empty_tokens=empty,
                     preview_prompts=tuple(f"{c} {s}" for c in range(4) for s in range(2)),
                     tokenize=lambda prompts: np.stack([[_BOS, _FIRST_WORD + int(p.split()[0]),
@@ -93,17 +94,41 @@ def squares_spec(image_size: int) -> DataSpec:
 
 def make_batches(data, batch_size: int, seed: int):
     """(iterator of this process's batches, DataSpec) for `config.data`."""
-    source = choice(data.get("source", ""), SOURCES, "data.source")
-    if source == "squares":
-        size = data.get("image_size", 16)
-        return IndexedBatches(lambda rng, n: squares(rng, n, size), batch_size, seed), squares_spec(size)
-    if source == "toy2d":
+    spec = data_spec(data)
+    if spec.source == "squares":
+        return IndexedBatches(lambda rng, n: squares(rng, n, spec.image_size), batch_size, seed), spec
+    if spec.source == "toy2d":
         from jaxdiff.toy2d import make_dataset
 
         name = data.get("dataset", "gaussians8")
         make = lambda rng, n: {"x": make_dataset(name, n, seed=int(rng.integers(2**31)))}
-        return IndexedBatches(make, batch_size, seed), DataSpec()
-    return shapes_batches(data, batch_size, seed)
+        return IndexedBatches(make, batch_size, seed), spec
+    return shapes_batches(data, batch_size, seed), spec
+
+
+def data_spec(data) -> DataSpec:
+    """The DataSpec of `config.data` without opening the data (for building a trained model)."""
+    source = choice(data.get("source", ""), SOURCES, "data.source")
+    if source == "squares":
+        return squares_spec(data.get("image_size", 16))
+    if source == "toy2d":
+        return DataSpec(source="toy2d")
+    tokenizer = shapes_tokenizer(data)
+    empty = tokenizer([""])[0]
+    return DataSpec(source="shapes", image_size=data.image_size, max_length=tokenizer.max_length,
+                    vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    empty_tokens=tuple(int(i) for i in empty),
+                    tokenize=lambda prompts: np.asarray(tokenizer(list(prompts)), np.int32),
+                    preview_prompts=tuple(data.get("preview_prompts", ())))
+
+
+def shapes_tokenizer(data):
+    """The WordTokenizer over the caption grammar's vocabulary that captioned data is tokenised with."""
+    from jaxdiff.data import caption_vocabulary
+    from jaxdiff.tokenizers import WordTokenizer
+
+    return WordTokenizer(caption_vocabulary(), max_length=data.get("max_length", 16))
 
 
 class CaptionedBatches:
@@ -125,21 +150,13 @@ class CaptionedBatches:
         self.iterator.set_state(state)
 
 
-def shapes_batches(data, batch_size: int, seed: int):
+def shapes_batches(data, batch_size: int, seed: int) -> CaptionedBatches:
     """A `jaxdiff.data` tfds dataset (the built-in `shapes` by default; prepare it first with
     `python -m jaxdiff.data.prepare shapes --data_dir DIR`) through its grain pipeline, captions
-    tokenised by a WordTokenizer over the caption grammar's vocabulary."""
-    from jaxdiff.data import DataConfig, caption_vocabulary, make_dataset
-    from jaxdiff.tokenizers import WordTokenizer
+    tokenised by `shapes_tokenizer`."""
+    from jaxdiff.data import DataConfig, make_dataset
 
-    tokenizer = WordTokenizer(caption_vocabulary(), max_length=data.get("max_length", 16))
     cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None,
                      resolution=data.image_size, batch_size=batch_size, seed=seed,
                      worker_count=data.get("worker_count", 0))
-    empty = tokenizer([""])[0]
-    spec = DataSpec(image_size=data.image_size, max_length=tokenizer.max_length, vocab_size=tokenizer.vocab_size,
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, empty_tokens=tuple(int(i) for i in empty),
-                    tokenize=lambda prompts: np.asarray(tokenizer(list(prompts)), np.int32),
-                    preview_prompts=tuple(data.get("preview_prompts", ())))
-    return CaptionedBatches(iter(make_dataset(cfg, tokenizer))), spec
+    return CaptionedBatches(iter(make_dataset(cfg, shapes_tokenizer(data))))

@@ -134,6 +134,12 @@ def train(config, workdir: str, *, resume: bool = False, stop_after: int | None 
                 images = sample_fn(state.ema, frozen, state.key(-1))
             if main:
                 writer.grid(done, np.asarray(images.addressable_data(0)))
+        if task.evaluate is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                scores = task.evaluate(state.ema, frozen)
+            if main:
+                writer.scalars(done, {f"eval_{k}": v for k, v in scores.items()})
+                log.info("step %d held-out: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     progress.close()
     if writer:
         writer.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxdiff.models import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, clip_loss
+from jaxdiff.training.evaluate import clip_zero_shot
 from jaxdiff.training.task import Task, init_boxed
 
 
@@ -40,4 +41,8 @@ def build(c, spec) -> Task:
         hit = same[jnp.arange(same.shape[0]), jnp.argmax(out.logits_per_text, axis=-1)]
         return clip_loss(out.logits_per_text), {"retrieval_accuracy": jnp.mean(hit)}
 
-    return Task(init=init, loss=loss)
+    evaluate = None
+    if spec.source == "shapes":
+        evaluate = lambda params, frozen: clip_zero_shot(model, params, spec.tokenize, spec.image_size,
+                                                         c.get("eval_examples", 1000))
+    return Task(init=init, loss=loss, evaluate=evaluate)

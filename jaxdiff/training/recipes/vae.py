@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.models.layers import conv
 from jaxdiff.models.vae import posterior_kl, sample_posterior
+from jaxdiff.training.evaluate import psnr, vae_reconstruction
 from jaxdiff.training.task import Task, init_boxed
 
 
@@ -62,12 +63,6 @@ def laplacian_pyramid_l1(x, y, levels: int):
     return total + jnp.mean(jnp.abs(x - y), axis=(1, 2, 3))
 
 
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2): [B]."""
-    mse = jnp.mean(jnp.square(jnp.clip(x, -1, 1) - y), axis=(1, 2, 3))
-    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
-
-
 def build(c, spec) -> Task:
     m = c.model
     dtype = jnp.dtype(c.dtype)
@@ -98,4 +93,8 @@ def build(c, spec) -> Task:
                        "g_loss": g_loss, "d_loss": d_loss, "psnr": jnp.mean(psnr(recon, x)),
                        "latent_std": jnp.std(mean)}
 
-    return Task(init=init, loss=loss)
+    evaluate = None
+    if spec.source == "shapes":
+        evaluate = lambda params, frozen: vae_reconstruction(vae, params["vae"], spec.image_size,
+                                                             c.get("eval_examples", 1000))
+    return Task(init=init, loss=loss, evaluate=evaluate)

@@ -1,0 +1,154 @@
+"""A trained latent text-to-image run -> a Stable Diffusion pipeline folder.
+
+    python -m jaxdiff.training.export --workdir /work/runs/ld_shapes --out jaxdiff/assets/shapes
+
+Reads the latent-diffusion run's config, its EMA U-Net, and the EMA weights of the VAE and
+CLIP runs it was trained on (`model.vae.checkpoint`, `model.text_encoder.checkpoint`), and
+writes diffusers' layout: model_index.json, unet/ and vae/ (diffusers format), text_encoder/
+(transformers' CLIPTextModel), tokenizer/ (the run's WordTokenizer), scheduler/ (a
+DPMSolverMultistepScheduler config for the run's noise schedule), plus clip/ (both CLIP towers,
+transformers' CLIPModel, for zero-shot use) and training.json (each run's config and step).
+`TextToImage.from_pretrained` and `python -m sample --model` load it.
+
+The folder is written next to `--out` and renamed into place when complete, so a failed export
+never leaves a half-written model, and an existing folder is replaced only with --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
+from jaxdiff.convert.transformers import to_transformers
+from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, UNet2DCondition, UNetConfig
+from jaxdiff.training.checkpoint import load_params
+from jaxdiff.training.evaluate import read_run_config
+
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2",
+                  "squaredcos_cap_v2": "squaredcos_cap_v2"}
+
+
+def scheduler_config(m) -> dict:
+    """The diffusers scheduler config that reproduces the run's noise schedule and prediction type."""
+    n = int(m.num_train_timesteps)
+    if m.prediction_type == "flow":
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": n, "shift": 1.0}
+    if m.schedule not in BETA_SCHEDULES:
+        raise ValueError(f"config.model.schedule={m.schedule!r} has no diffusers scheduler config; exportable: "
+                         f"{', '.join(BETA_SCHEDULES)}, or flow matching")
+    config = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": n,
+              "beta_schedule": BETA_SCHEDULES[m.schedule], "prediction_type": m.prediction_type,
+              "algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"}
+    if m.schedule == "scaled_linear":
+        config.update(beta_start=0.00085, beta_end=0.012)
+    elif m.schedule == "linear":
+        config.update(beta_start=0.0001, beta_end=0.02)
+    return config
+
+
+def _run_step(workdir: str) -> int:
+    from orbax.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
+def _frozen_run(m, field: str) -> str:
+    workdir = m[field].get("checkpoint", "")
+    if not workdir:
+        raise ValueError(f"config.model.{field}.checkpoint is empty: the run trained on a randomly initialised "
+                         f"{field}, which is not a model worth exporting")
+    return workdir
+
+
+def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str:
+    """Writes the pipeline folder of latent-diffusion run `workdir` to `out`; returns `out`."""
+    from jaxdiff.training.data import data_spec, shapes_tokenizer
+    from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
+
+    config = read_run_config(workdir)
+    m = config.model
+    if config.recipe != "diffusion" or m.get("space") != "latent" or "text_encoder" not in m \
+            or m.get("backbone") != "unet":
+        raise ValueError(f"{workdir!r} is not a latent text-to-image U-Net run (recipe {config.recipe!r}, "
+                         f"space {m.get('space')!r}, backbone {m.get('backbone')!r})")
+    if config.data.get("source") != "shapes":
+        raise ValueError(f"data.source={config.data.get('source')!r}: only runs on captioned data (shapes) have a "
+                         f"tokenizer to export")
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
+    vae_run, clip_run = _frozen_run(m, "vae"), _frozen_run(m, "text_encoder")
+    clip_config = read_run_config(clip_run)
+    spec = data_spec(config.data)
+
+    vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
+                                     "sample_size": spec.image_size})
+    latent_size = spec.image_size // vae_cfg.downsample_factor
+    unet = UNet2DCondition(UNetConfig(**{**m.unet.to_dict(), "in_channels": vae_cfg.latent_channels,
+                                         "out_channels": vae_cfg.latent_channels, "sample_size": latent_size}))
+    text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
+    clip = clip_model_for(clip_config, spec)
+    clip_params = load_params(clip_run, "ema")
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        to_diffusers(unet, load_params(workdir, "ema"), os.path.join(staging, "unet"))
+        to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema")["vae"], os.path.join(staging, "vae"))
+        to_transformers(text_encoder, clip_params["text_model"], os.path.join(staging, "text_encoder"))
+        to_transformers(clip, clip_params, os.path.join(staging, "clip"))
+        shapes_tokenizer(config.data).save(os.path.join(staging, "tokenizer"))
+        os.makedirs(os.path.join(staging, "scheduler"))
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"),
+                    {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION})
+        _write_json(os.path.join(staging, "model_index.json"), {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+        runs = {"diffusion": (workdir, config), "vae": (vae_run, read_run_config(vae_run)),
+                "clip": (clip_run, clip_config)}
+        _write_json(os.path.join(staging, "training.json"), {
+            name: {"step": _run_step(path), "seed": c.seed, "config": c.to_dict()} for name, (path, c) in runs.items()})
+        if os.path.exists(out):  # swap, then delete the old folder: it is never half-replaced
+            old = staging + ".old"
+            os.rename(out, old)
+            os.rename(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxdiff.training.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the latent text-to-image diffusion run's folder")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = p.parse_args(argv)
+    try:
+        print(export_text_to_image(args.workdir, args.out, args.overwrite))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

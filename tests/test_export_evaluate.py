@@ -1,0 +1,142 @@
+"""Held-out evaluation of CLIP and VAE runs, and export of a latent text-to-image run (with the
+VAE and CLIP runs it was trained on) as a pipeline folder that TextToImage and the CLI load."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import jaxdiff.data  # noqa: F401  registers the builders
+from configs import clip as clip_config
+from configs import latent_diffusion as ld_config
+from configs import vae as vae_config
+from jaxdiff.data import render
+from jaxdiff.pipelines import TextToImage
+from jaxdiff.training import evaluate, export, load_params, train
+from jaxdiff.training.data import data_spec
+
+SHAPES = "shapes/16px-32-4-8-seed0"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny CLIP and VAE runs on 16px shapes, and a latent diffusion run on top of both."""
+    root = tmp_path_factory.mktemp("runs")
+    data_dir = str(root / "tfds")
+    tfds.builder(SHAPES, data_dir=data_dir).download_and_prepare()
+
+    def on_shapes(c, steps=2):
+        c.data.update(source="shapes", name=SHAPES, data_dir=data_dir, image_size=16, max_length=16)
+        c.steps, c.checkpoint_every, c.sample_every, c.eval_examples = steps, 0, 0, 8
+        return c
+
+    workdirs = {name: str(root / name) for name in ("clip", "vae", "ld")}
+    train(on_shapes(clip_config.get_config("tiny")), workdirs["clip"])
+    train(on_shapes(vae_config.get_config("tiny")), workdirs["vae"])
+    c = on_shapes(ld_config.get_config("tiny"))
+    c.model.vae.update(checkpoint=workdirs["vae"], scaling_factor=0.5)
+    c.model.text_encoder.checkpoint = workdirs["clip"]
+    train(c, workdirs["ld"])
+    return workdirs
+
+
+def test_test_set_is_the_prepared_test_split(runs):
+    """The rendered held-out images and scenes are the tfds test split's records (stored shuffled)."""
+    images, scenes = evaluate.shapes_test_set(16, 8)
+    records = tfds.builder(SHAPES, data_dir=os.path.join(os.path.dirname(runs["clip"]), "tfds")) \
+        .as_data_source(split="test")
+    stored = sorted((r["caption"].decode(), np.asarray(r["image"]).tobytes()) for r in records)
+    rendered = sorted((s.caption, np.round((x + 1) * 127.5).astype(np.uint8).tobytes()) for x, s in zip(images, scenes))
+    assert rendered == stored
+    _, singles = evaluate.shapes_test_set(16, 5, family="single")
+    assert all(s.family == "single" and len(s.objects) == 1 for s in singles)
+
+
+def test_zero_shot_accuracy_counts_colour_and_shape_separately(monkeypatch):
+    """With a classifier that always names the true colour and the next shape: colour 1, shape 0;
+    with one that is always right: 1, 1."""
+    from jaxdiff.models import clip as clip_module
+
+    _, scenes = evaluate.shapes_test_set(16, 12, family="single")
+    truth = np.array([evaluate.ZERO_SHOT_CLASSES.index((s.objects[0].colour, s.objects[0].shape)) for s in scenes])
+    tokenize = lambda prompts: np.arange(len(prompts))[:, None].astype(np.int32)
+    for shift, expected in ((0, (1.0, 1.0)), (1, (1.0, 0.0))):
+        def oracle(model, params, pixels, class_ids):
+            k = jnp.asarray(truth)
+            shape_idx = (k % len(render.SHAPES) + shift) % len(render.SHAPES)
+            return None, k - k % len(render.SHAPES) + shape_idx
+        monkeypatch.setattr(clip_module, "zero_shot_classify", oracle)
+        scores = evaluate.clip_zero_shot(None, None, tokenize, 16, examples=12, batch_size=12)
+        assert (scores["zero_shot_colour"], scores["zero_shot_shape"]) == expected
+
+
+def test_psnr_closed_form():
+    x = jnp.zeros((2, 4, 4, 3))
+    np.testing.assert_allclose(evaluate.psnr(x + 0.1, x), 10 * np.log10(4 / 0.01), rtol=1e-6)
+    assert np.all(np.asarray(evaluate.psnr(x + 5.0, x)) == pytest.approx(10 * np.log10(4 / 1.0)))  # clipped to [-1, 1]
+
+
+def test_vae_evaluation_matches_a_direct_computation(runs):
+    """The run's held-out PSNR and latent std, recomputed by hand from its EMA weights."""
+    from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig
+    from jaxdiff.training.evaluate import read_run_config
+
+    scores = evaluate.evaluate_run(runs["vae"], examples=8)
+    c = read_run_config(runs["vae"])
+    vae = AutoencoderKL(AutoencoderKLConfig(**c.model.vae.to_dict()))
+    params = load_params(runs["vae"], "ema")["vae"]
+    images, _ = evaluate.shapes_test_set(16, 8)
+    mean, _ = vae.apply({"params": params}, images, method=vae.encode)
+    recon = np.clip(np.asarray(vae.apply({"params": params}, mean, method=vae.decode)), -1, 1)
+    mse = np.mean((recon - images) ** 2, axis=(1, 2, 3))
+    assert scores["psnr"] == pytest.approx(np.mean(10 * np.log10(4 / mse)), rel=1e-5)
+    assert scores["latent_std"] == pytest.approx(np.std(np.asarray(mean)), rel=1e-5)
+    logged = [json.loads(line) for line in open(os.path.join(runs["vae"], "metrics.jsonl"))]
+    assert "eval_psnr" in logged[-1]  # the loop evaluated at the final step
+
+
+def test_clip_evaluation_runs_and_diffusion_has_none(runs, capsys):
+    scores = evaluate.evaluate_run(runs["clip"], examples=8)
+    assert set(scores) == {"zero_shot_colour", "zero_shot_shape"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert evaluate.main(["--workdir", runs["ld"]]) == 1
+    assert "no held-out evaluation" in capsys.readouterr().err
+    assert evaluate.main(["--workdir", runs["ld"] + "/missing"]) == 1
+
+
+def test_export_loads_back_with_the_run_weights(runs, tmp_path):
+    out = str(tmp_path / "model")
+    export.export_text_to_image(runs["ld"], out)
+    pipe = TextToImage.from_pretrained(out)
+    c = evaluate.read_run_config(runs["ld"])
+    spec = data_spec(c.data)
+    # The U-Net, VAE and text encoder carry the runs' EMA weights; the tokenizer the run's ids.
+    unet_ema, vae_ema = load_params(runs["ld"], "ema"), load_params(runs["vae"], "ema")["vae"]
+    for got, want in ((pipe.unet_params, unet_ema), (pipe.vae_params, vae_ema),
+                      (pipe.text_params, load_params(runs["clip"], "ema")["text_model"])):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    prompts = ["a red circle", "two blue squares above"]
+    np.testing.assert_array_equal(pipe.tokenize(prompts), spec.tokenize(prompts))
+    assert pipe.vae.config.scaling_factor == 0.5
+    assert pipe.schedule.kind == "discrete" and pipe.sampler_defaults["method"] == "dpmpp_2m"
+    images = pipe.generate(["a red circle"], steps=2, seed=0)["images"]
+    assert np.asarray(images).shape == (1, 16, 16, 3)
+    info = json.load(open(os.path.join(out, "training.json")))
+    assert {k: v["step"] for k, v in info.items()} == {"diffusion": 2, "vae": 2, "clip": 2}
+    assert os.path.isfile(os.path.join(out, "clip", "model.safetensors"))
+
+
+def test_export_never_clobbers(runs, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export.main(["--workdir", runs["ld"], "--out", str(out)]) == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="not a latent text-to-image"):
+        export.export_text_to_image(runs["vae"], str(tmp_path / "other"))
+    assert export.main(["--workdir", runs["ld"], "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model_index.json").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
