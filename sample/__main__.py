@@ -1,4 +1,4 @@
-"""python -m sample "a red circle above a blue square" --model PATH --out image.png
+"""python -m sample "a red circle above a blue square" --out image.png    # the shipped shapes model
 python -m sample --video "a red circle moving left" --model VIDEO_PATH --out clip.gif
 
 A thin command line over `jaxdiff.pipelines`: text-to-video with --video (GIF or MP4 by
@@ -26,7 +26,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m sample", description="Generate and edit images from text prompts.")
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line; writes NNNN.png into --out")
-    p.add_argument("--model", required=True, help="a diffusers Stable Diffusion folder (model_index.json, unet/, ...)")
+    p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json, unet/, ...); default: "
+                                    "the shipped shapes model (images only)")
     p.add_argument("--out", default="sample.png", help="a .png file, or a folder for several images")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--sampler", default=None, choices=list(METHODS), help="default: the model's scheduler")
@@ -54,6 +55,15 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of: a prompt, or --prompts-file")
+    if args.model is None:
+        from jaxdiff.pipelines import SHAPES_MODEL
+
+        if args.video:
+            p.error("--video needs --model: a text-to-video folder (no video model is shipped)")
+        if not os.path.isfile(os.path.join(SHAPES_MODEL, "model_index.json")):
+            p.error(f"no --model given and the shipped shapes model is missing from this installation "
+                    f"(expected {SHAPES_MODEL})")
+        args.model = SHAPES_MODEL
     for name in ("steps", "batch", "frames", "fps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

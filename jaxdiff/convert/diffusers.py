@@ -140,8 +140,8 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     `unet_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
 
     The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
-    `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, or a
-    WordTokenizer for jaxdiff's caption-vocabulary models); the scheduler's config is returned as a dict.
+    `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, or a WordTokenizer for jaxdiff's caption-vocabulary
+    models); the scheduler's config is returned as a dict.
     """
     index = read_config(path, "model_index.json")
     missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0] is not None)]
