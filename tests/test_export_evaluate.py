@@ -51,8 +51,10 @@ def test_test_set_is_the_prepared_test_split(runs):
     stored = sorted((r["caption"].decode(), np.asarray(r["image"]).tobytes()) for r in records)
     rendered = sorted((s.caption, np.round((x + 1) * 127.5).astype(np.uint8).tobytes()) for x, s in zip(images, scenes))
     assert rendered == stored
-    _, singles = evaluate.shapes_test_set(16, 5, family="single")
-    assert all(s.family == "single" and len(s.objects) == 1 for s in singles)
+    _, singles = evaluate.shapes_test_set(16, 20, family="single")
+    assert len(singles) == 5 and all(s.family == "single" and len(s.objects) == 1 for s in singles)
+    with pytest.raises(ValueError, match="choose 1..1000"):
+        evaluate.shapes_test_set(16, 1001)
 
 
 def test_zero_shot_accuracy_counts_colour_and_shape_separately(monkeypatch):
@@ -60,7 +62,7 @@ def test_zero_shot_accuracy_counts_colour_and_shape_separately(monkeypatch):
     with one that is always right: 1, 1."""
     from jaxdiff.models import clip as clip_module
 
-    _, scenes = evaluate.shapes_test_set(16, 12, family="single")
+    _, scenes = evaluate.shapes_test_set(16, 48, family="single")
     truth = np.array([evaluate.ZERO_SHOT_CLASSES.index((s.objects[0].colour, s.objects[0].shape)) for s in scenes])
     tokenize = lambda prompts: np.arange(len(prompts))[:, None].astype(np.int32)
     for shift, expected in ((0, (1.0, 1.0)), (1, (1.0, 0.0))):
@@ -69,7 +71,7 @@ def test_zero_shot_accuracy_counts_colour_and_shape_separately(monkeypatch):
             shape_idx = (k % len(render.SHAPES) + shift) % len(render.SHAPES)
             return None, k - k % len(render.SHAPES) + shape_idx
         monkeypatch.setattr(clip_module, "zero_shot_classify", oracle)
-        scores = evaluate.clip_zero_shot(None, None, tokenize, 16, examples=12, batch_size=12)
+        scores = evaluate.clip_zero_shot(None, None, tokenize, 16, examples=48, batch_size=12)
         assert (scores["zero_shot_colour"], scores["zero_shot_shape"]) == expected
 
 

@@ -27,19 +27,20 @@ import numpy as np
 from jaxdiff.data import render
 
 TEST_SPLIT = 2  # split id of `test` in jaxdiff.data.shapes
+TEST_SIZE = 1000  # examples in the default `shapes` test split
 
 
 def shapes_test_set(resolution: int, examples: int, family: str | None = None, seed: int = 0):
-    """(images float32 [N, R, R, 3] in [-1, 1], scenes): the first `examples` test scenes (of `family`)."""
-    if examples < 1:
-        raise ValueError(f"examples={examples}: need at least one")
+    """(images float32 [N, R, R, 3] in [-1, 1], scenes): the first `examples` test scenes, or those of
+    them in caption `family` (families interleave, so a quarter)."""
+    if not 1 <= examples <= TEST_SIZE:
+        raise ValueError(f"examples={examples}: the test split has {TEST_SIZE}; choose 1..{TEST_SIZE}")
     if family is not None and family not in render.FAMILIES:
         raise ValueError(f"family {family!r}: choose one of: {', '.join(render.FAMILIES)}")
-    scenes, i = [], 0
-    while len(scenes) < examples:
-        if family is None or render.family_of(i) == family:
-            scenes.append(render.scene_at(seed, TEST_SPLIT, i))
-        i += 1
+    scenes = [render.scene_at(seed, TEST_SPLIT, i) for i in range(examples)
+              if family is None or render.family_of(i) == family]
+    if not scenes:
+        raise ValueError(f"the first {examples} test examples hold no {family!r} scene")
     images = np.stack([render.render(s.objects, resolution) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     return images, scenes
 
@@ -48,7 +49,8 @@ ZERO_SHOT_CLASSES = [(colour, shape) for colour in render.COLOURS for shape in r
 
 
 def clip_zero_shot(model, params, tokenize, resolution: int, examples: int = 1000, batch_size: int = 250) -> dict:
-    """{'zero_shot_colour', 'zero_shot_shape'}: accuracies on single-object test images.
+    """{'zero_shot_colour', 'zero_shot_shape'}: accuracies on the single-object images among the first
+    `examples` of the test split (250 of the 1000).
 
     model: a `CLIPModel`; tokenize: list of str -> int32 [K, L] (the run's tokenizer)."""
     from jaxdiff.models.clip import zero_shot_classify
@@ -119,10 +121,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxdiff.training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a clip or vae training run's folder")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--examples", type=int, default=1000, help="test images (default 1000)")
+    p.add_argument("--examples", type=int, default=1000, help="test-split examples to use (default: all 1000)")
     args = p.parse_args(argv)
-    if args.examples < 1:
-        p.error(f"--examples={args.examples}: need at least one")
+    if not 1 <= args.examples <= TEST_SIZE:
+        p.error(f"--examples={args.examples}: choose 1..{TEST_SIZE}")
     try:
         metrics = evaluate_run(args.workdir, args.step, args.examples)
     except (FileNotFoundError, ValueError) as e:
