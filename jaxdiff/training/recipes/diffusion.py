@@ -1,15 +1,30 @@
 """Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a
 U-Net or a DiT, optionally conditioned on a frozen CLIP text encoder (latent diffusion,
-Rombach et al. 2022) with caption dropout for classifier-free guidance (Ho & Salimans 2022).
+Rombach et al. 2022) with caption dropout for classifier-free guidance (Ho & Salimans 2022);
+or text-to-video / image-to-video latent diffusion with a TemporalUNet (ModelScope, Wang et al. 2023).
 
 config.model:
-  backbone: unet | dit;  unet / dit: the backbone's config fields
+  backbone: unet | dit | temporal_unet;  unet / dit / temporal_unet: the backbone's config fields
   space: pixel | latent; vae: AutoencoderKLConfig fields + checkpoint (a vae run's workdir)
   text_encoder: CLIPTextConfig fields + checkpoint (a clip run's workdir); absent: unconditional
   schedule, num_train_timesteps, prediction_type (epsilon | v_prediction | sample | flow),
   weighting (simple | snr | min_snr | edm), min_snr_gamma, timestep_distribution, caption_dropout,
   sample_method, sample_steps, guidance_scale
 A frozen part without a checkpoint is randomly initialised (for tests and smoke runs) and says so.
+
+Video (backbone temporal_unet; latent space and a text encoder required; data: videos
+batch["image"] [B, T, H, W, 3], e.g. source 'shapes' with a `moving_shapes/...` name):
+  temporal_unet: TemporalUNetConfig fields (a video U-Net from scratch; in/out channels and
+    sample_size come from the VAE and the data), or
+  init_from: the workdir of a latent text-to-image run (backbone unet) whose EMA U-Net is inflated
+    (`jaxdiff.models.temporal_unet.inflate`: before training the video U-Net is that U-Net on every
+    frame); temporal: the video-only TemporalUNetConfig fields for it (frame_position_embedding,
+    conditioning_frame_channels, ...). Building the task reads that run's config.json and EMA weights.
+  conditioning_frame_channels > 0 (image-to-video): the clean latent of frame 0 is the U-Net's
+    conditioning frame, dropped with probability image_dropout (default 0.1, independent of
+    caption dropout) so the model also learns plain text-to-video.
+  num_frames: frames of the preview videos (default: from a moving_shapes data name).
+  Preview grids: text-to-video (no conditioning frame), each video's frames side by side.
 """
 from __future__ import annotations
 
@@ -19,15 +34,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion, guidance, losses, samplers, schedules
-from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, DiT, DiTConfig, \
-    UNet2DCondition, UNetConfig
+from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, DiT, DiTConfig, TemporalUNet, \
+    TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
+from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.models.vae import sample_posterior
 from jaxdiff.training.checkpoint import load_params
 from jaxdiff.training.config import choice
 from jaxdiff.training.recipes.clip import text_config_for
 from jaxdiff.training.task import Task, init_boxed, rebox
 
-BACKBONES = ("unet", "dit")
+BACKBONES = ("unet", "dit", "temporal_unet")
 SPACES = ("pixel", "latent")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 
@@ -69,6 +85,98 @@ def _frozen(module, boxed_abstract, checkpoint: str, subtree: str, what: str):
     return rebox(params[subtree] if subtree else params, boxed_abstract)
 
 
+def _vae_config(fields) -> AutoencoderKLConfig:
+    return AutoencoderKLConfig(**{k: v for k, v in fields.items() if k != "checkpoint"})
+
+
+def image_unet(m, channels: int, size: int, dtype) -> UNet2DCondition:
+    """The 2-D U-Net of a diffusion config's `model` on `channels` x size x size inputs."""
+    return UNet2DCondition(UNetConfig(**{**m.unet.to_dict(), "in_channels": channels, "out_channels": channels,
+                                         "sample_size": size}), dtype=dtype)
+
+
+def _check_video(c, spec, latent: bool, text: bool) -> None:
+    """Names the first setting a temporal_unet run cannot have."""
+    m, what = c.model, "config.model.backbone='temporal_unet'"
+    if not latent:
+        raise ValueError(f"{what} trains in a VAE's latent space only: config.model.space={m.space!r} must be "
+                         f"'latent'")
+    if not text:
+        raise ValueError(f"{what} needs config.model.text_encoder (the video U-Net's cross-attention needs a text "
+                         f"context)")
+    if spec.source != "shapes":
+        raise ValueError(f"{what} trains on videos: config.data.source={spec.source!r} has none; use 'shapes' "
+                         f"with a video dataset name such as 'moving_shapes/32px-8f'")
+    scratch, init_from = bool(m.get("temporal_unet")), bool(m.get("init_from"))
+    if scratch == init_from:
+        raise ValueError(f"{what} needs exactly one of config.model.temporal_unet (a video U-Net from scratch) and "
+                         f"config.model.init_from (a latent text-to-image run to inflate); got "
+                         f"{'both' if scratch else 'neither'}")
+    if scratch and m.get("temporal"):
+        raise ValueError("config.model.temporal (overrides of an inflated U-Net) goes with config.model.init_from; "
+                         "from scratch put those fields into config.model.temporal_unet")
+    p = m.get("image_dropout", 0.1)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"config.model.image_dropout={p!r}: need a probability in [0, 1]")
+
+
+def num_frames_for(c) -> int:
+    """config.model.num_frames, else the frames of a `moving_shapes/{R}px-{T}f...` data name."""
+    if c.model.get("num_frames"):
+        return int(c.model.num_frames)
+    name = c.data.get("name", "") or ""
+    if name.startswith("moving_shapes/"):
+        from jaxdiff.data.moving_shapes import MovingShapes
+
+        config = MovingShapes.parse_config_name(name.split("/", 1)[1])
+        if config is not None:
+            return config.num_frames
+    raise ValueError(f"config.data.name={name!r} is not a moving_shapes config: set config.model.num_frames (the "
+                     f"frames of the preview videos)")
+
+
+def _inflation_source(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCondition:
+    """The image U-Net of the latent text-to-image run `m.init_from` (from its config.json)."""
+    from jaxdiff.training.evaluate import read_run_config
+
+    path = m.init_from
+    run = read_run_config(path)
+    r = run.model
+    if run.get("recipe") != "diffusion" or r.get("backbone") != "unet" or r.get("space") != "latent" \
+            or "text_encoder" not in r:
+        raise ValueError(f"config.model.init_from={path!r}: need a latent text-to-image diffusion run with backbone "
+                         f"'unet'; that run has recipe={run.get('recipe')!r}, backbone={r.get('backbone')!r}, "
+                         f"space={r.get('space')!r}, text encoder: {'text_encoder' in r}")
+    channels = _vae_config(r.vae).latent_channels
+    if channels != vae_cfg.latent_channels:
+        raise ValueError(f"config.model.init_from={path!r}: that run's VAE has {channels} latent channels, "
+                         f"config.model.vae has {vae_cfg.latent_channels}")
+    differ = [f"{part}.checkpoint" for part in ("vae", "text_encoder")
+              if r[part].get("checkpoint", "") != m[part].get("checkpoint", "")]
+    differ += [f for f in ("schedule", "prediction_type") if r.get(f) != m.get(f)]
+    if differ:
+        log.warning("video U-Net inflated from %s, whose %s differ from this run's", path, ", ".join(differ))
+    return image_unet(r, channels, size, dtype)
+
+
+def backbone(m, channels: int, size: int, dtype):
+    """(the denoising network for config.model, None or inflated(key) -> its initial params (plain arrays))."""
+    fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
+    if m.backbone == "unet":
+        return image_unet(m, channels, size, dtype), None
+    if m.backbone == "dit":
+        return DiT(DiTConfig(**{**m.dit.to_dict(), **fields}), dtype=dtype), None
+    if m.get("temporal_unet"):
+        t = m.temporal_unet.to_dict()
+        fields["in_channels"] += t.get("conditioning_frame_channels", 0)
+        return TemporalUNet(TemporalUNetConfig(**{**t, **fields}), dtype=dtype), None
+    unet = _inflation_source(m, _vae_config(m.vae), size, dtype)
+    overrides = m.temporal.to_dict() if m.get("temporal") else {}
+    weights = load_params(m.init_from, "ema")    # host arrays (init runs under a trace, where orbax cannot load)
+    net = TemporalUNet(inflated_config(unet.config, **overrides), dtype=dtype)
+    return net, lambda key: inflate(unet, weights, key, **overrides)[1]
+
+
 def build(c, spec) -> Task:
     m = c.model
     dtype = jnp.dtype(c.dtype)
@@ -76,12 +184,18 @@ def build(c, spec) -> Task:
     choice(m.backbone, BACKBONES, "model.backbone")
     latent = choice(m.space, SPACES, "model.space") == "latent"
     text = "text_encoder" in m
+    video = m.backbone == "temporal_unet"
+    if video:
+        _check_video(c, spec, latent, text)
+    elif m.get("init_from"):
+        raise ValueError(f"config.model.init_from={m.init_from!r} is for backbone 'temporal_unet' (inflating an "
+                         f"image U-Net), not {m.backbone!r}")
     size = spec.image_size
 
     vae = vae_cfg = None
     frozen_init = {}
     if latent:
-        vae_cfg = AutoencoderKLConfig(**{k: v for k, v in m.vae.items() if k != "checkpoint"})
+        vae_cfg = _vae_config(m.vae)
         vae = AutoencoderKL(vae_cfg, dtype=dtype)
         frozen_init["vae"] = (vae, (jnp.zeros((1, size, size, vae_cfg.in_channels)),), m.vae.get("checkpoint", ""),
                               "vae")
@@ -101,43 +215,61 @@ def build(c, spec) -> Task:
             init_boxed(module, key, *args)
 
     channels = vae_cfg.latent_channels if latent else 3
-    if m.backbone == "unet":
-        net = UNet2DCondition(UNetConfig(**{**m.unet.to_dict(), "in_channels": channels, "out_channels": channels,
-                                            "sample_size": size}), dtype=dtype)
-    else:
-        net = DiT(DiTConfig(**{**m.dit.to_dict(), "in_channels": channels, "out_channels": channels,
-                               "sample_size": size}), dtype=dtype)
+    net, inflated = backbone(m, channels, size, dtype)
     ctx_dim = text_cfg.hidden_size if text else None
+    # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
+    example = (num_frames_for(c), size, size, channels) if video else (size, size, channels)
+    cond_channels = net.config.conditioning_frame_channels if video else 0
 
     def encode_text(frozen, tokens):
         return encoder.apply({"params": frozen["text"]}, tokens)[0]
 
+    def per_frame(fn, x):
+        """fn on images [N, H, W, C] applied to [..., H, W, C] (videos: every frame)."""
+        y = fn(x.reshape(-1, *x.shape[-3:]))
+        return y.reshape(*x.shape[:-3], *y.shape[1:])
+
     def to_latent(frozen, images, key):
-        mean, logvar = vae.apply({"params": frozen["vae"]}, images, method=vae.encode)
-        z = sample_posterior(key, mean, logvar)
-        return (z - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor
+        def encode(x):
+            mean, logvar = vae.apply({"params": frozen["vae"]}, x, method=vae.encode)
+            return sample_posterior(key, mean, logvar)
+        return (per_frame(encode, images) - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor
+
+    def from_latent(frozen, z):
+        z = z / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
+        return per_frame(lambda x: vae.apply({"params": frozen["vae"]}, x, method=vae.decode), z)
 
     def init(key):
-        x = jnp.zeros((1, size, size, channels))
+        x = jnp.zeros((1, *example))
         ctx = jnp.zeros((1, spec.max_length, ctx_dim)) if text else None
-        return init_boxed(net, key, x, jnp.zeros((1,)), ctx)
+        boxed = lambda k: init_boxed(net, k, x, jnp.zeros((1,)), ctx)
+        if inflated is None:
+            return boxed(key)
+        return rebox(inflated(key), jax.eval_shape(boxed, key))
 
     def loss(params, frozen, batch, key, step):
         k_post, k_drop, k_loss = jax.random.split(key, 3)
         x0 = batch["image"]
+        if video and x0.ndim != 5:
+            raise ValueError(f"config.model.backbone='temporal_unet' trains on videos [B, T, H, W, 3], but "
+                             f"config.data (name={c.data.get('name')!r}) gives images of shape {x0.shape}")
         if latent:
             x0 = to_latent(frozen, x0, k_post)
         context = None
         if text:
             drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
             context = encode_text(frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]))
-        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx)
+        net_kwargs = {}
+        if cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
+            keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.get("image_dropout", 0.1), (x0.shape[0],))
+            net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
+        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx, **net_kwargs)
         value = denoising_loss(apply_fn, x0, k_loss, schedule, m, context)
         return value, {}
 
     def sample(params, frozen, key):
         n = len(spec.preview_prompts) if text else 8
-        noise = jax.random.normal(key, (n, size, size, channels))
+        noise = jax.random.normal(key, (n, *example))
         apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx)
         if text:
             context = encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
@@ -148,8 +280,10 @@ def build(c, spec) -> Task:
         x = samplers.sample(model_fn, schedule, noise, key=jax.random.fold_in(key, 1), method=m.sample_method,
                             steps=m.sample_steps, prediction_type=m.prediction_type)
         if latent:
-            x = vae.apply({"params": frozen["vae"]}, x / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0),
-                          method=vae.decode)
-        return jnp.clip(x / 2 + 0.5, 0.0, 1.0)
+            x = from_latent(frozen, x)
+        x = jnp.clip(x / 2 + 0.5, 0.0, 1.0)
+        if video:   # [N, T, H, W, 3] -> [N, H, T*W, 3]: each video's frames side by side
+            x = x.transpose(0, 2, 1, 3, 4).reshape(n, x.shape[2], -1, x.shape[-1])
+        return x
 
     return Task(init=init, loss=loss, frozen=frozen or None, sample=sample)
