@@ -178,14 +178,19 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
     """dtype=bfloat16: the same tiny latent-diffusion run computes its losses in bf16 (close to the
-    float32 run's, not equal) while params, EMA and optimizer state stay float32."""
+    float32 run's, not equal) while params, EMA and optimizer state stay float32. The float32 run also
+    writes the sample grid of its preview prompts at its last step."""
     from configs import latent_diffusion
 
     runs = {}
     for dtype in ("float32", "bfloat16"):
         c = latent_diffusion.get_config("tiny")
-        c.steps, c.checkpoint_every, c.sample_every, c.dtype = 3, 0, 0, dtype
+        c.steps, c.checkpoint_every, c.sample_every, c.dtype = 3, 0, 3 if dtype == "float32" else 0, dtype
         runs[dtype] = train(c, str(tmp_path / dtype))
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "float32" / "samples" / "step_0000003.png"))
+    assert grid.ndim == 3 and grid.shape[-1] == 3 and grid.std() > 0
     f32, bf16 = runs["float32"], runs["bfloat16"]
     np.testing.assert_allclose(bf16.losses, f32.losses, rtol=5e-2)
     assert bf16.losses != f32.losses  # the compute really was bf16
@@ -194,3 +199,4 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
         assert {x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)} == {np.dtype(np.float32)}
     moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(f32.state.params))]
     assert 0 < max(moved) < 1e-2  # bf16 and f32 updates agree to bf16 precision
+

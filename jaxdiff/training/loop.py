@@ -131,7 +131,7 @@ def train(config, workdir: str, *, resume: bool = False, stop_after: int | None 
             checkpoints.save(done, state, batches.get_state(), json.loads(config.to_json()))
         if sample_fn is not None and (done % config.sample_every == 0 or done == config.steps):
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                images = sample_fn(state.ema, frozen, state.key(-1))
+                images = sample_fn(state.ema, frozen, state.key(state_lib.SAMPLE_STREAM))
             if main:
                 writer.grid(done, np.asarray(images.addressable_data(0)))
         if task.evaluate is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):

@@ -9,11 +9,15 @@ import optax
 from flax import struct
 
 
+SAMPLE_STREAM = 2**32 - 1  # fold_in data is uint32; no run gets to this step
+
+
 @struct.dataclass
 class TrainState:
     """step: int32 scalar, optimizer updates done; params: trainable float32 master weights;
     ema: their exponential moving average; opt_state: optax state; rng: uint32 key data [2]
-    (raw, so checkpoints hold a plain array); step i draws from `fold_in(rng, i)`."""
+    (raw, so checkpoints hold a plain array); step i draws from `fold_in(rng, i)`, the sample grids
+    made during training from `fold_in(rng, SAMPLE_STREAM)` (the same noise at every step)."""
     step: jax.Array
     params: Any
     ema: Any
