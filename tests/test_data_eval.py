@@ -11,6 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 import jaxdiff.data  # noqa: F401  registers the builders
 from jaxdiff.data import eval as ev
 from jaxdiff.data import render
+from tfds_fixtures import prepare_tfds
 
 PER_FAMILY = 40
 SHAPES = f"shapes/64px-8-4-{4 * PER_FAMILY}-seed0"  # the test split holds 40 per family
@@ -19,10 +20,7 @@ VIDEOS = "moving_shapes/64px-16f-4-2-40-seed0"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    for name in (SHAPES, VIDEOS):
-        tfds.builder(name, data_dir=d).download_and_prepare()
-    return d
+    return prepare_tfds(tmp_path_factory, SHAPES, VIDEOS)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from PIL import Image
 import jaxdiff.data  # noqa: F401  registers the builders
 from jaxdiff.data import render
 from jaxdiff.data.pipeline import DataConfig, global_batch, make_dataset, make_iterator, resize_crop
+from tfds_fixtures import prepare_tfds
 
 SHAPES = "shapes/64px-24-4-4-seed0"
 VIDEOS = "moving_shapes/32px-8f-8-2-2-seed0"
@@ -44,9 +45,7 @@ class TinyDigits(tfds.core.GeneratorBasedBuilder):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    for name in (SHAPES, VIDEOS):
-        tfds.builder(name, data_dir=d).download_and_prepare()
+    d = prepare_tfds(tmp_path_factory, SHAPES, VIDEOS)
     TinyDigits(data_dir=d, file_format="array_record").download_and_prepare()
     return d
 

@@ -17,6 +17,7 @@ from jaxdiff.data import render
 from jaxdiff.pipelines import TextToImage
 from jaxdiff.training import evaluate, export, load_params, train
 from jaxdiff.training.data import data_spec
+from tfds_fixtures import prepare_tfds
 
 SHAPES = "shapes/16px-32-4-8-seed0"
 
@@ -25,8 +26,7 @@ SHAPES = "shapes/16px-32-4-8-seed0"
 def runs(tmp_path_factory):
     """Tiny CLIP and VAE runs on 16px shapes, and a latent diffusion run on top of both."""
     root = tmp_path_factory.mktemp("runs")
-    data_dir = str(root / "tfds")
-    tfds.builder(SHAPES, data_dir=data_dir).download_and_prepare()
+    data_dir = prepare_tfds(tmp_path_factory, SHAPES)
 
     def on_shapes(c, steps=2):
         c.data.update(source="shapes", name=SHAPES, data_dir=data_dir, image_size=16, max_length=16)
@@ -40,14 +40,13 @@ def runs(tmp_path_factory):
     c.model.vae.update(checkpoint=workdirs["vae"], scaling_factor=0.5)
     c.model.text_encoder.checkpoint = workdirs["clip"]
     train(c, workdirs["ld"])
-    return workdirs
+    return {**workdirs, "data_dir": data_dir}
 
 
 def test_test_set_is_the_prepared_test_split(runs):
     """The rendered held-out images and scenes are the tfds test split's records (stored shuffled)."""
     images, scenes = evaluate.shapes_test_set(16, 8)
-    records = tfds.builder(SHAPES, data_dir=os.path.join(os.path.dirname(runs["clip"]), "tfds")) \
-        .as_data_source(split="test")
+    records = tfds.data_source(SHAPES, data_dir=runs["data_dir"], split="test")
     stored = sorted((r["caption"].decode(), np.asarray(r["image"]).tobytes()) for r in records)
     rendered = sorted((s.caption, np.round((x + 1) * 127.5).astype(np.uint8).tobytes()) for x, s in zip(images, scenes))
     assert rendered == stored

@@ -177,14 +177,14 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
-    """dtype=bfloat16: the same tiny latent-diffusion run computes its losses in bf16 (close to the
-    float32 run's, not equal) while params, EMA and optimizer state stay float32. The float32 run also
-    writes the sample grid of its preview prompts at its last step."""
-    from configs import latent_diffusion
+    """dtype=bfloat16: the same tiny pixel-diffusion U-Net run computes its losses in bf16 (close to
+    the float32 run's, not equal) while params, EMA and optimizer state stay float32. The float32 run
+    also writes the sample grid of its previews at its last step."""
+    from configs import pixel_diffusion
 
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        c = latent_diffusion.get_config("tiny")
+        c = pixel_diffusion.get_config("tiny")
         c.steps, c.checkpoint_every, c.sample_every, c.dtype = 3, 0, 3 if dtype == "float32" else 0, dtype
         runs[dtype] = train(c, str(tmp_path / dtype))
     from PIL import Image

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 import jaxdiff.data  # noqa: F401  registers the builders
 from configs import latent_diffusion as ld_config
@@ -19,6 +18,7 @@ from jaxdiff.training.data import data_spec
 from jaxdiff.training.evaluate import read_run_config
 from jaxdiff.training.metrics import image_grid
 from jaxdiff.training.recipes.diffusion import image_unet
+from tfds_fixtures import prepare_tfds
 
 VIDEOS = vd_config.TINY_DATA          # 16px, 4 frames, 16/2/2 examples
 IMAGES = "shapes/16px-16-2-2-seed0"   # the same caption vocabulary, for the text-to-image run
@@ -26,10 +26,7 @@ IMAGES = "shapes/16px-16-2-2-seed0"   # the same caption vocabulary, for the tex
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    for name in (VIDEOS, IMAGES):
-        tfds.builder(name, data_dir=d).download_and_prepare()
-    return d
+    return prepare_tfds(tmp_path_factory, VIDEOS, IMAGES)
 
 
 def tiny(variant, data_dir, steps=2):

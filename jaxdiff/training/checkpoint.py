@@ -53,20 +53,33 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def latest_step(workdir: str) -> int:
+    """The newest checkpointed step of the training run in `workdir`."""
+    directory = _checkpoints_dir(workdir)
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory!r}")
+    return step
+
+
 def load_params(workdir: str, which: str = "ema", step: int | None = None):
     """The `params` or `ema` tree of a training run's checkpoint (in `workdir/checkpoints`, latest
     step by default), as host numpy arrays; for loading a trained model (e.g. the frozen text
     encoder of latent diffusion) without knowing its optimizer."""
     if which not in ("ema", "params"):
         raise ValueError(f"which={which!r}: choose one of: ema, params")
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints folder in {workdir!r} (expected {directory})")
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory!r}")
+    step = latest_step(workdir) if step is None else step
+    manager = ocp.CheckpointManager(_checkpoints_dir(workdir))
     # Without a target orbax restores the saved tree as nested dicts of arrays.
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     manager.close()
     return jax.tree.map(np.asarray, state[which])
+
+
+def _checkpoints_dir(workdir: str) -> str:
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints folder in {workdir!r} (expected {directory})")
+    return directory

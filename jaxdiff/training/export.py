@@ -22,10 +22,12 @@ import shutil
 import sys
 import tempfile
 
+import jax.numpy as jnp
+
 from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.transformers import to_transformers
-from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, UNet2DCondition, UNetConfig
-from jaxdiff.training.checkpoint import load_params
+from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
+from jaxdiff.training.checkpoint import latest_step, load_params
 from jaxdiff.training.evaluate import read_run_config
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2",
@@ -50,15 +52,6 @@ def scheduler_config(m) -> dict:
     return config
 
 
-def _run_step(workdir: str) -> int:
-    from orbax.checkpoint import CheckpointManager
-
-    manager = CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-    step = manager.latest_step()
-    manager.close()
-    return step
-
-
 def _frozen_run(m, field: str) -> str:
     workdir = m[field].get("checkpoint", "")
     if not workdir:
@@ -71,6 +64,7 @@ def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str
     """Writes the pipeline folder of latent-diffusion run `workdir` to `out`; returns `out`."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
+    from jaxdiff.training.recipes.diffusion import image_unet
 
     config = read_run_config(workdir)
     m = config.model
@@ -89,19 +83,20 @@ def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str
 
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
                                      "sample_size": spec.image_size})
-    latent_size = spec.image_size // vae_cfg.downsample_factor
-    unet = UNet2DCondition(UNetConfig(**{**m.unet.to_dict(), "in_channels": vae_cfg.latent_channels,
-                                         "out_channels": vae_cfg.latent_channels, "sample_size": latent_size}))
+    unet = image_unet(m, vae_cfg.latent_channels, spec.image_size // vae_cfg.downsample_factor, jnp.float32)
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
     clip = clip_model_for(clip_config, spec)
-    clip_params = load_params(clip_run, "ema")
+    runs = {"diffusion": (workdir, config), "vae": (vae_run, read_run_config(vae_run)), "clip": (clip_run, clip_config)}
+    steps = {name: latest_step(path) for name, (path, _) in runs.items()}  # what is loaded is what is recorded
+    clip_params = load_params(clip_run, "ema", steps["clip"])
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        to_diffusers(unet, load_params(workdir, "ema"), os.path.join(staging, "unet"))
-        to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema")["vae"], os.path.join(staging, "vae"))
+        to_diffusers(unet, load_params(workdir, "ema", steps["diffusion"]), os.path.join(staging, "unet"))
+        to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema", steps["vae"])["vae"],
+                     os.path.join(staging, "vae"))
         to_transformers(text_encoder, clip_params["text_model"], os.path.join(staging, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(staging, "clip"))
         shapes_tokenizer(config.data).save(os.path.join(staging, "tokenizer"))
@@ -114,10 +109,8 @@ def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
-        runs = {"diffusion": (workdir, config), "vae": (vae_run, read_run_config(vae_run)),
-                "clip": (clip_run, clip_config)}
         _write_json(os.path.join(staging, "training.json"), {
-            name: {"step": _run_step(path), "seed": c.seed, "config": c.to_dict()} for name, (path, c) in runs.items()})
+            name: {"step": steps[name], "seed": c.seed, "config": c.to_dict()} for name, (_, c) in runs.items()})
         if os.path.exists(out):  # swap, then delete the old folder: it is never half-replaced
             old = staging + ".old"
             os.rename(out, old)
