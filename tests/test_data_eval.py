@@ -127,6 +127,34 @@ def test_heldout_prompts_are_the_test_split_captions(test_split):
     assert [ev.parse_prompt(p).family for p in prompts[:4]] == list(render.FAMILIES)
 
 
+def test_heldout_video_prompts_are_the_test_split_captions_of_that_many_frames(data_dir, tmp_path, capsys):
+    records = tfds.data_source(VIDEOS, data_dir=data_dir, split="test")
+    captions = sorted(r["caption"].decode() for r in records)
+    assert sorted(ev.heldout_video_prompts(40, num_frames=16)) == captions
+    assert sorted(ev.heldout_video_prompts(40, num_frames=4)) != captions   # speeds and placements depend on T
+    prompts = tmp_path / "videos.txt"
+    assert ev.main(["--write_prompts", str(prompts), "--videos", "--frames", "4", "--per_family", "5"]) == 0
+    assert prompts.read_text().splitlines() == ev.heldout_video_prompts(5, num_frames=4)
+    with pytest.raises(SystemExit):
+        ev.main(["--write_prompts", str(prompts), "--frames", "4"])
+    assert "--frames goes with --videos" in capsys.readouterr().err
+
+
+def test_trained_frames_from_a_model_folder(tmp_path):
+    """Video frames for `--model --videos`: the run's moving_shapes data name, else model.num_frames."""
+    def folder(name, config):
+        (tmp_path / name).mkdir()
+        if config is not None:
+            (tmp_path / name / "training.json").write_text(json.dumps({"diffusion": {"step": 1, "config": config}}))
+        return str(tmp_path / name)
+
+    model = {"backbone": "temporal_unet", "num_frames": 6}
+    assert ev.trained_frames(folder("data", {"data": {"name": "moving_shapes/32px-8f"}, "model": model})) == 8
+    assert ev.trained_frames(folder("preview", {"data": {"name": "shapes/32px"}, "model": model})) == 6
+    assert ev.trained_frames(folder("image", {"data": {"name": "shapes/32px"}, "model": {}})) is None
+    assert ev.trained_frames(folder("bare", None)) is None
+
+
 def test_evaluate_model_with_an_oracle_and_a_constant_generator():
     def oracle(prompts):
         lookup = {render.scene_at(0, 2, i).caption: render.scene_at(0, 2, i) for i in range(40)}

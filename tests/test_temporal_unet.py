@@ -101,6 +101,10 @@ def test_inflate_refuses_image_unets_it_cannot_express():
     assert cfg.num_attention_heads == (4, 4) and cfg.down_block_types == ("CrossAttnDownBlock3D",) * 2
     with pytest.raises(ValueError, match=r"head widths \[16, 32\] per block.*frame_position_embedding"):
         cfg.to_diffusers_config()
+    # Asked to, the export writes those settings as extra fields, and they load back exactly.
+    written = cfg.to_diffusers_config(jaxdiff_fields=True)
+    assert written["num_attention_heads"] == [4, 4] and written["frame_position_embedding"] == "sinusoidal"
+    assert TemporalUNetConfig.from_diffusers_config(written) == cfg
 
 
 def test_temporal_attention_sees_frame_order_only_with_position_embedding():
@@ -161,6 +165,7 @@ def test_config_errors():
         TemporalUNetConfig(frame_position_embedding="learned")
     cfg = TemporalUNetConfig.from_diffusers_config(base)
     assert cfg.num_attention_heads == (2, 4) and cfg.to_diffusers_config()["attention_head_dim"] == 4
+    assert cfg.to_diffusers_config(jaxdiff_fields=True) == cfg.to_diffusers_config()   # nothing diffusers lacks
     unet = TemporalUNet(cfg)
     x = jnp.zeros((1, 2, 8, 8, 4))
     with pytest.raises(ValueError, match="must be \\[B, T, H, W, C\\]"):

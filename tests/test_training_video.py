@@ -1,6 +1,8 @@
 """The video branch of the diffusion recipe (backbone temporal_unet): a tiny text/image-to-video run
 from scratch on moving_shapes, and one inflated from a tiny latent text-to-image run, which before
-training is that run's U-Net on every frame."""
+training is that run's U-Net on every frame; the export of a video run as a TextToVideo folder, and
+ShapesEval's video path on it."""
+import json
 import os
 
 import flax.linen as nn
@@ -10,10 +12,14 @@ import numpy as np
 import pytest
 
 import jaxdiff.data  # noqa: F401  registers the builders
+from configs import clip as clip_config
 from configs import latent_diffusion as ld_config
+from configs import vae as vae_config
 from configs import video_diffusion as vd_config
-from jaxdiff.models import inflate
-from jaxdiff.training import load_params, recipes, train
+from jaxdiff.data import eval as shapes_eval
+from jaxdiff.models import TemporalUNetConfig, inflate
+from jaxdiff.pipelines import TextToVideo
+from jaxdiff.training import export, load_params, recipes, train
 from jaxdiff.training.data import data_spec
 from jaxdiff.training.evaluate import read_run_config
 from jaxdiff.training.metrics import image_grid
@@ -47,9 +53,30 @@ def image_run(data_dir, tmp_path_factory):
     return workdir
 
 
-def test_tiny_video_run_trains_and_previews_frame_strips(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def frozen_runs(data_dir, tmp_path_factory):
+    """Tiny CLIP and VAE runs (1 step each) on 16px shapes: the frozen parts of `video_run`, which an
+    exported model needs (a run on randomly initialised frozen parts does not export)."""
+    workdirs = {}
+    for name, recipe in (("clip", clip_config), ("vae", vae_config)):
+        c = recipe.get_config("tiny")
+        c.data.update(source="shapes", name=IMAGES, data_dir=data_dir, image_size=16, max_length=16)
+        c.steps, c.checkpoint_every, c.sample_every, c.eval_examples = 1, 0, 0, 8
+        workdirs[name] = str(tmp_path_factory.mktemp(name))
+        train(c, workdirs[name])
+    return workdirs
+
+
+@pytest.fixture(scope="module")
+def video_run(data_dir, frozen_runs, tmp_path_factory):
+    """The tiny text/image-to-video run from scratch (2 steps) on those VAE and CLIP runs: (config, result)."""
     c = tiny("tiny", data_dir)
-    result = train(c, str(tmp_path))
+    c.model.vae.checkpoint, c.model.text_encoder.checkpoint = frozen_runs["vae"], frozen_runs["clip"]
+    return c, train(c, str(tmp_path_factory.mktemp("vd")))
+
+
+def test_tiny_video_run_trains_and_previews_frame_strips(video_run):
+    c, result = video_run
     assert len(result.losses) == 2 and np.all(np.isfinite(result.losses))
     # The preview the loop's grid writer gets (called here directly: the loop's sample_every path
     # draws its key with state.key(-1), which this jax refuses).
@@ -60,6 +87,80 @@ def test_tiny_video_run_trains_and_previews_frame_strips(data_dir, tmp_path):
     assert images.shape == (2, 16, 4 * 16, 3)
     assert np.all(np.isfinite(images)) and images.min() >= 0 and images.max() <= 1
     assert image_grid(images).shape == (20, 134, 3)
+
+
+def test_export_loads_back_as_text_to_video_and_shapes_eval_scores_it(video_run, frozen_runs, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The export CLI picks text-to-video by the run's backbone; TextToVideo loads the folder with the
+    runs' EMA weights; `jaxdiff.data.eval --model --videos` generates the held-out motion prompts with it
+    (frames from training.json) and its table is score_video's verdicts on the videos it generated."""
+    c, result = video_run
+    out = str(tmp_path / "model")
+    assert export.main(["--workdir", result.workdir, "--out", out]) == 0
+    pipe = TextToVideo.from_pretrained(out)
+    for got, want in ((pipe.unet_params, load_params(result.workdir, "ema")),
+                      (pipe.vae_params, load_params(frozen_runs["vae"], "ema")["vae"]),
+                      (pipe.text_params, load_params(frozen_runs["clip"], "ema")["text_model"])):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    # The run's video U-Net: its config fields, on 4-channel 8x8 latents (+ 5 conditioning channels),
+    # with the jaxdiff-only settings (frame positions, per-block heads) that diffusers lacks.
+    assert pipe.unet.config == TemporalUNetConfig(**{**c.model.temporal_unet.to_dict(), "in_channels": 9,
+                                                     "out_channels": 4, "sample_size": 8})
+    assert pipe.unet.config.frame_position_embedding == "sinusoidal"
+    prompts = ["a red circle moving left", "a blue square moving up and a green circle moving down"]
+    np.testing.assert_array_equal(pipe.tokenize(prompts), data_spec(c.data).tokenize(prompts))
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert (index["_class_name"], index["unet"]) == ("TextToVideoSDPipeline", ["diffusers", "UNet3DConditionModel"])
+    info = json.load(open(os.path.join(out, "training.json")))
+    assert {k: v["step"] for k, v in info.items()} == {"diffusion": 2, "vae": 1, "clip": 1}
+
+    calls = []
+    generate = TextToVideo.generate
+
+    def recording(self, prompts, *args, **kwargs):
+        videos = generate(self, prompts, *args, **kwargs)
+        calls.append((list(prompts), kwargs, np.asarray(videos["videos"])))
+        return videos
+
+    monkeypatch.setattr(TextToVideo, "generate", recording)
+    assert shapes_eval.main(["--model", out, "--videos", "--per_family", "2", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| motion | 2 |" in printed
+    table = json.loads(printed.strip().splitlines()[-1])
+    [(asked, kwargs, videos)] = calls
+    assert asked == shapes_eval.heldout_video_prompts(2, num_frames=4)    # the run trained on 4-frame clips
+    assert kwargs == dict(num_frames=4, steps=2, guidance_scale=7.5, seed=0, method="dpmpp_2m")
+    assert videos.shape == (2, 4, 16, 16, 3) and np.all(np.isfinite(videos))
+    assert videos.min() >= 0 and videos.max() <= 1
+    hits = [shapes_eval.score_video(p, shapes_eval.to_uint8(v)) for p, v in zip(asked, videos)]
+    assert table == {"motion": np.mean(hits), "overall": np.mean(hits), "count": {"motion": 2}}
+
+
+def test_export_errors_name_the_run(tmp_path):
+    """Unsupported runs fail on their config.json, before anything is loaded or written."""
+    def run_folder(c, name):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(c.to_json())
+        return str(tmp_path / name)
+
+    out = str(tmp_path / "model")
+    image = run_folder(ld_config.get_config("tiny"), "image")
+    with pytest.raises(ValueError, match=r"not a latent text-to-video run .*backbone 'unet'"):
+        export.export_text_to_video(image, out)
+    scratch = run_folder(tiny("tiny", ""), "scratch")     # on randomly initialised frozen parts
+    with pytest.raises(ValueError, match=r"not a latent text-to-image run .*backbone 'temporal_unet'"):
+        export.export_text_to_image(scratch, out)
+    with pytest.raises(ValueError, match="config.model.vae.checkpoint is empty"):
+        export.export_run(scratch, out)
+    dit = ld_config.get_config("tiny")
+    dit.model.backbone = "dit"
+    with pytest.raises(ValueError, match=r"backbone='dit', which has no pipeline export; exportable: diffusion "
+                                         r"runs with backbone 'unet' \(text-to-image\), 'temporal_unet'"):
+        export.export_run(run_folder(dit, "dit"), out)
+    with pytest.raises(ValueError, match=r"is a 'vae' run"):
+        export.export_run(run_folder(vae_config.get_config("tiny"), "vae"), out)
+    assert export.main(["--workdir", scratch, "--out", out]) == 1
+    assert not os.path.exists(out) and [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
 
 
 def test_inflated_run_starts_as_the_image_unet_on_every_frame(data_dir, image_run, tmp_path):

@@ -101,16 +101,24 @@ def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
     return module, jax.tree.map(jnp.asarray, params)
 
 
-def to_diffusers(module: nn.Module, params, path: str) -> None:
+def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = False) -> None:
     """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' `from_pretrained` loads.
 
     Params are checked against the module's shapes first, so a wrong tree fails here, not in diffusers.
+    `jaxdiff_fields` (a TemporalUNet only): write the video-U-Net settings diffusers cannot express
+    (frame position embeddings, per-block heads, ...) as extra config fields instead of refusing
+    them; `from_diffusers` loads such a folder exactly, diffusers cannot (see
+    `TemporalUNetConfig.to_diffusers_config`).
     """
+    if jaxdiff_fields and not isinstance(module, TemporalUNet):
+        raise ValueError(f"jaxdiff_fields=True is for a TemporalUNet's config; {type(module).__name__} has none")
     state_dict = export_params(nn.meta.unbox(params), torch_key_of)
     import_params(state_dict, param_template(module), torch_key_of)  # fails naming any wrong key or shape
     # safetensors' numpy writer has no bfloat16: store those as float32 (torch casts on load).
     state_dict = {k: v.astype("float32") if v.dtype == jnp.bfloat16 else v for k, v in state_dict.items()}
-    config = {**module.config.to_diffusers_config(), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    config = module.config.to_diffusers_config(jaxdiff_fields=True) if jaxdiff_fields else \
+        module.config.to_diffusers_config()
+    config["_diffusers_version"] = DIFFUSERS_FORMAT_VERSION
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -23,9 +23,14 @@ images still read right. The held-out prompt set is the first `per_family` examp
 each family of the default `shapes` test split (seed 0, split id 2; see
 `heldout_prompts`), the same at every resolution.
 
+The held-out video prompts are the first `per_family` captions of the `moving_shapes` test
+split of clips of the generated length (`heldout_video_prompts`; the frame count changes them).
+
     python -m jaxdiff.data.eval --write_prompts prompts.txt      # the held-out prompts
     python -m sample --prompts-file prompts.txt --out DIR ...    # any generator
     python -m jaxdiff.data.eval --images DIR                     # per-family table
+    python -m jaxdiff.data.eval --model FOLDER                   # generate (TextToImage) and score
+    python -m jaxdiff.data.eval --model FOLDER --videos          # TextToVideo, motion family; --frames T
 """
 import argparse
 import dataclasses
@@ -304,28 +309,59 @@ def heldout_prompts(per_family: int = 100, seed: int = 0) -> list[str]:
 
 
 def heldout_video_prompts(n: int = 100, num_frames: int = 16, seed: int = 0) -> list[str]:
-    """The first `n` captions of the `moving_shapes` test split (split id 2)."""
+    """The first `n` captions of the `moving_shapes` test split (split id 2) of `num_frames`-frame
+    clips: the frame count bounds the objects' speeds and sizes, so the captions depend on it
+    (`moving_shapes/{R}px-{T}f` has these captions for T = num_frames, at every resolution R)."""
     return [render.motion_at(seed, 2, i, num_frames).caption for i in range(n)]
 
 
-def evaluate_model(generate, per_family: int = 100, batch_size: int = 16, seed: int = 0) -> dict:
-    """Scores a text-to-image generator on the held-out prompts.
+def evaluate_model(generate, per_family: int = 100, batch_size: int = 16, seed: int = 0,
+                   num_frames: int | None = None) -> dict:
+    """Scores a text-to-image (or text-to-video) generator on the held-out prompts.
 
-    generate: list[str] -> uint8 [B, H, W, 3] (or float in [0, 1], converted).
+    generate: list[str] -> uint8 [B, H, W, 3] (or float in [0, 1], converted); with `num_frames`,
+    videos [B, T, H, W, 3] of the held-out moving-shapes prompts of T = num_frames frames
+    (`per_family` of them: motion is one family).
     """
-    prompts = heldout_prompts(per_family, seed)
+    prompts = heldout_prompts(per_family, seed) if num_frames is None else \
+        heldout_video_prompts(per_family, num_frames, seed)
     images = []
     for start in range(0, len(prompts), batch_size):
         images.extend(to_uint8(x) for x in generate(prompts[start:start + batch_size]))
     return evaluate(prompts, images)
 
 
-def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0):
-    """generate(prompts) for `evaluate_model` from a model folder: DPM-Solver++ with CFG (the issue's protocol)."""
-    from jaxdiff.pipelines import TextToImage
+def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
+                    num_frames: int | None = None):
+    """generate(prompts) for `evaluate_model` from a model folder: DPM-Solver++ (2M) with CFG (the issue's
+    protocol). Images with TextToImage; with `num_frames`, videos of that many frames with TextToVideo."""
+    from jaxdiff.pipelines import TextToImage, TextToVideo
 
-    pipe = TextToImage.from_pretrained(path)
-    return lambda prompts: pipe(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed, method="dpmpp_2m")
+    kwargs = dict(steps=steps, guidance_scale=guidance_scale, seed=seed, method="dpmpp_2m")
+    if num_frames is None:
+        pipe = TextToImage.from_pretrained(path)
+    else:
+        pipe = TextToVideo.from_pretrained(path, num_frames=num_frames)
+        kwargs["num_frames"] = num_frames
+    return lambda prompts: pipe(prompts, **kwargs)
+
+
+DEFAULT_FRAMES = 8  # a video model folder whose training.json does not say how many frames it learnt
+
+
+def trained_frames(path: str) -> int | None:
+    """The frames per clip of the videos a model folder's diffusion run trained on, read from its
+    training.json (as `jaxdiff.training.export` writes it): the run's moving_shapes data name, else its
+    config.model.num_frames; None if the folder does not say."""
+    listing = os.path.join(path, "training.json")
+    if not os.path.isfile(listing):
+        return None
+    with open(listing) as f:
+        config = json.load(f).get("diffusion", {}).get("config", {})
+    from jaxdiff.data.moving_shapes import frames_of
+
+    frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
+    return int(frames) if frames else None
 
 
 def to_uint8(image) -> np.ndarray:
@@ -398,25 +434,36 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", help="folder of PNGs (or GIF/.npy videos) and their prompts")
     g.add_argument("--write_prompts", help="write the held-out prompt set to this file and exit")
-    g.add_argument("--model", help="a text-to-image model folder: generate the held-out prompts and score them")
-    p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family")
+    g.add_argument("--model", help="a text-to-image (or with --videos text-to-video) model folder: generate the "
+                                   "held-out prompts and score them")
+    p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family (videos: one family)")
     p.add_argument("--steps", type=int, default=25, help="with --model: DPM-Solver++ steps")
     p.add_argument("--guidance", type=float, default=7.5, help="with --model: classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed")
-    p.add_argument("--videos", action="store_true", help="with --write_prompts: video prompts")
+    p.add_argument("--videos", action="store_true",
+                   help="with --write_prompts: video prompts; with --model: a text-to-video model, scored on them")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video frames (the prompts depend on it); default: with --model the frames the model "
+                        f"trained on (its training.json), else {DEFAULT_FRAMES}; with --write_prompts 16")
     args = p.parse_args(argv)
+    if args.frames is not None and not args.videos:
+        p.error("--frames goes with --videos")
+    if args.per_family < 1 or args.steps < 1 or (args.frames is not None and args.frames < 1):
+        p.error("--per_family, --steps and --frames must be >= 1")
     if args.write_prompts:
-        prompts = (heldout_video_prompts(args.per_family) if args.videos
+        prompts = (heldout_video_prompts(args.per_family, args.frames or 16) if args.videos
                    else heldout_prompts(args.per_family))
         with open(args.write_prompts, "w") as f:
             f.write("\n".join(prompts) + "\n")
         print(f"wrote {len(prompts)} prompts to {args.write_prompts}")
         return 0
-    if args.per_family < 1 or args.steps < 1:
-        p.error("--per_family and --steps must be >= 1")
     try:
         if args.model:
-            result = evaluate_model(model_generator(args.model, args.steps, args.guidance, args.seed), args.per_family)
+            frames = None
+            if args.videos:
+                frames = args.frames or trained_frames(args.model) or DEFAULT_FRAMES
+            generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames)
+            result = evaluate_model(generate, args.per_family, num_frames=frames)
         else:
             pairs = folder_prompts(args.images)
             media = [load_media(os.path.join(args.images, f)) for f, _ in pairs]

@@ -48,6 +48,13 @@ def moving_shapes_config(resolution: int = 64, num_frames: int = 16, train_size:
                               test_size=test_size, seed=seed)
 
 
+def frames_of(name: str) -> int | None:
+    """The frames per clip of tfds dataset `name` if it is a `moving_shapes/{R}px-{T}f...` config, else None."""
+    dataset, _, config = (name or "").partition("/")
+    m = _NAME.match(config) if dataset == "moving_shapes" else None
+    return int(m.group(2)) if m else None
+
+
 class MovingShapes(ArrayRecordBuilder):
     """Captioned videos: one or two shapes moving left, right, up or down."""
 

@@ -32,7 +32,8 @@ jaxdiff extensions (off by default, so a diffusers checkpoint computes exactly w
   (its temporal attention only sees the order through the temporal convolutions); with this
   option a fixed sinusoidal embedding of the frame index (Vaswani et al. 2017, interleaved
   sin/cos as diffusers' SinusoidalPositionalEmbedding) is added to the tokens after every
-  temporal transformer's `proj_in`. Such a model cannot be exported to diffusers.
+  temporal transformer's `proj_in`. diffusers cannot run such a model; `to_diffusers(...,
+  jaxdiff_fields=True)` still writes it in diffusers' layout, for jaxdiff to load.
 - `conditioning_frame_channels = K > 0` (image-to-video): the last K of `in_channels` are a
   conditioning input built by `frame_conditioning`: the conditioning frame's latent
   (K - 1 channels) repeated over all T frames, and one indicator channel that is 1 on frame 0
@@ -62,7 +63,6 @@ TEMPORAL_CONV_AXES = ("conv_time", "conv_height", "conv_width", "conv_in", "conv
 
 _UNSUPPORTED_DIFFUSERS_FIELDS = {
     "act_fn": {"silu", "swish"},
-    "num_attention_heads": {None},   # diffusers itself refuses it (issue 2011)
     "time_cond_proj_dim": {None},
 }
 # Fields of the config dataclass that diffusers' UNet3DConditionModel does not have.
@@ -173,7 +173,8 @@ class TemporalUNetConfig:
             raise CheckpointError(f"UNet3DConditionModel config field attention_head_dim="
                                   f"{config['attention_head_dim']!r}: diffusers builds transformer_in with it, so "
                                   f"only one int is supported")
-        known = {f.name for f in dataclasses.fields(cls)} - set(_JAXDIFF_FIELDS) | {"conditioning_frame_channels"}
+        # jaxdiff's own fields are read too: to_diffusers_config(jaxdiff_fields=True) writes them.
+        known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         for field, value in config.items():
             if field.startswith("_") or field in _UNSUPPORTED_DIFFUSERS_FIELDS:
@@ -186,32 +187,44 @@ class TemporalUNetConfig:
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
-    def to_diffusers_config(self) -> dict:
-        """The diffusers `config.json` dict (UNet3DConditionModel). Raises ValueError for settings
-        diffusers cannot express (per-block head widths, frame position embeddings, other norm eps)."""
+    def _diffusers_gaps(self) -> dict[tuple[str, ...], str]:
+        """The settings diffusers' UNet3DConditionModel cannot express: {fields: why}."""
         widths = {ch // h for ch, h in zip(self.block_out_channels, self.num_attention_heads)}
-        problems = []
+        gaps = {}
         if widths != {self.attention_head_dim}:
-            problems.append(f"head widths {sorted(widths)} per block (diffusers: every block's head width is "
-                            f"attention_head_dim={self.attention_head_dim})")
+            gaps[("num_attention_heads",)] = (f"head widths {sorted(widths)} per block (diffusers: every block's head "
+                                              f"width is attention_head_dim={self.attention_head_dim})")
         if self.transformer_in_heads != 8:
-            problems.append(f"transformer_in_heads={self.transformer_in_heads} (diffusers: 8)")
-        if (self.temporal_conv_norm_eps, self.attention_norm_eps, self.transformer_norm_eps) != (1e-5, 1e-6, 1e-5):
-            problems.append("temporal_conv_norm_eps, attention_norm_eps, transformer_norm_eps other than "
-                            "1e-5, 1e-6, 1e-5")
+            gaps[("transformer_in_heads",)] = f"transformer_in_heads={self.transformer_in_heads} (diffusers: 8)"
+        eps = ("temporal_conv_norm_eps", "attention_norm_eps", "transformer_norm_eps")
+        if tuple(getattr(self, f) for f in eps) != (1e-5, 1e-6, 1e-5):
+            gaps[eps] = f"{', '.join(eps)} other than 1e-5, 1e-6, 1e-5"
         if self.frame_position_embedding is not None:
-            problems.append(f"frame_position_embedding={self.frame_position_embedding!r} (diffusers: none)")
-        if problems:
-            raise ValueError("UNet3DConditionModel cannot express this TemporalUNetConfig: " + "; ".join(problems))
+            gaps[("frame_position_embedding",)] = (f"frame_position_embedding={self.frame_position_embedding!r} "
+                                                   f"(diffusers: none)")
+        return gaps
+
+    def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
+        """The diffusers `config.json` dict (UNet3DConditionModel). Raises ValueError for settings
+        diffusers cannot express (per-block head widths, frame position embeddings, other norm eps),
+        unless `jaxdiff_fields`: then those settings are written as extra fields under their
+        TemporalUNetConfig names, which `from_diffusers_config` reads back. diffusers cannot run such
+        a model (it refuses a `num_attention_heads` and ignores the other extra fields, with a warning);
+        jaxdiff loads it exactly."""
+        gaps = self._diffusers_gaps()
+        if gaps and not jaxdiff_fields:
+            raise ValueError("UNet3DConditionModel cannot express this TemporalUNetConfig: " + "; ".join(gaps.values()))
+        extra = {f for fields in gaps for f in fields}
+        if self.conditioning_frame_channels:
+            # Not a diffusers field (diffusers warns and ignores it, and loads a plain U-Net with
+            # in_channels inputs); read back by from_diffusers_config.
+            extra.add("conditioning_frame_channels")
         out = {"_class_name": "UNet3DConditionModel", "act_fn": "silu"}
         for f in dataclasses.fields(self):
-            if f.name in _JAXDIFF_FIELDS:
+            if f.name in _JAXDIFF_FIELDS and f.name not in extra:
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
-        if self.conditioning_frame_channels:
-            # Not a diffusers field (diffusers warns and ignores it); read back by from_diffusers_config.
-            out["conditioning_frame_channels"] = self.conditioning_frame_channels
         return out
 
 

@@ -1,6 +1,7 @@
-"""A trained latent text-to-image run -> a Stable Diffusion pipeline folder.
+"""A trained latent text-to-image or text-to-video run -> a diffusers pipeline folder.
 
     python -m jaxdiff.training.export --workdir /work/runs/ld_shapes --out jaxdiff/assets/shapes
+    python -m jaxdiff.training.export --workdir /work/runs/vd_inflated --out /tmp/vd_inflated_model
 
 Reads the latent-diffusion run's config, its EMA U-Net, and the EMA weights of the VAE and
 CLIP runs it was trained on (`model.vae.checkpoint`, `model.text_encoder.checkpoint`), and
@@ -8,7 +9,16 @@ writes diffusers' layout: model_index.json, unet/ and vae/ (diffusers format), t
 (transformers' CLIPTextModel), tokenizer/ (the run's WordTokenizer), scheduler/ (a
 DPMSolverMultistepScheduler config for the run's noise schedule), plus clip/ (both CLIP towers,
 transformers' CLIPModel, for zero-shot use) and training.json (each run's config and step).
-`TextToImage.from_pretrained` and `python -m sample --model` load it.
+
+The run's `config.model.backbone` picks the pipeline:
+- `unet`: StableDiffusionPipeline (unet/ a UNet2DConditionModel); `TextToImage.from_pretrained`
+  and `python -m sample --model` load it.
+- `temporal_unet`: TextToVideoSDPipeline (unet/ a UNet3DConditionModel, from scratch or inflated
+  from the image run `config.model.init_from`, whose config.json must still be there);
+  `TextToVideo.from_pretrained` loads it. The video U-Net's jaxdiff-only settings (frame position
+  embeddings, per-block heads) go into unet/config.json as extra fields that jaxdiff reads back;
+  diffusers itself cannot run such a U-Net. The frames it was trained on are in training.json
+  (the diffusion run's data name or model.num_frames).
 
 The folder is written next to `--out` and renamed into place when complete, so a failed export
 never leaves a half-written model, and an existing folder is replaced only with --overwrite.
@@ -16,11 +26,13 @@ never leaves a half-written model, and an existing folder is replaced only with 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
+from typing import Callable
 
 import jax.numpy as jnp
 
@@ -60,21 +72,67 @@ def _frozen_run(m, field: str) -> str:
     return workdir
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pipeline:
+    """What differs between the exported pipelines: the task and the diffusers classes."""
+
+    task: str            # in messages: "text-to-image"
+    class_name: str      # model_index.json's _class_name
+    unet_class: str      # diffusers' class of unet/
+    model_index: dict    # further model_index.json entries
+
+
+PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
+    "unet": _Pipeline("text-to-image", "StableDiffusionPipeline", "UNet2DConditionModel",
+                      {"safety_checker": [None, None], "feature_extractor": [None, None],
+                       "requires_safety_checker": False}),
+    "temporal_unet": _Pipeline("text-to-video", "TextToVideoSDPipeline", "UNet3DConditionModel", {}),
+}
+
+
 def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str:
-    """Writes the pipeline folder of latent-diffusion run `workdir` to `out`; returns `out`."""
+    """Writes the StableDiffusionPipeline folder of latent text-to-image run `workdir` (backbone unet) to
+    `out`; returns `out`."""
+    return _export(workdir, out, overwrite, "unet")
+
+
+def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str:
+    """Writes the TextToVideoSDPipeline folder of latent text-to-video run `workdir` (backbone
+    temporal_unet) to `out`; returns `out`."""
+    return _export(workdir, out, overwrite, "temporal_unet")
+
+
+def export_run(workdir: str, out: str, overwrite: bool = False) -> str:
+    """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
+    config.model.backbone; returns `out`."""
+    config = read_run_config(workdir)
+    backbone = config.model.get("backbone")
+    if config.get("recipe") != "diffusion" or backbone not in PIPELINES:
+        raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
+                         f"which has no pipeline export; exportable: diffusion runs with backbone "
+                         + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
+    return _export(workdir, out, overwrite, backbone)
+
+
+def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
+    """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
-    from jaxdiff.training.recipes.diffusion import image_unet
+    from jaxdiff.training.recipes.diffusion import image_unet, video_unet
 
+    pipeline, video = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
     m = config.model
     if config.recipe != "diffusion" or m.get("space") != "latent" or "text_encoder" not in m \
-            or m.get("backbone") != "unet":
-        raise ValueError(f"{workdir!r} is not a latent text-to-image U-Net run (recipe {config.recipe!r}, "
-                         f"space {m.get('space')!r}, backbone {m.get('backbone')!r})")
+            or m.get("backbone") != backbone:
+        raise ValueError(f"{workdir!r} is not a latent {pipeline.task} run (recipe {config.recipe!r}, "
+                         f"space {m.get('space')!r}, backbone {m.get('backbone')!r}, text encoder: "
+                         f"{'text_encoder' in m}; need recipe 'diffusion', space 'latent', backbone {backbone!r} "
+                         f"and a text encoder)")
     if config.data.get("source") != "shapes":
         raise ValueError(f"data.source={config.data.get('source')!r}: only runs on captioned data (shapes) have a "
                          f"tokenizer to export")
+    scheduler = {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
     vae_run, clip_run = _frozen_run(m, "vae"), _frozen_run(m, "text_encoder")
@@ -83,35 +141,45 @@ def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str
 
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
                                      "sample_size": spec.image_size})
-    unet = image_unet(m, vae_cfg.latent_channels, spec.image_size // vae_cfg.downsample_factor, jnp.float32)
+    unet_args = (m, vae_cfg.latent_channels, spec.image_size // vae_cfg.downsample_factor, jnp.float32)
+    # The recipe's own builders: an inflated video U-Net's architecture comes from its image run.
+    unet = video_unet(*unet_args)[0] if video else image_unet(*unet_args)
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
     clip = clip_model_for(clip_config, spec)
     runs = {"diffusion": (workdir, config), "vae": (vae_run, read_run_config(vae_run)), "clip": (clip_run, clip_config)}
     steps = {name: latest_step(path) for name, (path, _) in runs.items()}  # what is loaded is what is recorded
     clip_params = load_params(clip_run, "ema", steps["clip"])
 
+    def write(folder: str) -> None:
+        to_diffusers(unet, load_params(workdir, "ema", steps["diffusion"]), os.path.join(folder, "unet"),
+                     jaxdiff_fields=video)
+        to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema", steps["vae"])["vae"],
+                     os.path.join(folder, "vae"))
+        to_transformers(text_encoder, clip_params["text_model"], os.path.join(folder, "text_encoder"))
+        to_transformers(clip, clip_params, os.path.join(folder, "clip"))
+        shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer"))
+        os.makedirs(os.path.join(folder, "scheduler"))
+        _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
+        _write_json(os.path.join(folder, "model_index.json"), {
+            "_class_name": pipeline.class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "unet": ["diffusers", pipeline.unet_class], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
+            "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
+        _write_json(os.path.join(folder, "training.json"), {
+            name: {"step": steps[name], "seed": c.seed, "config": c.to_dict()} for name, (_, c) in runs.items()})
+
+    return _write_atomically(out, write)
+
+
+def _write_atomically(out: str, write: Callable[[str], None]) -> str:
+    """Runs write(folder) on a staging folder next to `out`, then renames it into place: `out` is never
+    half-written nor half-replaced, and a failed write leaves no staging folder behind."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        to_diffusers(unet, load_params(workdir, "ema", steps["diffusion"]), os.path.join(staging, "unet"))
-        to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema", steps["vae"])["vae"],
-                     os.path.join(staging, "vae"))
-        to_transformers(text_encoder, clip_params["text_model"], os.path.join(staging, "text_encoder"))
-        to_transformers(clip, clip_params, os.path.join(staging, "clip"))
-        shapes_tokenizer(config.data).save(os.path.join(staging, "tokenizer"))
-        os.makedirs(os.path.join(staging, "scheduler"))
-        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"),
-                    {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION})
-        _write_json(os.path.join(staging, "model_index.json"), {
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
-            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
-        _write_json(os.path.join(staging, "training.json"), {
-            name: {"step": steps[name], "seed": c.seed, "config": c.to_dict()} for name, (_, c) in runs.items()})
-        if os.path.exists(out):  # swap, then delete the old folder: it is never half-replaced
+        write(staging)
+        if os.path.exists(out):  # swap, then delete the old folder
             old = staging + ".old"
             os.rename(out, old)
             os.rename(staging, out)
@@ -131,12 +199,12 @@ def _write_json(path: str, value) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxdiff.training.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="the latent text-to-image diffusion run's folder")
+    p.add_argument("--workdir", required=True, help="the latent text-to-image or text-to-video diffusion run's folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     try:
-        print(export_text_to_image(args.workdir, args.out, args.overwrite))
+        print(export_run(args.workdir, args.out, args.overwrite))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

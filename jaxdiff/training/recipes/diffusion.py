@@ -122,17 +122,16 @@ def _check_video(c, spec, latent: bool, text: bool) -> None:
 
 def num_frames_for(c) -> int:
     """config.model.num_frames, else the frames of a `moving_shapes/{R}px-{T}f...` data name."""
+    from jaxdiff.data.moving_shapes import frames_of
+
     if c.model.get("num_frames"):
         return int(c.model.num_frames)
     name = c.data.get("name", "") or ""
-    if name.startswith("moving_shapes/"):
-        from jaxdiff.data.moving_shapes import MovingShapes
-
-        config = MovingShapes.parse_config_name(name.split("/", 1)[1])
-        if config is not None:
-            return config.num_frames
-    raise ValueError(f"config.data.name={name!r} is not a moving_shapes config: set config.model.num_frames (the "
-                     f"frames of the preview videos)")
+    frames = frames_of(name)
+    if frames is None:
+        raise ValueError(f"config.data.name={name!r} is not a moving_shapes config: set config.model.num_frames (the "
+                         f"frames of the preview videos)")
+    return frames
 
 
 def _inflation_source(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCondition:
@@ -159,6 +158,23 @@ def _inflation_source(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet
     return image_unet(r, channels, size, dtype)
 
 
+def video_unet(m, channels: int, size: int, dtype) -> tuple[TemporalUNet, UNet2DCondition | None]:
+    """The video U-Net of a temporal_unet config's `model` on `channels`-channel latents of size x size,
+    and the image U-Net it inflates: None from scratch (config.model.temporal_unet), else that of run
+    `config.model.init_from` (read from its config.json; no weights are loaded)."""
+    if m.get("temporal_unet"):
+        t = m.temporal_unet.to_dict()
+        fields = {"in_channels": channels + t.get("conditioning_frame_channels", 0), "out_channels": channels,
+                  "sample_size": size}
+        return TemporalUNet(TemporalUNetConfig(**{**t, **fields}), dtype=dtype), None
+    unet = _inflation_source(m, _vae_config(m.vae), size, dtype)
+    return TemporalUNet(inflated_config(unet.config, **_temporal_overrides(m)), dtype=dtype), unet
+
+
+def _temporal_overrides(m) -> dict:
+    return m.temporal.to_dict() if m.get("temporal") else {}
+
+
 def backbone(m, channels: int, size: int, dtype):
     """(the denoising network for config.model, None or inflated(key) -> its initial params (plain arrays))."""
     fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
@@ -166,15 +182,11 @@ def backbone(m, channels: int, size: int, dtype):
         return image_unet(m, channels, size, dtype), None
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit.to_dict(), **fields}), dtype=dtype), None
-    if m.get("temporal_unet"):
-        t = m.temporal_unet.to_dict()
-        fields["in_channels"] += t.get("conditioning_frame_channels", 0)
-        return TemporalUNet(TemporalUNetConfig(**{**t, **fields}), dtype=dtype), None
-    unet = _inflation_source(m, _vae_config(m.vae), size, dtype)
-    overrides = m.temporal.to_dict() if m.get("temporal") else {}
+    net, unet = video_unet(m, channels, size, dtype)
+    if unet is None:
+        return net, None
     weights = load_params(m.init_from, "ema")    # host arrays (init runs under a trace, where orbax cannot load)
-    net = TemporalUNet(inflated_config(unet.config, **overrides), dtype=dtype)
-    return net, lambda key: inflate(unet, weights, key, **overrides)[1]
+    return net, lambda key: inflate(unet, weights, key, **_temporal_overrides(m))[1]
 
 
 def build(c, spec) -> Task:
