@@ -1,0 +1,67 @@
+"""The shipped shapes model (jaxdiff/assets/shapes), checked the way a user meets it: the README's
+first command makes an image that ShapesEval scores as matching its prompt; inversion editing of a
+real image ("a red circle" -> "a blue circle") changes the colour, which ShapesEval confirms, and
+keeps the object where it was; the folder fits the 30 MB budget and records how it was made."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from jaxdiff.data import eval as ev
+from jaxdiff.data import render
+from jaxdiff.pipelines import SHAPES_MODEL
+from sample.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_first_command() -> list[str]:
+    """argv of the `python -m sample ...` that ends the README's first command block."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    first = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
+    command = shlex.split(first.split("&&")[-1])
+    assert command[:3] == ["python", "-m", "sample"], command
+    return command
+
+
+def test_readme_first_command_makes_an_image_shapes_eval_accepts(tmp_path):
+    command = readme_first_command()
+    out = command.index("--out") + 1
+    prompt = command[3]
+    command[out] = str(tmp_path / command[out])
+    # As a user runs it, in a fresh process (with the tests' XLA flags: -O0 compiles faster).
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    image = Image.open(command[out])
+    assert image.text["prompt"] == prompt and image.text["model"] == SHAPES_MODEL
+    found = ev.analyse(np.asarray(image.convert("RGB")))
+    assert ev.score(prompt, np.asarray(image.convert("RGB"))), (prompt, found)
+
+
+def test_editing_a_real_image_changes_the_named_colour_only(tmp_path):
+    circle = render.SceneObject("circle", "red", "large", 0.35, 0.6)
+    source = tmp_path / "red.png"
+    Image.fromarray(render.render([circle], 32)).save(source)
+    assert ev.score("a red circle", render.render([circle], 32))
+    out = tmp_path / "blue.png"
+    assert main(["a red circle", "--init-image", str(source), "--edit", "a blue circle", "--out", str(out)]) == 0
+    edited = np.asarray(Image.open(out).convert("RGB"))
+    assert ev.score("a blue circle", edited) and not ev.score("a red circle", edited)
+    [found] = [d for d in ev.analyse(edited) if d.colour == "blue"]
+    assert found.shape == "circle"
+    assert abs(found.x - circle.x) < 0.1 and abs(found.y - circle.y) < 0.1   # within 3 px of 32
+
+
+def test_shipped_folder_fits_the_budget_and_records_its_runs():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(SHAPES_MODEL) for f in files)
+    assert size <= 30 * 2**20, size
+    runs = json.load(open(os.path.join(SHAPES_MODEL, "training.json")))
+    assert set(runs) == {"diffusion", "vae", "clip"}
+    assert all(run["seed"] == 0 and run["step"] > 0 for run in runs.values())
+    assert runs["diffusion"]["config"]["model"]["vae"]["scaling_factor"] == \
+        json.load(open(os.path.join(SHAPES_MODEL, "vae", "config.json")))["scaling_factor"]
