@@ -39,8 +39,8 @@ def test_readme_first_command_makes_an_image_shapes_eval_accepts(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     image = Image.open(command[out])
     assert image.text["prompt"] == prompt and image.text["model"] == SHAPES_MODEL
-    found = ev.analyse(np.asarray(image.convert("RGB")))
-    assert ev.score(prompt, np.asarray(image.convert("RGB"))), (prompt, found)
+    pixels = np.asarray(image.convert("RGB"))
+    assert ev.score(prompt, pixels), (prompt, ev.analyse(pixels))
 
 
 def test_editing_a_real_image_changes_the_named_colour_only(tmp_path):
