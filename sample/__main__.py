@@ -47,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--grid-guidance", default="", help="... by these comma-separated guidance scales (columns)")
     p.add_argument("--trajectory", action="store_true", help="write a strip of x_t and predicted x_0 per step")
     p.add_argument("--video", action="store_true", help="text-to-video (image-to-video with --init-image)")
-    p.add_argument("--frames", type=int, default=16, help="video frames")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video frames (default: the frames the video model trained on, from its training.json)")
     p.add_argument("--fps", type=int, default=8, help="video frames per second")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"], help="file type with --prompts-file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,7 +66,7 @@ def parse_args(argv):
                     f"(expected {SHAPES_MODEL})")
         args.model = SHAPES_MODEL
     for name in ("steps", "batch", "frames", "fps"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         p.error(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
@@ -267,7 +268,7 @@ def run_video(p, args, prompts: list[str], paths: list[str]) -> int:
     try:
         for start in range(0, len(prompts), args.batch):
             chunk = prompts[start:start + args.batch]
-            videos = pipe(chunk, [args.negative] * len(chunk), num_frames=args.frames, steps=args.steps,
+            videos = pipe(chunk, [args.negative] * len(chunk), steps=args.steps,
                           guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                           seed=args.seed + start, height=args.height, width=args.width, init_image=init,
                           progress=not args.no_progress, **sampler)

@@ -140,7 +140,7 @@ def test_heldout_video_prompts_are_the_test_split_captions_of_that_many_frames(d
     assert "--frames goes with --videos" in capsys.readouterr().err
 
 
-def test_trained_frames_from_a_model_folder(tmp_path):
+def test_default_frames_from_a_model_folder(tmp_path):
     """Video frames for `--model --videos`: the run's moving_shapes data name, else model.num_frames."""
     def folder(name, config):
         (tmp_path / name).mkdir()
@@ -148,11 +148,14 @@ def test_trained_frames_from_a_model_folder(tmp_path):
             (tmp_path / name / "training.json").write_text(json.dumps({"diffusion": {"step": 1, "config": config}}))
         return str(tmp_path / name)
 
+    from jaxdiff.pipelines.text_to_video import DEFAULT_FRAMES, default_frames, trained_frames
+
     model = {"backbone": "temporal_unet", "num_frames": 6}
-    assert ev.trained_frames(folder("data", {"data": {"name": "moving_shapes/32px-8f"}, "model": model})) == 8
-    assert ev.trained_frames(folder("preview", {"data": {"name": "shapes/32px"}, "model": model})) == 6
-    assert ev.trained_frames(folder("image", {"data": {"name": "shapes/32px"}, "model": {}})) is None
-    assert ev.trained_frames(folder("bare", None)) is None
+    assert trained_frames(folder("data", {"data": {"name": "moving_shapes/32px-8f"}, "model": model})) == 8
+    assert trained_frames(folder("preview", {"data": {"name": "shapes/32px"}, "model": model})) == 6
+    assert trained_frames(folder("image", {"data": {"name": "shapes/32px"}, "model": {}})) is None
+    assert trained_frames(folder("bare", None)) is None
+    assert default_frames(str(tmp_path / "preview")) == 6 and default_frames(str(tmp_path / "bare")) == DEFAULT_FRAMES
 
 
 def test_evaluate_model_with_an_oracle_and_a_constant_generator():

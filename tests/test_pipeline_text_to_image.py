@@ -65,17 +65,11 @@ def test_scheduler_config_errors():
 
 
 def test_batch_sharded_over_the_data_axis_matches_one_device(pipe, tmp_path):
-    import subprocess
-    import sys
+    from scripts.sharded_generate import IMAGE_REQUEST, PROMPTS, run_on_8_devices
 
-    script = os.path.join(os.path.dirname(__file__), "scripts", "sharded_generate.py")
-    out = tmp_path / "sharded.npz"
-    subprocess.run([sys.executable, script, str(out)], check=True, timeout=600)
-    sharded = np.load(out)
-    assert int(sharded["devices"]) == 8 and int(sharded["per_device_batch"]) == 1
-    from scripts.sharded_generate import PROMPTS
-    single = pipe.generate(PROMPTS, steps=4, guidance_scale=5.0, seed=7)["images"]
-    np.testing.assert_allclose(sharded["images"], single, atol=2e-6)
+    sharded = run_on_8_devices("image", tmp_path)
+    single = pipe.generate(PROMPTS, **IMAGE_REQUEST)["images"]
+    np.testing.assert_allclose(sharded, single, atol=2e-6)
 
 
 def test_progress_bar_counts_every_step(pipe, monkeypatch):

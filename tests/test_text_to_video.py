@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 
 import jaxdiff as jd
-from jaxdiff.convert.common import read_config
-from jaxdiff.convert.scheduler import schedule_from_config
 from jaxdiff.models import inflate
-from jaxdiff.pipelines import TextToVideo
+from scripts.sharded_generate import video_pipe
 from jaxdiff.video_io import read_video, write_video
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -25,17 +23,19 @@ def sd():
     return jd.convert.load_pipeline(str(FIXTURES / "pipeline_sd"))
 
 
-def video_pipe(sd, unet, unet_params):
-    # The fixture's VAE, CLIP and tokenizer are pipeline_sd's (not copied into pipeline_t2v).
-    schedule, defaults = schedule_from_config(read_config(str(T2V / "scheduler"), "scheduler_config.json"))
-    return TextToVideo(unet, unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                       schedule, {"method": "ddim", **defaults}, num_frames=4)
+def test_videos_sharded_over_the_data_axis_match_one_device(sd, tmp_path):
+    from scripts.sharded_generate import PROMPTS, VIDEO_REQUEST, first_frames, run_on_8_devices
+
+    sharded = run_on_8_devices("video", tmp_path)
+    single = video_pipe(sd).generate(PROMPTS, init_image=first_frames(), **VIDEO_REQUEST)["videos"]
+    assert sharded.shape == (8, 3, 16, 16, 3)
+    np.testing.assert_allclose(sharded, single, atol=2e-6)
 
 
 def test_matches_diffusers_pipeline_and_does_not_recompile(sd):
     golden = np.load(T2V / "outputs.npz")
     case = json.loads(str(golden["meta"]))
-    pipe = video_pipe(sd, *jd.convert.from_diffusers(str(T2V / "unet")))
+    pipe = video_pipe(sd)
     videos, latents = pipe(case["prompts"], case["negative"], num_frames=case["frames"], steps=case["steps"],
                            guidance_scale=case["guidance_scale"], noise=jnp.asarray(golden["latents_nthwc"]),
                            return_latents=True)
@@ -70,7 +70,7 @@ def test_image_to_video_keeps_the_first_frame(sd):
 
 
 def test_bad_requests(sd):
-    pipe = video_pipe(sd, *jd.convert.from_diffusers(str(T2V / "unet")))
+    pipe = video_pipe(sd)
     with pytest.raises(ValueError, match="no prompts given"):
         pipe([])
     with pytest.raises(ValueError, match="num_frames must be >= 1"):

@@ -342,26 +342,7 @@ def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, see
         pipe = TextToImage.from_pretrained(path)
     else:
         pipe = TextToVideo.from_pretrained(path, num_frames=num_frames)
-        kwargs["num_frames"] = num_frames
     return lambda prompts: pipe(prompts, **kwargs)
-
-
-DEFAULT_FRAMES = 8  # a video model folder whose training.json does not say how many frames it learnt
-
-
-def trained_frames(path: str) -> int | None:
-    """The frames per clip of the videos a model folder's diffusion run trained on, read from its
-    training.json (as `jaxdiff.training.export` writes it): the run's moving_shapes data name, else its
-    config.model.num_frames; None if the folder does not say."""
-    listing = os.path.join(path, "training.json")
-    if not os.path.isfile(listing):
-        return None
-    with open(listing) as f:
-        config = json.load(f).get("diffusion", {}).get("config", {})
-    from jaxdiff.data.moving_shapes import frames_of
-
-    frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
-    return int(frames) if frames else None
 
 
 def to_uint8(image) -> np.ndarray:
@@ -444,7 +425,7 @@ def main(argv=None) -> int:
                    help="with --write_prompts: video prompts; with --model: a text-to-video model, scored on them")
     p.add_argument("--frames", type=int, default=None,
                    help="video frames (the prompts depend on it); default: with --model the frames the model "
-                        f"trained on (its training.json), else {DEFAULT_FRAMES}; with --write_prompts 16")
+                        "trained on (its training.json); with --write_prompts 16")
     args = p.parse_args(argv)
     if args.frames is not None and not args.videos:
         p.error("--frames goes with --videos")
@@ -461,7 +442,9 @@ def main(argv=None) -> int:
         if args.model:
             frames = None
             if args.videos:
-                frames = args.frames or trained_frames(args.model) or DEFAULT_FRAMES
+                from jaxdiff.pipelines.text_to_video import default_frames
+
+                frames = args.frames or default_frames(args.model)
             generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames)
             result = evaluate_model(generate, args.per_family, num_frames=frames)
         else:

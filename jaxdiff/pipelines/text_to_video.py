@@ -23,6 +23,8 @@ recompiles.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Sequence
 
 import jax
@@ -30,7 +32,30 @@ import jax.numpy as jnp
 
 from jaxdiff import samplers
 from jaxdiff.convert.scheduler import schedule_from_config
-from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, prompt_lists
+from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, _shard_over_data, prompt_lists
+
+
+DEFAULT_FRAMES = 8  # for a video model folder whose training.json does not say how many frames it learnt
+
+
+def trained_frames(path: str) -> int | None:
+    """The frames per clip of the videos a model folder's diffusion run trained on, read from its
+    training.json (as `jaxdiff.training.export` writes it): the run's moving_shapes data name, else its
+    config.model.num_frames; None if the folder does not say."""
+    listing = os.path.join(path, "training.json")
+    if not os.path.isfile(listing):
+        return None
+    with open(listing) as f:
+        config = json.load(f).get("diffusion", {}).get("config", {})
+    from jaxdiff.data.moving_shapes import frames_of
+
+    frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
+    return int(frames) if frames else None
+
+
+def default_frames(path: str) -> int:
+    """The video length a model folder generates by default: the frames it trained on, else DEFAULT_FRAMES."""
+    return trained_frames(path) or DEFAULT_FRAMES
 
 
 @dataclasses.dataclass
@@ -41,15 +66,16 @@ class TextToVideo(TextToImage):
     num_frames: int = 8
 
     @classmethod
-    def from_pretrained(cls, path: str, num_frames: int = 8) -> "TextToVideo":
-        """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel)."""
+    def from_pretrained(cls, path: str, num_frames: int | None = None) -> "TextToVideo":
+        """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel). The default video
+        length is `num_frames`, else `default_frames(path)`."""
         from jaxdiff.convert import load_pipeline
         from jaxdiff.models.temporal_unet import TemporalUNet
 
         sd = load_pipeline(path, unet_type=TemporalUNet)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
         return cls(sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                   schedule, {"method": "ddim", **defaults}, num_frames=num_frames)
+                   schedule, {"method": "ddim", **defaults}, num_frames=num_frames or default_frames(path))
 
     @property
     def latent_channels(self) -> int:
@@ -95,12 +121,14 @@ class TextToVideo(TextToImage):
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
                  num_frames: int | None = None, steps: int = 25, guidance_scale: float = 7.5,
                  guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None, width: int | None = None,
-                 noise=None, init_image=None, keep_first_frame: bool = True, progress: bool = False,
+                 noise=None, init_image=None, keep_first_frame: bool = True, progress: bool = False, mesh=None,
                  **sampler_kwargs) -> dict:
         """Runs the program; returns {'videos' [B, T, H, W, 3] in [0, 1], 'latents' [B, T, h, w, C]}.
 
         `init_image` [B, H, W, 3] (or [H, W, 3] for every prompt) in [0, 1] makes it image-to-video;
-        `noise` [B, T, h, w, C] overrides the seed's initial latents.
+        `noise` [B, T, h, w, C] overrides the seed's initial latents. With a `mesh` (a
+        `jax.sharding.Mesh` with a 'data' axis) the videos are split over that axis and the params are
+        replicated.
         """
         prompts, negative = prompt_lists(prompts, negative_prompts)
         frames = self.num_frames if num_frames is None else int(num_frames)
@@ -120,12 +148,15 @@ class TextToVideo(TextToImage):
         sampler = tuple(sorted({**self.sampler_defaults, **sampler_kwargs}.items()))
         program = self._video_program(steps, sampler, init_image is not None, keep_first_frame, progress)
         params = (self.unet_params, self.vae_params, self.text_params)
+        batch_args = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image]
+        if mesh is not None:
+            params, batch_args = _shard_over_data(mesh, params, batch_args)
+        ids, uncond_ids, noise, init_image = batch_args
         bar = _progress_bar(steps) if progress else None
         self._progress = bar
         try:
-            videos, latents = program(params, self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
-                                      jax.random.key(seed + 1), jnp.float32(guidance_scale),
-                                      jnp.float32(guidance_rescale), init_image)
+            videos, latents = program(params, ids, uncond_ids, noise, jax.random.key(seed + 1),
+                                      jnp.float32(guidance_scale), jnp.float32(guidance_rescale), init_image)
             videos = jax.block_until_ready(videos)
         finally:
             self._progress = None
