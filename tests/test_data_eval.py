@@ -105,6 +105,7 @@ def test_video_analyser_recovers_direction(data_dir):
     hits = wrong = 0
     for r in ds:
         caption, video = r["caption"].decode(), r["image"]
+        assert ev.constant_objects(video)
         hits += ev.score_video(caption, video)
         flipped = " ".join(flip.get(w, w) for w in caption.split())
         wrong += ev.score_video(flipped, video)
@@ -117,6 +118,14 @@ def test_video_analyser_recovers_direction(data_dir):
     video[8:] = render.render_video([render.MovingObject("square", "red", "small", 0.2, 0.5, "right", 2 / 64)], 16)[8:]
     assert ev.score_video("a red circle moving right", render.render_video([obj], 16))
     assert not ev.score_video("a red circle moving right", video)
+    assert not ev.constant_objects(video)
+    # Colour and shape constancy reads the video alone: a recoloured half, or nothing, is not constant.
+    recoloured = render.render_video([obj], 16)
+    recoloured[8:] = render.render_video([render.MovingObject("circle", "blue", "small", 0.2, 0.5, "right", 2 / 64)],
+                                         16)[8:]
+    assert not ev.constant_objects(recoloured)
+    assert not ev.constant_objects(np.zeros_like(video))
+    assert ev.constant_objects(render.render_video([obj], 16)[::-1])
 
 
 def test_heldout_prompts_are_the_test_split_captions(test_split):
@@ -197,7 +206,10 @@ def test_command_on_a_folder(tmp_path, capsys):
         np.save(videos / f"{i}.npy", render.render_video(clip.objects, 8, 64))
     (videos / "prompts.txt").write_text("\n".join(c.caption for c in clips) + "\n")
     assert ev.main(["--images", str(videos)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["motion"] == 1.0
+    out = capsys.readouterr().out
+    assert "| constant colour and shape (videos) | 2 | 1.000 |" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["motion"] == 1.0 and result["constant"] == 1.0
     with pytest.raises(SystemExit):
         ev.main(["--images", str(tmp_path / "missing")])
     assert "no folder" in capsys.readouterr().err

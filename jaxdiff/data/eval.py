@@ -277,27 +277,46 @@ def score_video(prompt: str, video: np.ndarray) -> bool:
     return all(moves(spec, track(spec, frames)) for spec in req.objects)
 
 
+def constant_objects(video: np.ndarray) -> bool:
+    """Whether the objects of video uint8 [T, H, W, 3] keep their colours and shapes: one non-empty
+    set of (colour, shape) detections, with multiplicity, in >= TRACK_PRESENCE of the frames,
+    whatever the prompt asked for."""
+    video = np.asarray(video)
+    if video.ndim != 4:
+        raise ValueError(f"expected a video [T, H, W, 3], got shape {video.shape}")
+    kinds = [tuple(sorted((d.colour, d.shape) for d in analyse(f))) for f in video]
+    most = max(set(kinds), key=kinds.count)
+    return bool(most) and kinds.count(most) >= TRACK_PRESENCE * len(kinds)
+
+
 # ---------------------------------------------------------------- evaluation
 
 def evaluate(prompts, images) -> dict:
     """Accuracy per family and 'overall' (mean over the families present, as GenEval).
 
     prompts: [N] str; images: N uint8 arrays [H, W, 3] (or videos [T, H, W, 3] for
-    motion prompts). Returns {family: accuracy, ..., 'overall': float, 'count': {family: n}}.
+    motion prompts). Returns {family: accuracy, ..., 'overall': float, 'count': {family: n}},
+    and with videos 'constant': the fraction of them whose objects keep colour and shape
+    (`constant_objects`; not a family, not in 'overall').
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     if not prompts:
         raise ValueError("nothing to evaluate: no prompts")
     hits: dict[str, list[bool]] = {}
+    constant = []
     for prompt, image in zip(prompts, images):
         family = family_of_prompt(prompt)
         ok = score_video(prompt, image) if family == "motion" else score(prompt, image)
         hits.setdefault(family, []).append(ok)
+        if family == "motion":
+            constant.append(constant_objects(image))
     order = [f for f in (*render.FAMILIES, "motion") if f in hits]
     result = {f: float(np.mean(hits[f])) for f in order}
     result["overall"] = float(np.mean(list(result.values())))
     result["count"] = {f: len(hits[f]) for f in order}
+    if constant:
+        result["constant"] = float(np.mean(constant))
     return result
 
 
@@ -407,6 +426,8 @@ def format_table(result: dict) -> str:
     for family, n in result["count"].items():
         rows.append(f"| {family} | {n} | {result[family]:.3f} |")
     rows.append(f"| **overall** | {sum(result['count'].values())} | {result['overall']:.3f} |")
+    if "constant" in result:
+        rows.append(f"| constant colour and shape (videos) | {result['count']['motion']} | {result['constant']:.3f} |")
     return "\n".join(rows)
 
 
