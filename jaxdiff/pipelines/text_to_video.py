@@ -63,7 +63,7 @@ class TextToVideo(TextToImage):
     """A latent text-to-video model (TemporalUNet + image VAE + CLIP), sharing TextToImage's text and
     VAE pieces (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length."""
 
-    num_frames: int = 8
+    num_frames: int = DEFAULT_FRAMES
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: int | None = None) -> "TextToVideo":
