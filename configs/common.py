@@ -4,6 +4,7 @@ import ml_collections
 
 def diffusion_objective(prediction_type: str = "epsilon", schedule: str = "scaled_linear") -> dict:
     return dict(schedule=schedule, num_train_timesteps=1000, prediction_type=prediction_type,
+                rescale_zero_terminal_snr=False, init_from="",
                 weighting="min_snr" if prediction_type != "flow" else "simple", min_snr_gamma=5.0,
                 timestep_distribution="uniform" if prediction_type != "flow" else "logit_normal",
                 caption_dropout=0.1, sample_method="dpmpp_2m" if prediction_type != "flow" else "flow_euler",

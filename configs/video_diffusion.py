@@ -43,7 +43,7 @@ def get_config(variant: str = "scratch"):
     c = base_config()
     c.recipe = "diffusion"
     c.model = ml_collections.ConfigDict(dict(backbone="temporal_unet", space="latent", image_dropout=0.1,
-                                             init_from="", **common.diffusion_objective()))
+                                             **common.diffusion_objective()))
     video_only = dict(frame_position_embedding="sinusoidal", conditioning_frame_channels=5)
     if variant.startswith("tiny"):
         common.tiny_run(c)

@@ -141,3 +141,34 @@ def test_export_never_clobbers(runs, tmp_path):
     assert export.main(["--workdir", runs["ld"], "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model_index.json").exists()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
+
+
+def test_zero_snr_fine_tune_starts_from_the_run_and_exports_its_schedule(runs, tmp_path):
+    """init_from on a text-to-image U-Net: step 0 is the source run's EMA U-Net; the run's zero-terminal-SNR
+    v-prediction objective reaches the exported scheduler, and sampling starts from pure noise."""
+    c = evaluate.read_run_config(runs["ld"])
+    c.model.update(init_from=runs["ld"], rescale_zero_terminal_snr=True, prediction_type="v_prediction",
+                   weighting="simple")
+    c.steps = 2
+    start = jax.device_get(train(c, str(tmp_path / "step0"), stop_after=0).state.params)
+    jax.tree.map(np.testing.assert_array_equal, start, load_params(runs["ld"], "ema"))
+
+    workdir = str(tmp_path / "zsnr")
+    train(c, workdir)
+    out = str(tmp_path / "model")
+    export.export_text_to_image(workdir, out)
+    scheduler = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
+    assert scheduler["rescale_betas_zero_snr"] is True and scheduler["prediction_type"] == "v_prediction"
+    pipe = TextToImage.from_pretrained(out)
+    ac = pipe.schedule.alphas_cumprod
+    assert ac[-1] == 0.0 and ac[0] > 0.99
+    images = np.asarray(pipe(["a red circle"], steps=3, seed=0))
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+    c.model.prediction_type = "epsilon"
+    with pytest.raises(ValueError, match="rescale_zero_terminal_snr needs prediction_type 'v_prediction' or "
+                                         "'sample'.*'epsilon'"):
+        train(c, str(tmp_path / "eps"))
+    c.model.update(prediction_type="v_prediction", unet=dict(c.model.unet.to_dict(), layers_per_block=2))
+    with pytest.raises(ValueError, match=r"that run's U-Net differs from config.model.unet in layers_per_block"):
+        train(c, str(tmp_path / "bigger"))

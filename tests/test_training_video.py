@@ -218,8 +218,10 @@ def test_video_config_errors_are_named(data_dir, tmp_path):
     with pytest.raises(ValueError, match="config.data.source='squares' has none"):
         build(c)
     c = ld_config.get_config("tiny")
+    del c.model["text_encoder"]
     c.model.init_from = str(tmp_path)
-    with pytest.raises(ValueError, match="is for backbone 'temporal_unet'.*not 'unet'"):
+    with pytest.raises(ValueError, match="is for a latent text-conditioned backbone 'unet' .* not 'unet' in "
+                                         "'latent' space without a text encoder"):
         build(c)
 
 

@@ -61,6 +61,8 @@ def scheduler_config(m) -> dict:
         config.update(beta_start=0.00085, beta_end=0.012)
     elif m.schedule == "linear":
         config.update(beta_start=0.0001, beta_end=0.02)
+    if m.get("rescale_zero_terminal_snr", False):
+        config["rescale_betas_zero_snr"] = True
     return config
 
 

@@ -9,7 +9,11 @@ config.model:
   text_encoder: CLIPTextConfig fields + checkpoint (a clip run's workdir); absent: unconditional
   schedule, num_train_timesteps, prediction_type (epsilon | v_prediction | sample | flow),
   weighting (simple | snr | min_snr | edm), min_snr_gamma, timestep_distribution, caption_dropout,
+  rescale_zero_terminal_snr (beta schedules ending at SNR 0; v_prediction or sample),
   sample_method, sample_steps, guidance_scale
+  init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run with
+    the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning, e.g. to another
+    objective); its VAE and text encoder should be this run's.
 A frozen part without a checkpoint is randomly initialised (for tests and smoke runs) and says so.
 
 Video (backbone temporal_unet; latent space and a text encoder required; data: videos
@@ -51,9 +55,20 @@ log = logging.getLogger(__name__)
 
 
 def schedule_for(m) -> schedules.Schedule:
-    """The noise schedule; flow prediction and the flow_matching schedule go together."""
-    schedule = schedules.get(m.schedule, m.num_train_timesteps)
+    """The noise schedule; flow prediction and the flow_matching schedule go together.
+
+    rescale_zero_terminal_snr (Lin et al. 2024): the beta schedule rescaled to end at SNR 0, so the
+    last timestep is pure noise, as at sampling; with the usual end (SNR ~0.005 for scaled_linear)
+    the low frequencies of x_0 survive at t = T and a model learns to read the layout off them,
+    which pure-noise sampling then leaves to the noise. x_0 is not recoverable from an epsilon
+    prediction at SNR 0: it needs v_prediction or sample."""
+    zero_snr = bool(m.get("rescale_zero_terminal_snr", False))
     choice(m.prediction_type, PREDICTIONS, "model.prediction_type")
+    if zero_snr and m.prediction_type not in ("v_prediction", "sample"):
+        raise ValueError(f"config.model.rescale_zero_terminal_snr needs prediction_type 'v_prediction' or 'sample' "
+                         f"(x_0 cannot be recovered from {m.prediction_type!r} at SNR 0)")
+    schedule = schedules.get(m.schedule, m.num_train_timesteps, **({"rescale_zero_terminal_snr": True} if zero_snr
+                                                                    else {}))
     if (schedule.kind == "flow") != (m.prediction_type == "flow"):
         raise ValueError(f"config.model.prediction_type={m.prediction_type!r} does not fit "
                          f"config.model.schedule={m.schedule!r}: use prediction_type='flow' with exactly the "
@@ -134,7 +149,7 @@ def num_frames_for(c) -> int:
     return frames
 
 
-def _inflation_source(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCondition:
+def _source_unet(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCondition:
     """The image U-Net of the latent text-to-image run `m.init_from` (from its config.json)."""
     from jaxdiff.training.evaluate import read_run_config
 
@@ -152,9 +167,10 @@ def _inflation_source(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet
                          f"config.model.vae has {vae_cfg.latent_channels}")
     differ = [f"{part}.checkpoint" for part in ("vae", "text_encoder")
               if r[part].get("checkpoint", "") != m[part].get("checkpoint", "")]
-    differ += [f for f in ("schedule", "prediction_type") if r.get(f) != m.get(f)]
+    differ += [f for f, default in (("schedule", None), ("prediction_type", None), ("rescale_zero_terminal_snr", False))
+               if r.get(f, default) != m.get(f, default)]
     if differ:
-        log.warning("video U-Net inflated from %s, whose %s differ from this run's", path, ", ".join(differ))
+        log.warning("U-Net initialised from %s, whose %s differ from this run's", path, ", ".join(differ))
     return image_unet(r, channels, size, dtype)
 
 
@@ -167,7 +183,7 @@ def video_unet(m, channels: int, size: int, dtype) -> tuple[TemporalUNet, UNet2D
         fields = {"in_channels": channels + t.get("conditioning_frame_channels", 0), "out_channels": channels,
                   "sample_size": size}
         return TemporalUNet(TemporalUNetConfig(**{**t, **fields}), dtype=dtype), None
-    unet = _inflation_source(m, _vae_config(m.vae), size, dtype)
+    unet = _source_unet(m, _vae_config(m.vae), size, dtype)
     return TemporalUNet(inflated_config(unet.config, **_temporal_overrides(m)), dtype=dtype), unet
 
 
@@ -176,10 +192,20 @@ def _temporal_overrides(m) -> dict:
 
 
 def backbone(m, channels: int, size: int, dtype):
-    """(the denoising network for config.model, None or inflated(key) -> its initial params (plain arrays))."""
+    """(the denoising network for config.model, None or initial(key) -> its initial params (plain arrays):
+    the init_from run's EMA U-Net, as it is (unet) or inflated (temporal_unet))."""
     fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "unet":
-        return image_unet(m, channels, size, dtype), None
+        net = image_unet(m, channels, size, dtype)
+        if not m.get("init_from"):
+            return net, None
+        source = _source_unet(m, _vae_config(m.vae), size, dtype)
+        if source.config != net.config:
+            differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
+            raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
+                             f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture")
+        weights = load_params(m.init_from, "ema")
+        return net, lambda key: weights
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit.to_dict(), **fields}), dtype=dtype), None
     net, unet = video_unet(m, channels, size, dtype)
@@ -199,9 +225,10 @@ def build(c, spec) -> Task:
     video = m.backbone == "temporal_unet"
     if video:
         _check_video(c, spec, latent, text)
-    elif m.get("init_from"):
-        raise ValueError(f"config.model.init_from={m.init_from!r} is for backbone 'temporal_unet' (inflating an "
-                         f"image U-Net), not {m.backbone!r}")
+    elif m.get("init_from") and not (m.backbone == "unet" and latent and text):
+        raise ValueError(f"config.model.init_from={m.init_from!r} is for a latent text-conditioned backbone 'unet' "
+                         f"(fine-tuning) or 'temporal_unet' (inflating an image U-Net), not {m.backbone!r} in "
+                         f"{m.space!r} space{'' if text else ' without a text encoder'}")
     size = spec.image_size
 
     vae = vae_cfg = None
@@ -227,7 +254,7 @@ def build(c, spec) -> Task:
             init_boxed(module, key, *args)
 
     channels = vae_cfg.latent_channels if latent else 3
-    net, inflated = backbone(m, channels, size, dtype)
+    net, initial = backbone(m, channels, size, dtype)
     ctx_dim = text_cfg.hidden_size if text else None
     # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
     example = (num_frames_for(c), size, size, channels) if video else (size, size, channels)
@@ -255,9 +282,9 @@ def build(c, spec) -> Task:
         x = jnp.zeros((1, *example))
         ctx = jnp.zeros((1, spec.max_length, ctx_dim)) if text else None
         boxed = lambda k: init_boxed(net, k, x, jnp.zeros((1,)), ctx)
-        if inflated is None:
+        if initial is None:
             return boxed(key)
-        return rebox(inflated(key), jax.eval_shape(boxed, key))
+        return rebox(initial(key), jax.eval_shape(boxed, key))
 
     def loss(params, frozen, batch, key, step):
         k_post, k_drop, k_loss = jax.random.split(key, 3)
