@@ -89,6 +89,18 @@ def test_clip_loss_matches_numpy():
     expected = (cross_entropy(logits.astype(np.float64)) + cross_entropy(logits.T.astype(np.float64))) / 2
     np.testing.assert_allclose(float(clip_loss(jnp.asarray(logits))), expected, rtol=1e-6)
 
+    # Hard negatives: extra columns of the image->text rows only; -inf columns drop out.
+    negatives = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32) * 3
+    negatives[2, 1] = -np.inf
+    per_image = np.concatenate([logits.T, negatives], axis=1).astype(np.float64)
+    finite = np.where(np.isfinite(per_image), per_image, -1e30)
+    lse = np.log(np.exp(finite - finite.max(1, keepdims=True)).sum(1)) + finite.max(1)
+    expected = (cross_entropy(logits.astype(np.float64)) + np.mean(lse - np.diag(logits))) / 2
+    np.testing.assert_allclose(float(clip_loss(jnp.asarray(logits), jnp.asarray(negatives))), expected, rtol=1e-6)
+    all_masked = jnp.full((5, 3), -jnp.inf)
+    np.testing.assert_allclose(float(clip_loss(jnp.asarray(logits), all_masked)), float(clip_loss(jnp.asarray(logits))),
+                               rtol=1e-6)
+
 
 def test_zero_shot_classify_picks_the_most_similar_prompt():
     module, params, ref = load_case("clip_quick_gelu")

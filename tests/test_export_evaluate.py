@@ -172,3 +172,43 @@ def test_zero_snr_fine_tune_starts_from_the_run_and_exports_its_schedule(runs, t
     c.model.update(prediction_type="v_prediction", unet=dict(c.model.unet.to_dict(), layers_per_block=2))
     with pytest.raises(ValueError, match=r"that run's U-Net differs from config.model.unet in layers_per_block"):
         train(c, str(tmp_path / "bigger"))
+
+
+def test_hard_negative_clip_fine_tune(runs, tmp_path):
+    """configs/clip.py's hard negatives: spatial and count words swapped through a token-id table; the
+    fine-tune starts from the source run's EMA and its loss adds the swapped captions to the softmax."""
+    from jaxdiff.training import recipes
+    from jaxdiff.training.recipes.clip import hard_negative_logits, model_for, opposite_ids
+
+    c = evaluate.read_run_config(runs["clip"])
+    c.model.update(hard_negatives=True, init_from=runs["clip"])
+    spec = data_spec(c.data)
+    table = opposite_ids(spec)
+    pairs = [("a red circle on the left", "a red circle on the right"),
+             ("a red circle above a blue square", "a red circle below a blue square"),
+             ("three green circles", "four green circles"), ("a small blue square at the top",
+                                                             "a small blue square at the bottom")]
+    for caption, flipped in pairs:
+        np.testing.assert_array_equal(table[spec.tokenize([caption])], spec.tokenize([flipped]))
+
+    start = jax.device_get(train(c, str(tmp_path / "step0"), stop_after=0).state.params)
+    jax.tree.map(np.testing.assert_array_equal, start, load_params(runs["clip"], "ema"))
+
+    task = recipes.build(c, spec)
+    tokens = jnp.asarray(spec.tokenize(["a red circle on the left", "a red circle on the right", "a red circle"]))
+    images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+    model = model_for(c, spec)
+    out = model.apply({"params": start}, tokens, images)
+    neg = np.asarray(hard_negative_logits(model, start, tokens, out.image_embeds, table))
+    # caption 2 has no word to swap; image 0's caption is caption 1's negative and vice versa
+    assert np.isinf(neg[:, 2]).all() and np.isinf(neg[0, 1]) and np.isinf(neg[1, 0])
+    np.testing.assert_allclose(neg[0, 0], out.logits_per_image[0, 1], rtol=1e-5)   # "left" swapped is "right"
+    batch = {"tokens": tokens, "image": images}
+    with_negatives = float(task.loss(start, None, batch, jax.random.key(1), 0)[0])
+    c.model.hard_negatives = False
+    without = float(recipes.build(c, spec).loss(start, None, batch, jax.random.key(1), 0)[0])
+    assert with_negatives > without
+
+    c.model.update(hard_negatives=False, text=dict(c.model.text.to_dict(), num_hidden_layers=2))
+    with pytest.raises(ValueError, match="that run's CLIP differs from config.model's towers"):
+        recipes.build(c, spec)

@@ -483,11 +483,14 @@ class CLIPModel(nn.Module):
 # --------------------------------------------------------------------------- pure functions
 
 
-def clip_loss(logits_per_text):
+def clip_loss(logits_per_text, negative_logits_per_image=None):
     """CLIP's symmetric InfoNCE loss: the mean of the text->image and image->text
     cross-entropies with matching pairs on the diagonal (Radford et al. 2021, Fig. 3).
 
-    logits_per_text: [N, N], row i = text i against every image. Returns a float32 scalar.
+    logits_per_text: [N, N], row i = text i against every image.
+    negative_logits_per_image: optional [N, M], image i against M extra captions that match no
+    image (hard negatives, NegCLIP: Yuksekgonul et al. 2023); -inf entries are left out. They join
+    the image->text softmax only. Returns a float32 scalar.
     """
     logits = logits_per_text.astype(jnp.float32)
     labels = jnp.arange(logits.shape[0])
@@ -495,7 +498,10 @@ def clip_loss(logits_per_text):
     def cross_entropy(l):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(l, axis=-1), labels[:, None], axis=-1))
 
-    return (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+    per_image = logits.T
+    if negative_logits_per_image is not None:
+        per_image = jnp.concatenate([per_image, negative_logits_per_image.astype(jnp.float32)], axis=-1)
+    return (cross_entropy(logits) + cross_entropy(per_image)) / 2
 
 
 def zero_shot_classify(model: CLIPModel, params, pixels, class_token_ids, attention_mask=None):
