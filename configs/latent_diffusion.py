@@ -3,6 +3,7 @@ caption dropout for classifier-free guidance.
 
   python -m train --config configs/latent_diffusion.py --workdir /work/runs/ld_shapes   # the shapes model
   python -m train --config configs/latent_diffusion.py:zero_snr --workdir /work/runs/ld_shapes_zsnr  # fine-tunes it
+  python -m train --config configs/latent_diffusion.py:joint_text --workdir /work/runs/ld_shapes_joint
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
 `zero_snr` fine-tunes the `shapes` run's EMA U-Net on the hard-negative CLIP of configs/clip.py:negatives,
@@ -11,7 +12,8 @@ place and relation words (same seed, "on the left" and "on the right": the same 
 where the initial noise's low frequencies put them): its CLIP's text features barely tell those
 words apart (zero-shot, a caption beats its left/right-swapped twin for 0.50 of test images), and
 scaled_linear's last timestep keeps sqrt(0.0047) of the latent, enough to read the layout off
-the noise instead of the text.
+the noise instead of the text. `joint_text` is `zero_snr` with the text encoder trained along
+(config.model.text_encoder.trainable), so the diffusion loss itself can make those words count.
 """
 import ml_collections
 
@@ -33,9 +35,9 @@ def get_config(variant: str = "shapes"):
         c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
         c.model.sample_steps = 5
         return c
-    if variant not in ("shapes", "zero_snr"):
+    if variant not in ("shapes", "zero_snr", "joint_text"):
         raise ValueError(f"unknown variant {variant!r} of configs/latent_diffusion.py; choose one of: shapes, "
-                         f"zero_snr, tiny")
+                         f"zero_snr, joint_text, tiny")
     c.data = common.shapes_data()
     c.steps, c.batch_size = 15000, 32
     c.optim.lr, c.optim.warmup_steps, c.ema_decay = 3e-4, 500, 0.999
@@ -48,10 +50,11 @@ def get_config(variant: str = "shapes"):
     c.model.vae = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
                        scaling_factor=SCALING_FACTOR, checkpoint="/work/runs/vae_shapes")
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
-                                num_attention_heads=4, checkpoint="/work/runs/clip_shapes")
-    if variant == "zero_snr":
+                                num_attention_heads=4, checkpoint="/work/runs/clip_shapes", trainable=False)
+    if variant in ("zero_snr", "joint_text"):
         c.model.update(init_from="/work/runs/ld_shapes", rescale_zero_terminal_snr=True,
                        prediction_type="v_prediction", weighting="simple")
         c.model.text_encoder.checkpoint = "/work/runs/clip_shapes_neg"
+        c.model.text_encoder.trainable = variant == "joint_text"
         c.steps, c.optim.lr, c.optim.warmup_steps = 6000, 2e-4, 200
     return c

@@ -212,3 +212,29 @@ def test_hard_negative_clip_fine_tune(runs, tmp_path):
     c.model.update(hard_negatives=False, text=dict(c.model.text.to_dict(), num_hidden_layers=2))
     with pytest.raises(ValueError, match="that run's CLIP differs from config.model's towers"):
         recipes.build(c, spec)
+
+
+def test_trainable_text_encoder_trains_and_exports(runs, tmp_path):
+    """text_encoder.trainable: the run's params are {'unet', 'text'}, the text part starting from the CLIP run's
+    text tower and moving with training; the export carries the trained encoder, clip/ the CLIP run's."""
+    c = evaluate.read_run_config(runs["ld"])
+    c.model.text_encoder.trainable = True
+    clip_text = load_params(runs["clip"], "ema")["text_model"]
+    start = jax.device_get(train(c, str(tmp_path / "step0"), stop_after=0).state.params)
+    assert set(start) == {"unet", "text"}
+    jax.tree.map(np.testing.assert_array_equal, start["text"], clip_text)
+
+    workdir = str(tmp_path / "joint")
+    train(c, workdir)
+    ema = load_params(workdir, "ema")
+    moved = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema["text"]), jax.tree.leaves(clip_text))]
+    assert max(moved) > 0
+    pipe = TextToImage.from_pretrained(export.export_text_to_image(workdir, str(tmp_path / "model")))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.text_params), ema["text"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.unet_params), ema["unet"])
+    assert np.asarray(pipe(["a red circle"], steps=2, seed=0)).shape == (1, 16, 16, 3)
+
+    c.model.init_from = workdir
+    c.model.text_encoder.trainable = False
+    with pytest.raises(ValueError, match="trained its text encoder with its U-Net.*not supported"):
+        train(c, str(tmp_path / "from_joint"))

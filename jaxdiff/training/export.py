@@ -120,7 +120,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
-    from jaxdiff.training.recipes.diffusion import image_unet, video_unet
+    from jaxdiff.training.recipes.diffusion import image_unet, split_params, video_unet
 
     pipeline, video = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
@@ -151,13 +151,15 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
     runs = {"diffusion": (workdir, config), "vae": (vae_run, read_run_config(vae_run)), "clip": (clip_run, clip_config)}
     steps = {name: latest_step(path) for name, (path, _) in runs.items()}  # what is loaded is what is recorded
     clip_params = load_params(clip_run, "ema", steps["clip"])
+    # A run that trained its text encoder carries it; clip/ stays the CLIP run's (both towers).
+    unet_params, text_params = split_params(m, load_params(workdir, "ema", steps["diffusion"]))
 
     def write(folder: str) -> None:
-        to_diffusers(unet, load_params(workdir, "ema", steps["diffusion"]), os.path.join(folder, "unet"),
-                     jaxdiff_fields=video)
+        to_diffusers(unet, unet_params, os.path.join(folder, "unet"), jaxdiff_fields=video)
         to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema", steps["vae"])["vae"],
                      os.path.join(folder, "vae"))
-        to_transformers(text_encoder, clip_params["text_model"], os.path.join(folder, "text_encoder"))
+        to_transformers(text_encoder, clip_params["text_model"] if text_params is None else text_params,
+                        os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))
         shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer"))
         os.makedirs(os.path.join(folder, "scheduler"))

@@ -6,7 +6,10 @@ or text-to-video / image-to-video latent diffusion with a TemporalUNet (ModelSco
 config.model:
   backbone: unet | dit | temporal_unet;  unet / dit / temporal_unet: the backbone's config fields
   space: pixel | latent; vae: AutoencoderKLConfig fields + checkpoint (a vae run's workdir)
-  text_encoder: CLIPTextConfig fields + checkpoint (a clip run's workdir); absent: unconditional
+  text_encoder: CLIPTextConfig fields + checkpoint (a clip run's workdir); absent: unconditional;
+    trainable (default False; backbone unet): the text encoder starts from that checkpoint and trains
+    with the U-Net (GLIDE, Nichol et al. 2022, trains its text transformer with the diffusion loss);
+    the run's params are then {'unet': ..., 'text': ...} and its export carries the trained encoder
   schedule, num_train_timesteps, prediction_type (epsilon | v_prediction | sample | flow),
   weighting (simple | snr | min_snr | edm), min_snr_gamma, timestep_distribution, caption_dropout,
   rescale_zero_terminal_snr (beta schedules ending at SNR 0; v_prediction or sample),
@@ -104,6 +107,16 @@ def _vae_config(fields) -> AutoencoderKLConfig:
     return AutoencoderKLConfig(**{k: v for k, v in fields.items() if k != "checkpoint"})
 
 
+def text_trainable(m) -> bool:
+    """Whether a diffusion config's `model` trains its text encoder with the U-Net."""
+    return "text_encoder" in m and bool(m.text_encoder.get("trainable", False))
+
+
+def split_params(m, params):
+    """(U-Net params, trained text encoder params or None) of a run's params / EMA tree."""
+    return (params["unet"], params["text"]) if text_trainable(m) else (params, None)
+
+
 def image_unet(m, channels: int, size: int, dtype) -> UNet2DCondition:
     """The 2-D U-Net of a diffusion config's `model` on `channels` x size x size inputs."""
     return UNet2DCondition(UNetConfig(**{**m.unet.to_dict(), "in_channels": channels, "out_channels": channels,
@@ -161,6 +174,9 @@ def _source_unet(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCon
         raise ValueError(f"config.model.init_from={path!r}: need a latent text-to-image diffusion run with backbone "
                          f"'unet'; that run has recipe={run.get('recipe')!r}, backbone={r.get('backbone')!r}, "
                          f"space={r.get('space')!r}, text encoder: {'text_encoder' in r}")
+    if text_trainable(r):
+        raise ValueError(f"config.model.init_from={path!r}: that run trained its text encoder with its U-Net, whose "
+                         f"U-Net only fits that encoder; starting from such a run is not supported")
     channels = _vae_config(r.vae).latent_channels
     if channels != vae_cfg.latent_channels:
         raise ValueError(f"config.model.init_from={path!r}: that run's VAE has {channels} latent channels, "
@@ -229,6 +245,8 @@ def build(c, spec) -> Task:
         raise ValueError(f"config.model.init_from={m.init_from!r} is for a latent text-conditioned backbone 'unet' "
                          f"(fine-tuning) or 'temporal_unet' (inflating an image U-Net), not {m.backbone!r} in "
                          f"{m.space!r} space{'' if text else ' without a text encoder'}")
+    if text_trainable(m) and m.backbone != "unet":
+        raise ValueError(f"config.model.text_encoder.trainable is for backbone 'unet', not {m.backbone!r}")
     size = spec.image_size
 
     vae = vae_cfg = None
@@ -253,6 +271,7 @@ def build(c, spec) -> Task:
         frozen[name] = _frozen(module, abstract, ckpt, subtree, f"{m.space} diffusion's {name}") or \
             init_boxed(module, key, *args)
 
+    text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
     channels = vae_cfg.latent_channels if latent else 3
     net, initial = backbone(m, channels, size, dtype)
     ctx_dim = text_cfg.hidden_size if text else None
@@ -260,8 +279,9 @@ def build(c, spec) -> Task:
     example = (num_frames_for(c), size, size, channels) if video else (size, size, channels)
     cond_channels = net.config.conditioning_frame_channels if video else 0
 
-    def encode_text(frozen, tokens):
-        return encoder.apply({"params": frozen["text"]}, tokens)[0]
+    def encode_text(params, frozen, tokens):
+        text_params = split_params(m, params)[1] if text_start is not None else frozen["text"]
+        return encoder.apply({"params": text_params}, tokens)[0]
 
     def per_frame(fn, x):
         """fn on images [N, H, W, C] applied to [..., H, W, C] (videos: every frame)."""
@@ -282,9 +302,8 @@ def build(c, spec) -> Task:
         x = jnp.zeros((1, *example))
         ctx = jnp.zeros((1, spec.max_length, ctx_dim)) if text else None
         boxed = lambda k: init_boxed(net, k, x, jnp.zeros((1,)), ctx)
-        if initial is None:
-            return boxed(key)
-        return rebox(initial(key), jax.eval_shape(boxed, key))
+        unet = boxed(key) if initial is None else rebox(initial(key), jax.eval_shape(boxed, key))
+        return unet if text_start is None else {"unet": unet, "text": text_start}
 
     def loss(params, frozen, batch, key, step):
         k_post, k_drop, k_loss = jax.random.split(key, 3)
@@ -297,23 +316,24 @@ def build(c, spec) -> Task:
         context = None
         if text:
             drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
-            context = encode_text(frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]))
+            context = encode_text(params, frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]))
         net_kwargs = {}
         if cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
             keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.get("image_dropout", 0.1), (x0.shape[0],))
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
-        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx, **net_kwargs)
+        unet_params = split_params(m, params)[0]
+        apply_fn = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, **net_kwargs)
         value = denoising_loss(apply_fn, x0, k_loss, schedule, m, context)
         return value, {}
 
     def sample(params, frozen, key):
         n = len(spec.preview_prompts) if text else 8
         noise = jax.random.normal(key, (n, *example))
-        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx)
+        apply_fn = lambda x, t, ctx: net.apply({"params": split_params(m, params)[0]}, x, t, ctx)
         if text:
-            context = encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
-            model_fn = guidance.cfg(apply_fn, context, encode_text(frozen, jnp.broadcast_to(empty, (n, empty.size))),
-                                    m.guidance_scale)
+            context = encode_text(params, frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
+            uncond = encode_text(params, frozen, jnp.broadcast_to(empty, (n, empty.size)))
+            model_fn = guidance.cfg(apply_fn, context, uncond, m.guidance_scale)
         else:
             model_fn = lambda x, t: apply_fn(x, t, None)
         x = samplers.sample(model_fn, schedule, noise, key=jax.random.fold_in(key, 1), method=m.sample_method,
