@@ -7,7 +7,8 @@
 `negatives` fine-tunes the shapes CLIP with hard negatives (spatial and count words swapped,
 NegCLIP): the plain run's text features tell "a red circle on the left" from "... on the right"
 by 1% at the EOS token (17% at the word itself) against ~100% for "red" vs "blue", so a U-Net
-conditioned on them never learned where to put things.
+conditioned on them never learned where to put things. After 1500 steps the swapped twin still
+wins half the time (caption preferred for 0.53 of place and 0.55 of relation test images).
 """
 import ml_collections
 

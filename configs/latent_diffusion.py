@@ -14,6 +14,7 @@ words apart (zero-shot, a caption beats its left/right-swapped twin for 0.50 of 
 scaled_linear's last timestep keeps sqrt(0.0047) of the latent, enough to read the layout off
 the noise instead of the text. `joint_text` is `zero_snr` with the text encoder trained along
 (config.model.text_encoder.trainable), so the diffusion loss itself can make those words count.
+Neither taught the model positions in 2000-3000 steps (README, "Why positions fail").
 """
 import ml_collections
 
