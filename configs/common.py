@@ -7,6 +7,7 @@ def diffusion_objective(prediction_type: str = "epsilon", schedule: str = "scale
                 rescale_zero_terminal_snr=False, init_from="",
                 weighting="min_snr" if prediction_type != "flow" else "simple", min_snr_gamma=5.0,
                 timestep_distribution="uniform" if prediction_type != "flow" else "logit_normal",
+                timestep_logit_mean=0.0, timestep_logit_std=1.0,
                 caption_dropout=0.1, sample_method="dpmpp_2m" if prediction_type != "flow" else "flow_euler",
                 sample_steps=25, guidance_scale=4.0)
 

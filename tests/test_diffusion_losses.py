@@ -120,6 +120,9 @@ def test_timestep_distributions():
     assert int(u.min()) >= 0 and int(u.max()) <= 999 and abs(float(u.mean()) - 499.5) < 10
     ln = losses.sample_timesteps(jax.random.key(0), 10000, VP, "logit_normal")
     assert abs(float(jnp.median(ln)) - 500) < 15 and float(jnp.mean((ln < 100) | (ln > 900))) < 0.06
+    # a logit mean of 1.5 puts the median at sigmoid(1.5) of the way: t ~ 817
+    noisy = losses.sample_timesteps(jax.random.key(0), 10000, VP, "logit_normal", logit_mean=1.5)
+    assert abs(float(jnp.median(noisy)) - 1000 * float(jax.nn.sigmoid(1.5))) < 15
     with pytest.raises(ValueError, match="choose one of: uniform, logit_normal"):
         losses.sample_timesteps(jax.random.key(0), 4, VP, "beta")
     with pytest.raises(ValueError, match="unknown loss weighting 'minsnr'"):

@@ -200,3 +200,25 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
     moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(f32.state.params))]
     assert 0 < max(moved) < 1e-2  # bf16 and f32 updates agree to bf16 precision
 
+
+
+def test_config_timestep_distribution_reaches_the_loss():
+    """config.model.timestep_logit_mean shifts the training timesteps the diffusion recipe draws."""
+    import ml_collections
+
+    from jaxdiff import schedules
+    from jaxdiff.training.recipes.diffusion import denoising_loss
+
+    seen = []
+
+    def apply_fn(x, t, ctx):
+        seen.append(t)
+        return jnp.zeros_like(x)
+
+    m = ml_collections.ConfigDict(dict(timestep_distribution="logit_normal", timestep_logit_mean=4.0,
+                                       timestep_logit_std=0.5, prediction_type="epsilon", weighting="simple"))
+    denoising_loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
+    assert float(seen[0].min()) > 900        # sigmoid(4 - 3 * 0.5) = 0.92
+    m.timestep_logit_mean = 0.0
+    denoising_loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
+    assert float(seen[1].min()) < 300

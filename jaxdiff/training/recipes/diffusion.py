@@ -11,7 +11,8 @@ config.model:
     with the U-Net (GLIDE, Nichol et al. 2022, trains its text transformer with the diffusion loss);
     the run's params are then {'unet': ..., 'text': ...} and its export carries the trained encoder
   schedule, num_train_timesteps, prediction_type (epsilon | v_prediction | sample | flow),
-  weighting (simple | snr | min_snr | edm), min_snr_gamma, timestep_distribution, caption_dropout,
+  weighting (simple | snr | min_snr | edm), min_snr_gamma, timestep_distribution (uniform |
+  logit_normal, with timestep_logit_mean / timestep_logit_std: a positive mean favours noisy steps), caption_dropout,
   rescale_zero_terminal_snr (beta schedules ending at SNR 0; v_prediction or sample),
   sample_method, sample_steps, guidance_scale
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run with
@@ -85,7 +86,8 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None):
     Timesteps from `m.timestep_distribution`; the model sees the schedule's timestep value
     (i for discrete schedules, sigma * N for flow matching), as samplers give it."""
     k_t, k_noise = jax.random.split(key)
-    t = losses.sample_timesteps(k_t, x0.shape[0], schedule, m.get("timestep_distribution", "uniform"))
+    t = losses.sample_timesteps(k_t, x0.shape[0], schedule, m.get("timestep_distribution", "uniform"),
+                                logit_mean=m.get("timestep_logit_mean", 0.0), logit_std=m.get("timestep_logit_std", 1.0))
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
