@@ -16,6 +16,8 @@ the noise instead of the text. `joint_text` is `zero_snr` with the text encoder 
 (config.model.text_encoder.trainable), so the diffusion loss itself can make those words count.
 Neither taught the model positions in 2000-3000 steps (README, "Why positions fail").
 """
+import pathlib
+
 import ml_collections
 
 from configs import common
@@ -23,6 +25,9 @@ from jaxdiff.training.config import base_config
 
 # 1 / 1.028, the std of the shapes VAE's latents (step 4000) on 1000 test images
 SCALING_FACTOR = 0.97
+VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates")
+# The shipped model folder (python -m jaxdiff.training.export wrote it from the `shapes` runs)
+SHIPPED = str(pathlib.Path(__file__).resolve().parents[1] / "jaxdiff" / "assets" / "shapes")
 
 
 def get_config(variant: str = "shapes"):
@@ -36,9 +41,9 @@ def get_config(variant: str = "shapes"):
         c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
         c.model.sample_steps = 5
         return c
-    if variant not in ("shapes", "zero_snr", "joint_text"):
-        raise ValueError(f"unknown variant {variant!r} of configs/latent_diffusion.py; choose one of: shapes, "
-                         f"zero_snr, joint_text, tiny")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of configs/latent_diffusion.py; choose one of: "
+                         f"{', '.join(VARIANTS)}, tiny")
     c.data = common.shapes_data()
     c.steps, c.batch_size = 15000, 32
     c.optim.lr, c.optim.warmup_steps, c.ema_decay = 3e-4, 500, 0.999
@@ -58,4 +63,8 @@ def get_config(variant: str = "shapes"):
         c.model.text_encoder.checkpoint = "/work/runs/clip_shapes_neg"
         c.model.text_encoder.trainable = variant == "joint_text"
         c.steps, c.optim.lr, c.optim.warmup_steps = 6000, 2e-4, 200
+    if variant == "coordinates":
+        c.model.unet.input_coordinates = True
+        c.model.init_from = c.model.vae.checkpoint = c.model.text_encoder.checkpoint = SHIPPED
+        c.steps, c.optim.lr, c.optim.warmup_steps = 4000, 2e-4, 200
     return c

@@ -1,5 +1,6 @@
 """Held-out evaluation of CLIP and VAE runs, and export of a latent text-to-image run (with the
 VAE and CLIP runs it was trained on) as a pipeline folder that TextToImage and the CLI load."""
+import dataclasses
 import json
 import os
 
@@ -238,3 +239,45 @@ def test_trainable_text_encoder_trains_and_exports(runs, tmp_path):
     c.model.text_encoder.trainable = False
     with pytest.raises(ValueError, match="trained its text encoder with its U-Net.*not supported"):
         train(c, str(tmp_path / "from_joint"))
+
+
+def test_fine_tune_from_a_model_folder_adding_coordinates(runs, tmp_path):
+    """An exported model folder serves as VAE, text encoder and init_from of a fine-tune that adds the U-Net's
+    coordinate inputs: step 0 computes exactly the source U-Net's function, and the fine-tune's export carries
+    the folder's VAE, text encoder and training records."""
+    from jaxdiff.convert import from_diffusers
+
+    folder = export.export_text_to_image(runs["ld"], str(tmp_path / "source"))
+    c = evaluate.read_run_config(runs["ld"])
+    c.model.update(init_from=folder, unet=dict(c.model.unet.to_dict(), input_coordinates=True))
+    c.model.vae.checkpoint = c.model.text_encoder.checkpoint = folder
+    start = jax.device_get(train(c, str(tmp_path / "step0"), stop_after=0).state.params)
+    ema = load_params(runs["ld"], "ema")
+    kernel = start["conv_in"]["kernel"]
+    assert kernel.shape[2] == ema["conv_in"]["kernel"].shape[2] + 2 and not kernel[:, :, -2:].any()
+    np.testing.assert_array_equal(kernel[:, :, :-2], ema["conv_in"]["kernel"])
+    plain, _ = from_diffusers(os.path.join(folder, "unet"))
+    with_coords = type(plain)(dataclasses.replace(plain.config, input_coordinates=True))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, plain.config.in_channels))
+    context = jax.random.normal(jax.random.key(1), (2, 5, plain.config.cross_attention_dim))
+    np.testing.assert_allclose(with_coords.apply({"params": start}, x, jnp.array([10, 900]), context),
+                               plain.apply({"params": ema}, x, jnp.array([10, 900]), context), atol=1e-6)
+
+    workdir = str(tmp_path / "coords")
+    train(c, workdir)
+    out = export.export_text_to_image(workdir, str(tmp_path / "model"))
+    unet, params = from_diffusers(os.path.join(out, "unet"))
+    assert unet.config.input_coordinates
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), load_params(workdir, "ema"))
+    records, source = (json.load(open(os.path.join(f, "training.json"))) for f in (out, folder))
+    assert records["vae"] == source["vae"] and records["clip"] == source["clip"]
+    assert records["diffusion"]["config"]["model"]["init_from"] == folder
+    pipe, source_pipe = TextToImage.from_pretrained(out), TextToImage.from_pretrained(folder)
+    for part in ("text_params", "vae_params"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(pipe, part)),
+                     jax.device_get(getattr(source_pipe, part)))
+    assert np.isfinite(np.asarray(pipe(["a red circle"], steps=2, seed=0))).all()
+
+    c.model.text_encoder.num_hidden_layers = 2
+    with pytest.raises(ValueError, match="text: the weights in .* do not fit this run's config"):
+        train(c, str(tmp_path / "misfit"))

@@ -1,4 +1,5 @@
 """UNet2DCondition against diffusers' UNet2DConditionModel (golden files) and closed forms."""
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -147,3 +148,26 @@ def test_config_validation_names_the_field(field, value, match):
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, num_attention_heads=4)
     with pytest.raises(ValueError, match=match):
         UNetConfig(**{**base, field: value})
+
+
+def test_input_coordinates_are_two_closed_form_channels(tmp_path):
+    """input_coordinates=True is the same U-Net with two more input channels holding each pixel's column and
+    row scaled to [-1, 1] (built here with numpy); it exports only as a jaxdiff field and loads back."""
+    unet, _, io = load("unet_sd1")
+    coords = unet.clone(config=dataclasses.replace(unet.config, input_coordinates=True))
+    wide = unet.clone(config=dataclasses.replace(unet.config, in_channels=unet.config.in_channels + 2))
+    x, t, context = io["x"], io["t"], io["context"]
+    params = coords.init(jax.random.key(0), x, t, context)["params"]
+    b, h, w, _ = x.shape
+    grid = np.stack(np.meshgrid(np.arange(w) / (w - 1), np.arange(h) / (h - 1), indexing="xy"), -1) * 2 - 1
+    explicit = np.concatenate([x, np.broadcast_to(grid, (b, h, w, 2))], axis=-1)
+    np.testing.assert_allclose(coords.apply({"params": params}, x, t, context),
+                               wide.apply({"params": params}, explicit, t, context), atol=1e-5)
+
+    with pytest.raises(ValueError, match="cannot express input_coordinates=True"):
+        jd.convert.to_diffusers(coords, params, str(tmp_path / "refused"))
+    jd.convert.to_diffusers(coords, params, str(tmp_path / "unet"), jaxdiff_fields=True)
+    loaded, loaded_params = jd.convert.from_diffusers(str(tmp_path / "unet"))
+    assert loaded.config == coords.config
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded_params), jax.device_get(nn.meta.unbox(params)))
+    assert "input_coordinates" not in unet.config.to_diffusers_config()

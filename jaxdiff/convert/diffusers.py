@@ -105,13 +105,13 @@ def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = Fa
     """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' `from_pretrained` loads.
 
     Params are checked against the module's shapes first, so a wrong tree fails here, not in diffusers.
-    `jaxdiff_fields` (a TemporalUNet only): write the video-U-Net settings diffusers cannot express
-    (frame position embeddings, per-block heads, ...) as extra config fields instead of refusing
-    them; `from_diffusers` loads such a folder exactly, diffusers cannot (see
-    `TemporalUNetConfig.to_diffusers_config`).
+    `jaxdiff_fields` (U-Nets only): write the settings diffusers cannot express (coordinate input
+    channels; a video U-Net's frame position embeddings, per-block heads, ...) as extra config fields
+    instead of refusing them; `from_diffusers` loads such a folder exactly, diffusers cannot (see
+    `UNetConfig.to_diffusers_config`, `TemporalUNetConfig.to_diffusers_config`).
     """
-    if jaxdiff_fields and not isinstance(module, TemporalUNet):
-        raise ValueError(f"jaxdiff_fields=True is for a TemporalUNet's config; {type(module).__name__} has none")
+    if jaxdiff_fields and not isinstance(module, (TemporalUNet, UNet2DCondition)):
+        raise ValueError(f"jaxdiff_fields=True is for a U-Net's config; {type(module).__name__} has none")
     state_dict = export_params(nn.meta.unbox(params), torch_key_of)
     import_params(state_dict, param_template(module), torch_key_of)  # fails naming any wrong key or shape
     # safetensors' numpy writer has no bfloat16: store those as float32 (torch casts on load).

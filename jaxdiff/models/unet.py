@@ -88,6 +88,10 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     sample_size: int | None = None
+    # jaxdiff only (CoordConv, Liu et al. 2018): two channels of x and y in [-1, 1] concatenated to the
+    # input before conv_in. Zero-padded convolutions tell the middle of a small latent barely apart from
+    # its sides (README, "Why positions fail"); place words need that absolute position.
+    input_coordinates: bool = False
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -160,14 +164,21 @@ class UNetConfig:
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
-    def to_diffusers_config(self) -> dict:
-        """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel)."""
+    def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
+        """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel). `input_coordinates`
+        has no diffusers counterpart: refused unless `jaxdiff_fields`, then written as an extra field
+        that `from_diffusers_config` reads back (diffusers ignores it, with a warning, and cannot load
+        conv_in's two extra input channels)."""
+        if self.input_coordinates and not jaxdiff_fields:
+            raise ValueError("UNet2DConditionModel cannot express input_coordinates=True (jaxdiff's coordinate "
+                             "input channels); export with jaxdiff_fields=True for jaxdiff to load")
         if (self.attention_norm_eps, self.transformer_norm_eps) != (1e-6, 1e-5):
             raise ValueError("diffusers fixes attention_norm_eps=1e-6 and transformer_norm_eps=1e-5; this config has "
                              f"{self.attention_norm_eps}, {self.transformer_norm_eps}")
         out = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
-            if f.name in ("num_attention_heads", "attention_norm_eps", "transformer_norm_eps"):
+            if f.name in ("num_attention_heads", "attention_norm_eps", "transformer_norm_eps") or \
+                    (f.name == "input_coordinates" and not self.input_coordinates):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -218,6 +229,8 @@ class UNet2DCondition(nn.Module):
             x = 2 * x - 1
         if context is not None:
             context = context.astype(self.dtype)
+        if c.input_coordinates:
+            x = jnp.concatenate([x, coordinate_channels(x.shape[0], x.shape[1], x.shape[2], x.dtype)], axis=-1)
         h = constrain_image(conv(c.block_out_channels[0], c.conv_in_kernel, name="conv_in", **kw)(x))
 
         skips = [h]
@@ -246,3 +259,10 @@ class UNet2DCondition(nn.Module):
 
         h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(h))
         return conv(c.out_channels, c.conv_out_kernel, name="conv_out", **kw)(h)
+
+
+def coordinate_channels(batch: int, height: int, width: int, dtype=jnp.float32):
+    """[batch, height, width, 2]: each pixel's x (column) and y (row) centre, scaled to [-1, 1]."""
+    y, x = jnp.meshgrid(jnp.linspace(-1.0, 1.0, height, dtype=dtype), jnp.linspace(-1.0, 1.0, width, dtype=dtype),
+                        indexing="ij")
+    return jnp.broadcast_to(jnp.stack([x, y], axis=-1), (batch, height, width, 2))

@@ -4,7 +4,8 @@
     python -m jaxdiff.training.export --workdir /work/runs/vd_inflated --out /tmp/vd_inflated_model
 
 Reads the latent-diffusion run's config, its EMA U-Net, and the EMA weights of the VAE and
-CLIP runs it was trained on (`model.vae.checkpoint`, `model.text_encoder.checkpoint`), and
+CLIP it was trained on (`model.vae.checkpoint`, `model.text_encoder.checkpoint`: runs, or model
+folders such as the shipped one, whose parts and training.json records are carried over), and
 writes diffusers' layout: model_index.json, unet/ and vae/ (diffusers format), text_encoder/
 (transformers' CLIPTextModel), tokenizer/ (the run's WordTokenizer), scheduler/ (a
 DPMSolverMultistepScheduler config for the run's noise schedule), plus clip/ (both CLIP towers,
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.transformers import to_transformers
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
+from jaxdiff.training import sources
 from jaxdiff.training.checkpoint import latest_step, load_params
 from jaxdiff.training.evaluate import read_run_config
 
@@ -137,8 +139,10 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
     scheduler = {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
-    vae_run, clip_run = _frozen_run(m, "vae"), _frozen_run(m, "text_encoder")
-    clip_config = read_run_config(clip_run)
+    vae_source, clip_source = _frozen_run(m, "vae"), _frozen_run(m, "text_encoder")
+    # what is loaded is what is recorded
+    records = {"diffusion": {"step": latest_step(workdir), "seed": config.seed, "config": config.to_dict()},
+               "vae": sources.record(vae_source, "vae"), "clip": sources.record(clip_source, "clip")}
     spec = data_spec(config.data)
 
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
@@ -147,19 +151,19 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
     # The recipe's own builders: an inflated video U-Net's architecture comes from its image run.
     unet = video_unet(*unet_args)[0] if video else image_unet(*unet_args)
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
-    clip = clip_model_for(clip_config, spec)
-    runs = {"diffusion": (workdir, config), "vae": (vae_run, read_run_config(vae_run)), "clip": (clip_run, clip_config)}
-    steps = {name: latest_step(path) for name, (path, _) in runs.items()}  # what is loaded is what is recorded
-    clip_params = load_params(clip_run, "ema", steps["clip"])
+    clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
+    clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
     # A run that trained its text encoder carries it; clip/ stays the CLIP run's (both towers).
-    unet_params, text_params = split_params(m, load_params(workdir, "ema", steps["diffusion"]))
+    unet_params, text_params = split_params(m, load_params(workdir, "ema", records["diffusion"]["step"]))
+    if text_params is None:
+        text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
+    vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
 
     def write(folder: str) -> None:
-        to_diffusers(unet, unet_params, os.path.join(folder, "unet"), jaxdiff_fields=video)
-        to_diffusers(AutoencoderKL(vae_cfg), load_params(vae_run, "ema", steps["vae"])["vae"],
-                     os.path.join(folder, "vae"))
-        to_transformers(text_encoder, clip_params["text_model"] if text_params is None else text_params,
-                        os.path.join(folder, "text_encoder"))
+        to_diffusers(unet, unet_params, os.path.join(folder, "unet"),
+                     jaxdiff_fields=video or unet.config.input_coordinates)
+        to_diffusers(AutoencoderKL(vae_cfg), vae_params, os.path.join(folder, "vae"))
+        to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))
         shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer"))
         os.makedirs(os.path.join(folder, "scheduler"))
@@ -169,8 +173,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
             "unet": ["diffusers", pipeline.unet_class], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
-        _write_json(os.path.join(folder, "training.json"), {
-            name: {"step": steps[name], "seed": c.seed, "config": c.to_dict()} for name, (_, c) in runs.items()})
+        _write_json(os.path.join(folder, "training.json"), records)
 
     return _write_atomically(out, write)
 

@@ -5,8 +5,10 @@ or text-to-video / image-to-video latent diffusion with a TemporalUNet (ModelSco
 
 config.model:
   backbone: unet | dit | temporal_unet;  unet / dit / temporal_unet: the backbone's config fields
-  space: pixel | latent; vae: AutoencoderKLConfig fields + checkpoint (a vae run's workdir)
-  text_encoder: CLIPTextConfig fields + checkpoint (a clip run's workdir); absent: unconditional;
+  space: pixel | latent; vae: AutoencoderKLConfig fields + checkpoint (a vae run's workdir, or a model
+    folder that jaxdiff.training.export wrote, such as jaxdiff/assets/shapes: its vae/)
+  text_encoder: CLIPTextConfig fields + checkpoint (a clip run's workdir, or a model folder: its
+    text_encoder/); absent: unconditional;
     trainable (default False; backbone unet): the text encoder starts from that checkpoint and trains
     with the U-Net (GLIDE, Nichol et al. 2022, trains its text transformer with the diffusion loss);
     the run's params are then {'unet': ..., 'text': ...} and its export carries the trained encoder
@@ -15,16 +17,18 @@ config.model:
   logit_normal, with timestep_logit_mean / timestep_logit_std: a positive mean favours noisy steps), caption_dropout,
   rescale_zero_terminal_snr (beta schedules ending at SNR 0; v_prediction or sample),
   sample_method, sample_steps, guidance_scale
-  init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run with
-    the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning, e.g. to another
-    objective); its VAE and text encoder should be this run's.
+  init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
+    a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
+    e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
+    is adding unet.input_coordinates: conv_in's two new input channels start at zero, so the fine-tune
+    starts from the source U-Net's exact function.
 A frozen part without a checkpoint is randomly initialised (for tests and smoke runs) and says so.
 
 Video (backbone temporal_unet; latent space and a text encoder required; data: videos
 batch["image"] [B, T, H, W, 3], e.g. source 'shapes' with a `moving_shapes/...` name):
   temporal_unet: TemporalUNetConfig fields (a video U-Net from scratch; in/out channels and
     sample_size come from the VAE and the data), or
-  init_from: the workdir of a latent text-to-image run (backbone unet) whose EMA U-Net is inflated
+  init_from: the workdir of a latent text-to-image run (backbone unet), or a model folder, whose EMA U-Net is inflated
     (`jaxdiff.models.temporal_unet.inflate`: before training the video U-Net is that U-Net on every
     frame); temporal: the video-only TemporalUNetConfig fields for it (frame_position_embedding,
     conditioning_frame_channels, ...). Building the task reads that run's config.json and EMA weights.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -46,8 +51,8 @@ from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, Di
     TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
 from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.models.vae import sample_posterior
-from jaxdiff.training.checkpoint import load_params
 from jaxdiff.training.config import choice
+from jaxdiff.training import sources
 from jaxdiff.training.recipes.clip import text_config_for
 from jaxdiff.training.task import Task, init_boxed, rebox
 
@@ -96,13 +101,17 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None):
     return loss
 
 
-def _frozen(module, boxed_abstract, checkpoint: str, subtree: str, what: str):
-    """Trained weights from a run's checkpoint (EMA) or, without one, a random init (warned)."""
+def _frozen(boxed_abstract, checkpoint: str, part: str, what: str):
+    """`part`'s trained weights (EMA) from a run or model folder or, without one, a random init (warned)."""
     if not checkpoint:
         log.warning("%s: no checkpoint given, using a frozen random init", what)
         return None
-    params = load_params(checkpoint, "ema")
-    return rebox(params[subtree] if subtree else params, boxed_abstract)
+    params = sources.ema_params(checkpoint, part)
+    shapes = jax.tree.map(lambda a: a.shape, (params, nn.meta.unbox(boxed_abstract)))
+    if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]) or shapes[0] != shapes[1]:
+        raise ValueError(f"{what}: the weights in {checkpoint!r} do not fit this run's config of it (other "
+                         f"sizes or layers); make the config's fields those of the run that trained them")
+    return rebox(params, boxed_abstract)
 
 
 def _vae_config(fields) -> AutoencoderKLConfig:
@@ -166,10 +175,8 @@ def num_frames_for(c) -> int:
 
 def _source_unet(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCondition:
     """The image U-Net of the latent text-to-image run `m.init_from` (from its config.json)."""
-    from jaxdiff.training.evaluate import read_run_config
-
     path = m.init_from
-    run = read_run_config(path)
+    run = sources.run_config(path, "unet")
     r = run.model
     if run.get("recipe") != "diffusion" or r.get("backbone") != "unet" or r.get("space") != "latent" \
             or "text_encoder" not in r:
@@ -183,13 +190,23 @@ def _source_unet(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCon
     if channels != vae_cfg.latent_channels:
         raise ValueError(f"config.model.init_from={path!r}: that run's VAE has {channels} latent channels, "
                          f"config.model.vae has {vae_cfg.latent_channels}")
+    # A model folder carries its own VAE and text encoder; a run names theirs.
     differ = [f"{part}.checkpoint" for part in ("vae", "text_encoder")
-              if r[part].get("checkpoint", "") != m[part].get("checkpoint", "")]
+              if m[part].get("checkpoint", "") not in ({path} if sources.is_model_folder(path)
+                                                       else {r[part].get("checkpoint", "")})]
     differ += [f for f, default in (("schedule", None), ("prediction_type", None), ("rescale_zero_terminal_snr", False))
                if r.get(f, default) != m.get(f, default)]
     if differ:
         log.warning("U-Net initialised from %s, whose %s differ from this run's", path, ", ".join(differ))
     return image_unet(r, channels, size, dtype)
+
+
+def with_coordinate_inputs(unet_params):
+    """A U-Net's params with two zero input channels appended to conv_in's kernel: the same function of
+    its input, now also taking UNetConfig.input_coordinates' channels (which start unused)."""
+    kernel = unet_params["conv_in"]["kernel"]                  # [kh, kw, in, out]
+    pad = jnp.zeros((*kernel.shape[:2], 2, kernel.shape[3]), kernel.dtype)
+    return {**unet_params, "conv_in": {**unet_params["conv_in"], "kernel": jnp.concatenate([kernel, pad], axis=2)}}
 
 
 def video_unet(m, channels: int, size: int, dtype) -> tuple[TemporalUNet, UNet2DCondition | None]:
@@ -218,18 +235,20 @@ def backbone(m, channels: int, size: int, dtype):
         if not m.get("init_from"):
             return net, None
         source = _source_unet(m, _vae_config(m.vae), size, dtype)
-        if source.config != net.config:
-            differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
+        differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
+        adds_coordinates = differ == ["input_coordinates"] and net.config.input_coordinates
+        if differ and not adds_coordinates:
             raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
-                             f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture")
-        weights = load_params(m.init_from, "ema")
-        return net, lambda key: weights
+                             f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture "
+                             f"(it may only add input_coordinates)")
+        weights = sources.ema_params(m.init_from, "unet")
+        return net, lambda key: with_coordinate_inputs(weights) if adds_coordinates else weights
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit.to_dict(), **fields}), dtype=dtype), None
     net, unet = video_unet(m, channels, size, dtype)
     if unet is None:
         return net, None
-    weights = load_params(m.init_from, "ema")    # host arrays (init runs under a trace, where orbax cannot load)
+    weights = sources.ema_params(m.init_from, "unet")   # host arrays (init runs under a trace, where orbax cannot load)
     return net, lambda key: inflate(unet, weights, key, **_temporal_overrides(m))[1]
 
 
@@ -263,14 +282,14 @@ def build(c, spec) -> Task:
         text_cfg = text_config_for(m.text_encoder.to_dict(), spec)
         encoder = CLIPTextModel(text_cfg, dtype=dtype)
         frozen_init["text"] = (encoder, (jnp.zeros((1, spec.max_length), jnp.int32),),
-                               m.text_encoder.get("checkpoint", ""), "text_model")
+                               m.text_encoder.get("checkpoint", ""), "text_encoder")
         empty = jnp.asarray(spec.empty_tokens, jnp.int32)
 
     frozen = {}
-    for name, (module, args, ckpt, subtree) in frozen_init.items():
+    for name, (module, args, ckpt, part) in frozen_init.items():
         key = jax.random.fold_in(jax.random.key(c.seed), len(frozen) + 1)
         abstract = jax.eval_shape(lambda k: init_boxed(module, k, *args), key)
-        frozen[name] = _frozen(module, abstract, ckpt, subtree, f"{m.space} diffusion's {name}") or \
+        frozen[name] = _frozen(abstract, ckpt, part, f"{m.space} diffusion's {name}") or \
             init_boxed(module, key, *args)
 
     text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
