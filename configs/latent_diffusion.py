@@ -4,6 +4,7 @@ caption dropout for classifier-free guidance.
   python -m train --config configs/latent_diffusion.py --workdir /work/runs/ld_shapes   # the shapes model
   python -m train --config configs/latent_diffusion.py:zero_snr --workdir /work/runs/ld_shapes_zsnr  # fine-tunes it
   python -m train --config configs/latent_diffusion.py:joint_text --workdir /work/runs/ld_shapes_joint
+  python -m train --config configs/latent_diffusion.py:coordinates --workdir /work/runs/ld_coords
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
 `zero_snr` fine-tunes the `shapes` run's EMA U-Net on the hard-negative CLIP of configs/clip.py:negatives,
@@ -15,19 +16,20 @@ scaled_linear's last timestep keeps sqrt(0.0047) of the latent, enough to read t
 the noise instead of the text. `joint_text` is `zero_snr` with the text encoder trained along
 (config.model.text_encoder.trainable), so the diffusion loss itself can make those words count.
 Neither taught the model positions in 2000-3000 steps (README, "Why positions fail").
+`coordinates` is `zero_snr` on the shipped CLIP with the U-Net's input_coordinates added: two input
+channels holding each latent pixel's x and y, since zero-padded convolutions tell the middle columns of
+the 16x16 latent apart from each other barely (a linear probe on the 8x8 features the cross-attention
+sees reads left from right at chance for the two centre columns).
 """
-import pathlib
-
 import ml_collections
 
 from configs import common
+from jaxdiff.pipelines import SHAPES_MODEL as SHIPPED   # the `shapes` runs, exported
 from jaxdiff.training.config import base_config
 
 # 1 / 1.028, the std of the shapes VAE's latents (step 4000) on 1000 test images
 SCALING_FACTOR = 0.97
 VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates")
-# The shipped model folder (python -m jaxdiff.training.export wrote it from the `shapes` runs)
-SHIPPED = str(pathlib.Path(__file__).resolve().parents[1] / "jaxdiff" / "assets" / "shapes")
 
 
 def get_config(variant: str = "shapes"):
@@ -57,14 +59,16 @@ def get_config(variant: str = "shapes"):
                        scaling_factor=SCALING_FACTOR, checkpoint="/work/runs/vae_shapes")
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint="/work/runs/clip_shapes", trainable=False)
+    if variant != "shapes":
+        # Fine-tunes of the shipped model (the `shapes` run's EMA at step 15000, exported) to a schedule
+        # ending at SNR 0 with v-prediction (Lin et al. 2024)
+        c.model.update(init_from=SHIPPED, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
+                       weighting="simple")
+        c.model.vae.checkpoint = c.model.text_encoder.checkpoint = SHIPPED
+        c.steps, c.optim.lr, c.optim.warmup_steps = 6000, 2e-4, 200
     if variant in ("zero_snr", "joint_text"):
-        c.model.update(init_from="/work/runs/ld_shapes", rescale_zero_terminal_snr=True,
-                       prediction_type="v_prediction", weighting="simple")
         c.model.text_encoder.checkpoint = "/work/runs/clip_shapes_neg"
         c.model.text_encoder.trainable = variant == "joint_text"
-        c.steps, c.optim.lr, c.optim.warmup_steps = 6000, 2e-4, 200
     if variant == "coordinates":
         c.model.unet.input_coordinates = True
-        c.model.init_from = c.model.vae.checkpoint = c.model.text_encoder.checkpoint = SHIPPED
-        c.steps, c.optim.lr, c.optim.warmup_steps = 4000, 2e-4, 200
     return c
