@@ -5,6 +5,7 @@ caption dropout for classifier-free guidance.
   python -m train --config configs/latent_diffusion.py:zero_snr --workdir /work/runs/ld_shapes_zsnr  # fine-tunes it
   python -m train --config configs/latent_diffusion.py:joint_text --workdir /work/runs/ld_shapes_joint
   python -m train --config configs/latent_diffusion.py:coordinates --workdir /work/runs/ld_coords
+  python -m train --config configs/latent_diffusion.py:context --workdir /work/runs/ld_context
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
 `zero_snr` fine-tunes the `shapes` run's EMA U-Net on the hard-negative CLIP of configs/clip.py:negatives,
@@ -18,8 +19,10 @@ the noise instead of the text. `joint_text` is `zero_snr` with the text encoder 
 Neither taught the model positions in 2000-3000 steps (README, "Why positions fail").
 `coordinates` is `zero_snr` on the shipped CLIP with the U-Net's input_coordinates added: two input
 channels holding each latent pixel's x and y, since zero-padded convolutions tell the middle columns of
-the 16x16 latent apart from each other barely (a linear probe on the 8x8 features the cross-attention
-sees reads left from right at chance for the two centre columns).
+the 16x16 latent apart barely (on pure noise at t = 999, a linear probe on the 8x8 features the
+cross-attention sees tells left from right at chance for the two centre columns). `context` adds two bidirectional
+transformer layers over the text states (unet.context_layers, gated from 0): in the causal CLIP the
+noun's state, which the U-Net reads most, cannot see the place words that follow it.
 """
 import ml_collections
 
@@ -29,7 +32,7 @@ from jaxdiff.training.config import base_config
 
 # 1 / 1.028, the std of the shapes VAE's latents (step 4000) on 1000 test images
 SCALING_FACTOR = 0.97
-VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates")
+VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context")
 
 
 def get_config(variant: str = "shapes"):
@@ -69,6 +72,8 @@ def get_config(variant: str = "shapes"):
     if variant in ("zero_snr", "joint_text"):
         c.model.text_encoder.checkpoint = "/work/runs/clip_shapes_neg"
         c.model.text_encoder.trainable = variant == "joint_text"
-    if variant == "coordinates":
+    if variant in ("coordinates", "context"):
         c.model.unet.input_coordinates = True
+    if variant == "context":
+        c.model.unet.context_layers = 2
     return c

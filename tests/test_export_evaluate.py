@@ -241,23 +241,28 @@ def test_trainable_text_encoder_trains_and_exports(runs, tmp_path):
         train(c, str(tmp_path / "from_joint"))
 
 
-def test_fine_tune_from_a_model_folder_adding_coordinates(runs, tmp_path):
+def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     """An exported model folder serves as VAE, text encoder and init_from of a fine-tune that adds the U-Net's
-    coordinate inputs: step 0 computes exactly the source U-Net's function, and the fine-tune's export carries
-    the folder's VAE, text encoder and training records."""
+    coordinate inputs and context layers: step 0 computes exactly the source U-Net's function, and the
+    fine-tune's export carries the folder's VAE, text encoder and training records."""
     from jaxdiff.convert import from_diffusers
 
     folder = export.export_text_to_image(runs["ld"], str(tmp_path / "source"))
     c = evaluate.read_run_config(runs["ld"])
-    c.model.update(init_from=folder, unet=dict(c.model.unet.to_dict(), input_coordinates=True))
+    c.model.update(init_from=folder, unet=dict(c.model.unet.to_dict(), input_coordinates=True, context_layers=1,
+                                               context_heads=2))
     c.model.vae.checkpoint = c.model.text_encoder.checkpoint = folder
     start = jax.device_get(train(c, str(tmp_path / "step0"), stop_after=0).state.params)
     ema = load_params(runs["ld"], "ema")
     kernel = start["conv_in"]["kernel"]
     assert kernel.shape[2] == ema["conv_in"]["kernel"].shape[2] + 2 and not kernel[:, :, -2:].any()
     np.testing.assert_array_equal(kernel[:, :, :-2], ema["conv_in"]["kernel"])
+    assert not start["context_layers_0"]["scale"].any() and start["context_layers_0"]["layer"]["mlp"]["fc1"]["kernel"].any()
+    jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in start.items() if k not in ("conv_in", "context_layers_0")},
+                 {k: v for k, v in ema.items() if k != "conv_in"})
     plain, _ = from_diffusers(os.path.join(folder, "unet"))
-    with_coords = type(plain)(dataclasses.replace(plain.config, input_coordinates=True))
+    with_coords = type(plain)(dataclasses.replace(plain.config, input_coordinates=True, context_layers=1,
+                                                  context_heads=2))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, plain.config.in_channels))
     context = jax.random.normal(jax.random.key(1), (2, 5, plain.config.cross_attention_dim))
     np.testing.assert_allclose(with_coords.apply({"params": start}, x, jnp.array([10, 900]), context),
@@ -267,7 +272,7 @@ def test_fine_tune_from_a_model_folder_adding_coordinates(runs, tmp_path):
     train(c, workdir)
     out = export.export_text_to_image(workdir, str(tmp_path / "model"))
     unet, params = from_diffusers(os.path.join(out, "unet"))
-    assert unet.config.input_coordinates
+    assert unet.config.input_coordinates and unet.config.context_layers == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), load_params(workdir, "ema"))
     records, source = (json.load(open(os.path.join(f, "training.json"))) for f in (out, folder))
     assert records["vae"] == source["vae"] and records["clip"] == source["clip"]

@@ -164,7 +164,7 @@ def test_input_coordinates_are_two_closed_form_channels(tmp_path):
     np.testing.assert_allclose(coords.apply({"params": params}, x, t, context),
                                wide.apply({"params": params}, explicit, t, context), atol=1e-5)
 
-    with pytest.raises(ValueError, match="cannot express input_coordinates=True"):
+    with pytest.raises(ValueError, match=r"cannot express \{.input_coordinates.: True\}"):
         jd.convert.to_diffusers(coords, params, str(tmp_path / "refused"))
     jd.convert.to_diffusers(coords, params, str(tmp_path / "unet"), jaxdiff_fields=True)
     loaded, loaded_params = jd.convert.from_diffusers(str(tmp_path / "unet"))

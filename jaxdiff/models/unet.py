@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.clip import CLIPTextConfig, EncoderLayer
 from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerSpec, UpBlock, conv,
                                    constrain_image, group_norm, timestep_embedding)
 
@@ -49,6 +50,8 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
 }
 # Fields that only matter to the unsupported features above.
 _IGNORED_DIFFUSERS_FIELDS = {"addition_embed_type_num_heads"}
+# jaxdiff's own UNetConfig fields -> their defaults (a diffusers U-Net)
+_JAXDIFF_FIELDS = {"input_coordinates": False, "context_layers": 0, "context_heads": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,12 @@ class UNetConfig:
     # input before conv_in. Zero-padded convolutions tell the middle of a small latent barely apart from
     # its sides (README, "Why positions fail"); place words need that absolute position.
     input_coordinates: bool = False
+    # jaxdiff only: bidirectional transformer layers over the text context before any block reads it
+    # (CLIP's pre-LN layer without the causal mask, `context_heads` heads), each added through a
+    # per-channel gate that starts at 0, so adding them to a trained U-Net keeps its function. A causal
+    # text encoder's noun states cannot see the words after them ("a red circle on the left").
+    context_layers: int = 0
+    context_heads: int = 4
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -121,6 +130,10 @@ class UNetConfig:
         if not isinstance(self.cross_attention_dim, (int, np.integer)):
             raise ValueError(f"UNetConfig.cross_attention_dim={self.cross_attention_dim!r}: only one int "
                              f"(the same context width for every block) is supported")
+        if self.context_layers < 0 or (self.context_layers and self.cross_attention_dim % self.context_heads):
+            raise ValueError(f"UNetConfig.context_layers={self.context_layers}, context_heads={self.context_heads}: "
+                             f"need context_layers >= 0 and context_heads dividing cross_attention_dim="
+                             f"{self.cross_attention_dim}")
         for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
             if ch % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: block channels {ch} not divisible by norm_num_groups={self.norm_num_groups}")
@@ -164,21 +177,27 @@ class UNetConfig:
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
+    def jaxdiff_only(self) -> dict:
+        """The settings diffusers has no counterpart for ({field: value}; empty for a diffusers U-Net)."""
+        return {f: getattr(self, f) for f, default in _JAXDIFF_FIELDS.items()
+                if getattr(self, f) != default and (f != "context_heads" or self.context_layers)}
+
     def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
-        """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel). `input_coordinates`
-        has no diffusers counterpart: refused unless `jaxdiff_fields`, then written as an extra field
-        that `from_diffusers_config` reads back (diffusers ignores it, with a warning, and cannot load
-        conv_in's two extra input channels)."""
-        if self.input_coordinates and not jaxdiff_fields:
-            raise ValueError("UNet2DConditionModel cannot express input_coordinates=True (jaxdiff's coordinate "
-                             "input channels); export with jaxdiff_fields=True for jaxdiff to load")
+        """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel). The jaxdiff-only
+        settings (coordinate inputs, context layers) are refused unless `jaxdiff_fields`, then written as
+        extra fields that `from_diffusers_config` reads back (diffusers ignores them, with a warning, and
+        cannot load their weights)."""
+        extra = self.jaxdiff_only()
+        if extra and not jaxdiff_fields:
+            raise ValueError(f"UNet2DConditionModel cannot express {extra} (jaxdiff-only settings); export with "
+                             f"jaxdiff_fields=True for jaxdiff to load")
         if (self.attention_norm_eps, self.transformer_norm_eps) != (1e-6, 1e-5):
             raise ValueError("diffusers fixes attention_norm_eps=1e-6 and transformer_norm_eps=1e-5; this config has "
                              f"{self.attention_norm_eps}, {self.transformer_norm_eps}")
         out = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
             if f.name in ("num_attention_heads", "attention_norm_eps", "transformer_norm_eps") or \
-                    (f.name == "input_coordinates" and not self.input_coordinates):
+                    (f.name in _JAXDIFF_FIELDS and f.name not in extra):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -229,6 +248,9 @@ class UNet2DCondition(nn.Module):
             x = 2 * x - 1
         if context is not None:
             context = context.astype(self.dtype)
+            for i in range(c.context_layers):
+                context = GatedContextLayer(c.cross_attention_dim, c.context_heads, name=f"context_layers_{i}",
+                                            **kw)(context)
         if c.input_coordinates:
             x = jnp.concatenate([x, coordinate_channels(x.shape[0], x.shape[1], x.shape[2], x.dtype)], axis=-1)
         h = constrain_image(conv(c.block_out_channels[0], c.conv_in_kernel, name="conv_in", **kw)(x))
@@ -259,6 +281,24 @@ class UNet2DCondition(nn.Module):
 
         h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(h))
         return conv(c.out_channels, c.conv_out_kernel, name="conv_out", **kw)(h)
+
+
+class GatedContextLayer(nn.Module):
+    """context + gate * (layer(context) - context): a bidirectional pre-LN transformer layer over the text
+    context, gated per channel from 0 (LayerScale / ReZero style), so it starts as the identity."""
+    width: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, context):
+        config = CLIPTextConfig(hidden_size=self.width, intermediate_size=4 * self.width, projection_dim=self.width,
+                                num_hidden_layers=1, num_attention_heads=self.heads)
+        out = EncoderLayer(config, self.dtype, self.param_dtype, name="layer")(context)
+        gate = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                          (self.width,), self.param_dtype)
+        return context + gate.astype(context.dtype) * (out - context)
 
 
 def coordinate_channels(batch: int, height: int, width: int, dtype=jnp.float32):

@@ -20,7 +20,8 @@ config.model:
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
-    is adding unet.input_coordinates: conv_in's two new input channels start at zero, so the fine-tune
+    is adding jaxdiff-only parts to a U-Net without them (unet.input_coordinates: conv_in's two new
+    input channels start at zero; unet.context_layers: their gates start at zero), so the fine-tune
     starts from the source U-Net's exact function.
 A frozen part without a checkpoint is randomly initialised (for tests and smoke runs) and says so.
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 import logging
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -201,12 +203,21 @@ def _source_unet(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCon
     return image_unet(r, channels, size, dtype)
 
 
-def with_coordinate_inputs(unet_params):
-    """A U-Net's params with two zero input channels appended to conv_in's kernel: the same function of
-    its input, now also taking UNetConfig.input_coordinates' channels (which start unused)."""
-    kernel = unet_params["conv_in"]["kernel"]                  # [kh, kw, in, out]
-    pad = jnp.zeros((*kernel.shape[:2], 2, kernel.shape[3]), kernel.dtype)
-    return {**unet_params, "conv_in": {**unet_params["conv_in"], "kernel": jnp.concatenate([kernel, pad], axis=2)}}
+def grafted(fresh, source):
+    """The source U-Net's params in the tree of a fresh init of the same U-Net with jaxdiff-only parts added:
+    params the source lacks (context layers) keep their init; conv_in's kernel gets zero weights for
+    the added coordinate channels. Both the same function of their input, before training."""
+    fresh, source = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(source)
+    missing = sorted("/".join(p) for p in source if p not in fresh)
+    if missing:
+        raise ValueError(f"the source U-Net has params this one lacks: {', '.join(missing)}")
+    out = {}
+    for path, init in fresh.items():
+        value = source.get(path, init)
+        if path == ("conv_in", "kernel") and value.shape != init.shape:     # [kh, kw, in, out]: two more inputs
+            value = jnp.concatenate([value, jnp.zeros((*value.shape[:2], 2, value.shape[3]), value.dtype)], axis=2)
+        out[path] = value
+    return traverse_util.unflatten_dict(out)
 
 
 def video_unet(m, channels: int, size: int, dtype) -> tuple[TemporalUNet, UNet2DCondition | None]:
@@ -227,8 +238,9 @@ def _temporal_overrides(m) -> dict:
 
 
 def backbone(m, channels: int, size: int, dtype):
-    """(the denoising network for config.model, None or initial(key) -> its initial params (plain arrays):
-    the init_from run's EMA U-Net, as it is (unet) or inflated (temporal_unet))."""
+    """(the denoising network for config.model, None or initial(key, fresh) -> its initial params (plain
+    arrays), given a fresh random init `fresh`: the init_from run's EMA U-Net, as it is or with added
+    jaxdiff-only parts (unet, `grafted`), or inflated (temporal_unet))."""
     fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "unet":
         net = image_unet(m, channels, size, dtype)
@@ -236,20 +248,19 @@ def backbone(m, channels: int, size: int, dtype):
             return net, None
         source = _source_unet(m, _vae_config(m.vae), size, dtype)
         differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
-        adds_coordinates = differ == ["input_coordinates"] and net.config.input_coordinates
-        if differ and not adds_coordinates:
+        if source.config.jaxdiff_only() or not set(differ) <= set(net.config.jaxdiff_only()):
             raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
                              f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture "
-                             f"(it may only add input_coordinates)")
+                             f"(it may only add input_coordinates or context_layers to a U-Net without them)")
         weights = sources.ema_params(m.init_from, "unet")
-        return net, lambda key: with_coordinate_inputs(weights) if adds_coordinates else weights
+        return net, lambda key, fresh: grafted(fresh, weights)
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit.to_dict(), **fields}), dtype=dtype), None
     net, unet = video_unet(m, channels, size, dtype)
     if unet is None:
         return net, None
     weights = sources.ema_params(m.init_from, "unet")   # host arrays (init runs under a trace, where orbax cannot load)
-    return net, lambda key: inflate(unet, weights, key, **_temporal_overrides(m))[1]
+    return net, lambda key, fresh: inflate(unet, weights, key, **_temporal_overrides(m))[1]
 
 
 def build(c, spec) -> Task:
@@ -323,7 +334,9 @@ def build(c, spec) -> Task:
         x = jnp.zeros((1, *example))
         ctx = jnp.zeros((1, spec.max_length, ctx_dim)) if text else None
         boxed = lambda k: init_boxed(net, k, x, jnp.zeros((1,)), ctx)
-        unet = boxed(key) if initial is None else rebox(initial(key), jax.eval_shape(boxed, key))
+        unet = boxed(key)
+        if initial is not None:
+            unet = rebox(initial(key, nn.meta.unbox(unet)), unet)
         return unet if text_start is None else {"unet": unet, "text": text_start}
 
     def loss(params, frozen, batch, key, step):
