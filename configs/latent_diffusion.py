@@ -32,7 +32,9 @@ from jaxdiff.training.config import base_config
 
 # 1 / 1.028, the std of the shapes VAE's latents (step 4000) on 1000 test images
 SCALING_FACTOR = 0.97
-VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context")
+# the words of place and relation captions ("on the left", "a red circle to the left of a blue square")
+PLACE_WORDS = ("left", "right", "top", "bottom", "above", "below")
+VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context", "positions")
 
 
 def get_config(variant: str = "shapes"):
@@ -76,4 +78,9 @@ def get_config(variant: str = "shapes"):
         c.model.unet.input_coordinates = True
     if variant == "context":
         c.model.unet.context_layers = 2
+    if variant == "positions":
+        c.model.unet.attention_positions = True
+        c.model.update(emphasis_words=PLACE_WORDS, emphasis_weight=3.0, timestep_distribution="logit_normal",
+                       timestep_logit_mean=0.5)
+        c.steps, c.optim.lr = 4000, 3e-4
     return c

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+import flax
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,7 +252,7 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     folder = export.export_text_to_image(runs["ld"], str(tmp_path / "source"))
     c = evaluate.read_run_config(runs["ld"])
     c.model.update(init_from=folder, unet=dict(c.model.unet.to_dict(), input_coordinates=True, context_layers=1,
-                                               context_heads=2))
+                                               context_heads=2, attention_positions=True))
     c.model.vae.checkpoint = c.model.text_encoder.checkpoint = folder
     start = jax.device_get(train(c, str(tmp_path / "step0"), stop_after=0).state.params)
     ema = load_params(runs["ld"], "ema")
@@ -258,11 +260,16 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     assert kernel.shape[2] == ema["conv_in"]["kernel"].shape[2] + 2 and not kernel[:, :, -2:].any()
     np.testing.assert_array_equal(kernel[:, :, :-2], ema["conv_in"]["kernel"])
     assert not start["context_layers_0"]["scale"].any() and start["context_layers_0"]["layer"]["mlp"]["fc1"]["kernel"].any()
-    jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in start.items() if k not in ("conv_in", "context_layers_0")},
-                 {k: v for k, v in ema.items() if k != "conv_in"})
+    flat_start, flat_ema = (flax.traverse_util.flatten_dict(t) for t in (start, ema))
+    added = sorted("/".join(p) for p in flat_start if p not in flat_ema)
+    assert {a.split("/")[0] for a in added} == {"context_layers_0", "down_blocks_0", "mid_block", "up_blocks_1"}
+    assert all("pos_embed" in a and not flat_start[tuple(a.split("/"))].any() for a in added if "context" not in a)
+    for path, value in flat_ema.items():
+        if path != ("conv_in", "kernel"):
+            np.testing.assert_array_equal(flat_start[path], value)
     plain, _ = from_diffusers(os.path.join(folder, "unet"))
     with_coords = type(plain)(dataclasses.replace(plain.config, input_coordinates=True, context_layers=1,
-                                                  context_heads=2))
+                                                  context_heads=2, attention_positions=True))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, plain.config.in_channels))
     context = jax.random.normal(jax.random.key(1), (2, 5, plain.config.cross_attention_dim))
     np.testing.assert_allclose(with_coords.apply({"params": start}, x, jnp.array([10, 900]), context),
@@ -272,7 +279,7 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     train(c, workdir)
     out = export.export_text_to_image(workdir, str(tmp_path / "model"))
     unet, params = from_diffusers(os.path.join(out, "unet"))
-    assert unet.config.input_coordinates and unet.config.context_layers == 1
+    assert unet.config.input_coordinates and unet.config.context_layers == 1 and unet.config.attention_positions
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), load_params(workdir, "ema"))
     records, source = (json.load(open(os.path.join(f, "training.json"))) for f in (out, folder))
     assert records["vae"] == source["vae"] and records["clip"] == source["clip"]
@@ -286,3 +293,26 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     c.model.text_encoder.num_hidden_layers = 2
     with pytest.raises(ValueError, match="text: the weights in .* do not fit this run's config"):
         train(c, str(tmp_path / "misfit"))
+
+
+def test_emphasis_words_weight_their_examples(runs):
+    """config.model.emphasis_words: with the same draws, the loss is (w * l_A + l_B) / (w + 1) for a batch of a
+    caption holding the word (A) and one without (B): per-example losses solved from w = 1 and 3 predict w = 7."""
+    from jaxdiff.training import recipes
+
+    c = evaluate.read_run_config(runs["ld"])
+    spec = data_spec(c.data)
+    batch = {"tokens": jnp.asarray(spec.tokenize(["a red circle on the left", "a blue square"])),
+             "image": jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)}
+    def loss(weight):
+        c.model.update(emphasis_words=("left", "above"), emphasis_weight=weight)
+        task = recipes.build(c, spec)
+        return float(task.loss(task.init(jax.random.key(0)), task.frozen, batch, jax.random.key(1), 0)[0])
+    mean, three = loss(1.0), loss(3.0)
+    l_a = (4 * three - 2 * mean) / 2          # 2 * mean = l_a + l_b;  4 * three = 3 l_a + l_b
+    l_b = 2 * mean - l_a
+    assert l_a > 0 and l_b > 0 and abs(l_a - l_b) > 1e-4
+    np.testing.assert_allclose(loss(7.0), (7 * l_a + l_b) / 8, rtol=1e-5)
+    c.model.emphasis_words = ("leftwards",)
+    with pytest.raises(ValueError, match=r"\['leftwards'\] are not single words"):
+        recipes.build(c, spec)

@@ -307,7 +307,9 @@ class TransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, cond=None):
+    def __call__(self, x, context=None, cond=None, positions=None):
+        """positions: optional [1, L, dim] embedding of each token's place, added before attn1 and attn2
+        through per-channel gains that start at 0 (`PositionGain`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: layer_norm(self.norm_eps, affine=not self.adaln_zero, name=name, **kw)
         attention = lambda name: Attention(self.heads, self.head_dim, self.dim, qkv_bias=self.qkv_bias, name=name, **kw)
@@ -316,13 +318,14 @@ class TransformerBlock(nn.Module):
             mod = dense(6 * self.dim, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
                         name="adaLN_modulation", **kw)(nn.silu(cond))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
+        placed = lambda h, name: h if positions is None else h + PositionGain(name=name, **kw)(positions)
         h = norm("norm1")(x)
         if self.adaln_zero:
             h = h * (1 + scale_msa) + shift_msa
-        h = attention("attn1")(h)
+        h = attention("attn1")(placed(h, "pos_embed_attn1"))
         x = x + (gate_msa * h if self.adaln_zero else h)
         if self.cross_attention:
-            x = x + attention("attn2")(norm("norm2")(x), context)
+            x = x + attention("attn2")(placed(norm("norm2")(x), "pos_embed_attn2"), context)
         h = norm("norm3")(x)
         if self.adaln_zero:
             h = h * (1 + scale_mlp) + shift_mlp
@@ -330,14 +333,46 @@ class TransformerBlock(nn.Module):
         return constrain_tokens(x + (gate_mlp * h if self.adaln_zero else h))
 
 
+class PositionGain(nn.Module):
+    """positions * a per-channel gain that starts at 0: adding it leaves a trained block's function as it was."""
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, positions):
+        gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                          (positions.shape[-1],), self.param_dtype)
+        return (positions * gain).astype(self.dtype)
+
+
+def grid_positions(height: int, width: int, dim: int):
+    """[1, height * width, dim] fixed 2-D sinusoidal embedding of each pixel's place: a quarter of the
+    channels each for sin and cos of x and of y (coordinates in [0, 1]), at dim / 4 frequencies from pi
+    (one half period across the image: left and right differ monotonically) up to pi * side / 2."""
+    if dim % 4:
+        raise ValueError(f"grid_positions needs channels divisible by 4, got {dim}")
+    n = dim // 4
+    def axis(size):
+        coord = jnp.linspace(0.0, 1.0, size)
+        freqs = jnp.pi * (max(size, 2) / 2.0) ** (jnp.arange(n) / max(n - 1, 1))
+        angles = coord[:, None] * freqs[None, :]
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)        # [size, 2n]
+    y, x = axis(height), axis(width)
+    grid = jnp.concatenate([jnp.broadcast_to(x[None], (height, width, 2 * n)),
+                            jnp.broadcast_to(y[:, None], (height, width, 2 * n))], axis=-1)
+    return grid.reshape(1, height * width, dim)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
-    """How a resolution block builds its SpatialTransformer (diffusers' Transformer2DModel)."""
+    """How a resolution block builds its SpatialTransformer (diffusers' Transformer2DModel).
+    `positions` (jaxdiff only): the blocks add `grid_positions` before their attentions (gained from 0)."""
     heads: int
     num_layers: int = 1
     use_linear_projection: bool = False
     group_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
+    positions: bool = False
 
 
 class SpatialTransformer(nn.Module):
@@ -362,9 +397,10 @@ class SpatialTransformer(nn.Module):
             h = dense(c, ("channels", "embed"), name="proj_in", **kw)(h.reshape(b, hh * ww, c))
         else:
             h = conv(c, kernel=1, name="proj_in", **kw)(h).reshape(b, hh * ww, c)
+        positions = grid_positions(hh, ww, c).astype(self.dtype) if spec.positions else None
         for i in range(spec.num_layers):
             h = TransformerBlock(c, spec.heads, c // spec.heads, norm_eps=spec.layer_norm_eps,
-                                 name=f"transformer_blocks_{i}", **kw)(h, context)
+                                 name=f"transformer_blocks_{i}", **kw)(h, context, positions=positions)
         if spec.use_linear_projection:
             h = dense(c, ("embed", "channels"), name="proj_out", **kw)(h).reshape(b, hh, ww, c)
         else:

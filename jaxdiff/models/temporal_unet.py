@@ -467,7 +467,7 @@ def init_params(module: TemporalUNet, key, num_frames: int = 2, jit: bool = True
 _INFLATABLE = {"flip_sin_to_cos": True, "freq_shift": 0, "resnet_time_scale_shift": "default",
                "num_class_embeds": None, "center_input_sample": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
                "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_norm_eps": 1e-6, "transformer_norm_eps": 1e-5,
-               "input_coordinates": False, "context_layers": 0}
+               "input_coordinates": False, "context_layers": 0, "attention_positions": False}
 
 
 def inflated_config(unet_config, **overrides) -> TemporalUNetConfig:

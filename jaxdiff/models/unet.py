@@ -51,7 +51,7 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
 # Fields that only matter to the unsupported features above.
 _IGNORED_DIFFUSERS_FIELDS = {"addition_embed_type_num_heads"}
 # jaxdiff's own UNetConfig fields -> their defaults (a diffusers U-Net)
-_JAXDIFF_FIELDS = {"input_coordinates": False, "context_layers": 0, "context_heads": 4}
+_JAXDIFF_FIELDS = {"input_coordinates": False, "context_layers": 0, "context_heads": 4, "attention_positions": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,11 @@ class UNetConfig:
     # text encoder's noun states cannot see the words after them ("a red circle on the left").
     context_layers: int = 0
     context_heads: int = 4
+    # jaxdiff only: every spatial transformer block adds a fixed 2-D sinusoidal embedding of each
+    # pixel's place to its attention inputs, through per-channel gains that start at 0 (diffusers'
+    # BasicTransformerBlock has the 1-D form, `positional_embeddings`). Cross-attention queries then
+    # know where they are, so a word can steer a place.
+    attention_positions: bool = False
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -217,7 +222,8 @@ class UNet2DCondition(nn.Module):
         c = self.config
         return TransformerSpec(heads=c.num_attention_heads[i], num_layers=c.transformer_layers_per_block[i],
                                use_linear_projection=c.use_linear_projection,
-                               group_norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps)
+                               group_norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps,
+                               positions=c.attention_positions)
 
     @nn.compact
     def __call__(self, x, t, context=None, class_labels=None):

@@ -30,6 +30,7 @@ class DataSpec:
     pad_token_id: int = 0
     bos_token_id: int = 0
     eos_token_id: int = 0
+    unk_token_id: int = -1          # -1: no unknown-word id
     empty_tokens: tuple = ()        # the empty caption's ids (caption dropout, CFG's unconditional)
     tokenize: Callable | None = None  # list of str -> int32 [N, L], for sample prompts
     preview_prompts: tuple = ()
@@ -118,7 +119,7 @@ def data_spec(data) -> DataSpec:
     return DataSpec(source="shapes", image_size=data.image_size, max_length=tokenizer.max_length,
                     vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    empty_tokens=tuple(int(i) for i in empty),
+                    unk_token_id=tokenizer.unk_token_id, empty_tokens=tuple(int(i) for i in empty),
                     tokenize=lambda prompts: np.asarray(tokenizer(list(prompts)), np.int32),
                     preview_prompts=tuple(data.get("preview_prompts", ())))
 

@@ -161,7 +161,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
 
     def write(folder: str) -> None:
         to_diffusers(unet, unet_params, os.path.join(folder, "unet"),
-                     jaxdiff_fields=video or unet.config.input_coordinates)
+                     jaxdiff_fields=video or bool(unet.config.jaxdiff_only()))
         to_diffusers(AutoencoderKL(vae_cfg), vae_params, os.path.join(folder, "vae"))
         to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))

@@ -17,6 +17,8 @@ config.model:
   logit_normal, with timestep_logit_mean / timestep_logit_std: a positive mean favours noisy steps), caption_dropout,
   rescale_zero_terminal_snr (beta schedules ending at SNR 0; v_prediction or sample),
   sample_method, sample_steps, guidance_scale
+  emphasis_words, emphasis_weight (text): examples whose caption holds one of these words weigh
+    emphasis_weight times the others in the loss (e.g. place words, which the loss rewards faintly)
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -87,8 +89,9 @@ def schedule_for(m) -> schedules.Schedule:
     return schedule
 
 
-def denoising_loss(apply_fn, x0, key, schedule, m, context=None):
-    """The denoising (or flow matching) loss of `apply_fn(x_t, timestep, context)` on clean data x0 [B, ...].
+def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights=None):
+    """The denoising (or flow matching) loss of `apply_fn(x_t, timestep, context)` on clean data x0 [B, ...]:
+    the mean over examples, or their `example_weights` [B]-weighted mean.
 
     Timesteps from `m.timestep_distribution`; the model sees the schedule's timestep value
     (i for discrete schedules, sigma * N for flow matching), as samplers give it."""
@@ -98,9 +101,27 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None):
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
-    loss, _ = losses.diffusion_loss(out, x0, noise, t, schedule, prediction_type=m.prediction_type,
-                                    weighting=m.weighting, min_snr_gamma=m.get("min_snr_gamma", 5.0))
-    return loss
+    loss, per_example = losses.diffusion_loss(out, x0, noise, t, schedule, prediction_type=m.prediction_type,
+                                              weighting=m.weighting, min_snr_gamma=m.get("min_snr_gamma", 5.0))
+    if example_weights is None:
+        return loss
+    return jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
+
+
+def emphasis_ids(m, spec) -> jax.Array | None:
+    """The token ids of config.model.emphasis_words (None without them); each must be one known word."""
+    words = tuple(m.get("emphasis_words", ()))
+    if not words:
+        return None
+    if spec.tokenize is None:
+        raise ValueError("config.model.emphasis_words needs captioned data (a tokenizer)")
+    ids = spec.tokenize(list(words))
+    if (ids[:, 2] != spec.eos_token_id).any() or (ids[:, 1] == spec.unk_token_id).any():
+        bad = [w for w, row in zip(words, ids) if row[2] != spec.eos_token_id or row[1] == spec.unk_token_id]
+        raise ValueError(f"config.model.emphasis_words: {bad} are not single words of the captions' vocabulary")
+    if not m.get("emphasis_weight", 1.0) > 0:
+        raise ValueError(f"config.model.emphasis_weight={m.get('emphasis_weight')!r}: need a positive weight")
+    return jnp.asarray(ids[:, 1])
 
 
 def _frozen(boxed_abstract, checkpoint: str, part: str, what: str):
@@ -303,6 +324,7 @@ def build(c, spec) -> Task:
         frozen[name] = _frozen(abstract, ckpt, part, f"{m.space} diffusion's {name}") or \
             init_boxed(module, key, *args)
 
+    emphasized = emphasis_ids(m, spec) if text else None
     text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
     channels = vae_cfg.latent_channels if latent else 3
     net, initial = backbone(m, channels, size, dtype)
@@ -357,7 +379,11 @@ def build(c, spec) -> Task:
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
         unet_params = split_params(m, params)[0]
         apply_fn = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, **net_kwargs)
-        value = denoising_loss(apply_fn, x0, k_loss, schedule, m, context)
+        weights = None
+        if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
+            hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
+            weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
+        value = denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights)
         return value, {}
 
     def sample(params, frozen, key):
