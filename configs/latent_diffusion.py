@@ -6,9 +6,11 @@ caption dropout for classifier-free guidance.
   python -m train --config configs/latent_diffusion.py:joint_text --workdir /work/runs/ld_shapes_joint
   python -m train --config configs/latent_diffusion.py:coordinates --workdir /work/runs/ld_coords
   python -m train --config configs/latent_diffusion.py:context --workdir /work/runs/ld_context
+  python -m train --config configs/latent_diffusion.py:positions --workdir /work/runs/ld_positions
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
-`zero_snr` fine-tunes the `shapes` run's EMA U-Net on the hard-negative CLIP of configs/clip.py:negatives,
+The fine-tunes start from the shipped folder (jaxdiff/assets/shapes: the `shapes` run's EMA U-Net, VAE
+and CLIP text encoder). `zero_snr` fine-tunes that U-Net on the hard-negative CLIP of configs/clip.py:negatives,
 to a schedule that ends at SNR 0 with v-prediction (Lin et al. 2024). The `shapes` model ignores
 place and relation words (same seed, "on the left" and "on the right": the same image, objects
 where the initial noise's low frequencies put them): its CLIP's text features barely tell those
@@ -20,9 +22,12 @@ Neither taught the model positions in 2000-3000 steps (README, "Why positions fa
 `coordinates` is `zero_snr` on the shipped CLIP with the U-Net's input_coordinates added: two input
 channels holding each latent pixel's x and y, since zero-padded convolutions tell the middle columns of
 the 16x16 latent apart barely (on pure noise at t = 999, a linear probe on the 8x8 features the
-cross-attention sees tells left from right at chance for the two centre columns). `context` adds two bidirectional
-transformer layers over the text states (unet.context_layers, gated from 0): in the causal CLIP the
-noun's state, which the U-Net reads most, cannot see the place words that follow it.
+cross-attention sees tells left from right at chance for the two centre columns). `context` adds two
+bidirectional transformer layers over the text states (unet.context_layers, gated from 0): in the causal
+CLIP the noun's state, which the U-Net reads most, cannot see the place words that follow it.
+`positions` adds unet.attention_positions (each attention's input gets a 2-D sinusoidal embedding of
+the pixel's place, gained from 0) and weighs the captions with a place or relation word 3 times in the
+loss, with timesteps drawn towards the noisy end, where the layout is decided.
 """
 import ml_collections
 
