@@ -23,8 +23,8 @@ config.model:
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
     is adding jaxdiff-only parts to a U-Net without them (unet.input_coordinates: conv_in's two new
-    input channels start at zero; unet.context_layers: their gates start at zero), so the fine-tune
-    starts from the source U-Net's exact function.
+    input channels start at zero; unet.context_layers and unet.attention_positions: their gates and gains
+    start at zero), so the fine-tune starts from the source U-Net's exact function.
 A frozen part without a checkpoint is randomly initialised (for tests and smoke runs) and says so.
 
 Video (backbone temporal_unet; latent space and a text encoder required; data: videos
@@ -55,8 +55,8 @@ from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, Di
     TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
 from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.models.vae import sample_posterior
-from jaxdiff.training.config import choice
 from jaxdiff.training import sources
+from jaxdiff.training.config import choice
 from jaxdiff.training.recipes.clip import text_config_for
 from jaxdiff.training.task import Task, init_boxed, rebox
 
@@ -226,7 +226,7 @@ def _source_unet(m, vae_cfg: AutoencoderKLConfig, size: int, dtype) -> UNet2DCon
 
 def grafted(fresh, source):
     """The source U-Net's params in the tree of a fresh init of the same U-Net with jaxdiff-only parts added:
-    params the source lacks (context layers) keep their init; conv_in's kernel gets zero weights for
+    params the source lacks (context layers, position gains) keep their init; conv_in's kernel gets zero weights for
     the added coordinate channels. Both the same function of their input, before training."""
     fresh, source = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(source)
     missing = sorted("/".join(p) for p in source if p not in fresh)
