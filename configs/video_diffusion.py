@@ -5,11 +5,11 @@ first-frame conditioning (conditioning_frame_channels: 4 latent channels + 1 ind
 
   python -m jaxdiff.data.prepare moving_shapes --resolution 32 --num_frames 8          # once: moving_shapes/32px-8f
   python -m train --config configs/video_diffusion.py:scratch --workdir /work/runs/vd_scratch    # video U-Net from scratch
-  python -m train --config configs/video_diffusion.py:inflated --workdir /work/runs/vd_inflated  # from /work/runs/ld_shapes
+  python -m train --config configs/video_diffusion.py:inflated --workdir /work/runs/vd_inflated  # from the shipped model
 
-The `inflated` variant starts from the text-to-image model of configs/latent_diffusion.py (its EMA
-U-Net inflated: before training it is that U-Net on every frame); both variants use the same
-architecture. Tests and smoke runs (seconds; prepare the tiny dataset first):
+The `inflated` variant starts from the shipped text-to-image model (jaxdiff/assets/shapes, the
+`shapes` run of configs/latent_diffusion.py exported: its U-Net inflated, so that before training it is
+that U-Net on every frame); both variants use the same architecture and the shipped VAE and text encoder. Tests and smoke runs (seconds; prepare the tiny dataset first):
 
   python -m jaxdiff.data.prepare moving_shapes --resolution 16 --num_frames 4 --train_size 16 \
       --validation_size 2 --test_size 2 --data_dir /tmp/tfds
@@ -20,7 +20,7 @@ architecture. Tests and smoke runs (seconds; prepare the tiny dataset first):
 import ml_collections
 
 from configs import common
-from configs.latent_diffusion import SCALING_FACTOR
+from configs.latent_diffusion import SCALING_FACTOR, SHIPPED
 from jaxdiff.training.config import base_config
 
 VARIANTS = ("scratch", "inflated", "tiny", "tiny_inflated")
@@ -65,9 +65,9 @@ def get_config(variant: str = "scratch"):
     c.batch_size, c.ema_decay = 16, 0.999
     c.checkpoint_every, c.sample_every, c.log_every = 500, 1000, 50
     c.model.vae = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
-                       scaling_factor=SCALING_FACTOR, checkpoint="/work/runs/vae_shapes")
+                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
-                                num_attention_heads=4, checkpoint="/work/runs/clip_shapes")
+                                num_attention_heads=4, checkpoint=SHIPPED)
     if variant == "scratch":
         c.steps = 15000
         c.optim.lr, c.optim.warmup_steps = 3e-4, 500
@@ -85,6 +85,6 @@ def get_config(variant: str = "scratch"):
         c.steps, c.batch_size, c.sample_every = 4000, 4, 2000
         c.optim.lr, c.optim.warmup_steps = 3e-4, 200
         c.model.image_dropout = 0.5
-        c.model.init_from = "/work/runs/ld_shapes"
+        c.model.init_from = SHIPPED
         c.model.temporal = video_only
     return c

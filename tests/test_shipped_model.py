@@ -87,3 +87,25 @@ def test_coordinates_fine_tune_builds_on_the_shipped_folder():
     assert not start["conv_in"]["kernel"][:, :, -2:].any()
     start["conv_in"]["kernel"] = shipped["conv_in"]["kernel"]
     jax.tree.map(np.testing.assert_array_equal, start, shipped)
+
+
+def test_video_inflation_builds_on_the_shipped_folder():
+    """configs/video_diffusion.py:inflated inflates the shipped U-Net: at step 0 the video U-Net holds the
+    shipped U-Net's spatial weights (conv_in: for the latent channels, before the conditioning frame's)."""
+    import flax
+    import jax
+
+    from configs import video_diffusion
+    from jaxdiff.convert import from_diffusers
+    from jaxdiff.training import recipes
+    from jaxdiff.training.data import data_spec
+
+    c = video_diffusion.get_config("inflated")
+    assert c.model.init_from == c.model.vae.checkpoint == c.model.text_encoder.checkpoint == SHAPES_MODEL
+    start = jax.device_get(flax.linen.meta.unbox(recipes.build(c, data_spec(c.data)).init(jax.random.key(0))))
+    shipped = jax.device_get(from_diffusers(os.path.join(SHAPES_MODEL, "unet"))[1])
+    latent = shipped["conv_in"]["kernel"].shape[2]
+    np.testing.assert_array_equal(start["conv_in"]["kernel"][:, :, :latent], shipped["conv_in"]["kernel"])
+    proj_in = shipped["mid_block"]["attentions_0"]["proj_in"]["kernel"]     # a 1x1 conv; the video U-Net's is linear
+    np.testing.assert_array_equal(start["mid_block"]["attentions_0"]["proj_in"]["kernel"].reshape(proj_in.shape),
+                                  proj_in)
