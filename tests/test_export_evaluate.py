@@ -259,7 +259,7 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     kernel = start["conv_in"]["kernel"]
     assert kernel.shape[2] == ema["conv_in"]["kernel"].shape[2] + 2 and not kernel[:, :, -2:].any()
     np.testing.assert_array_equal(kernel[:, :, :-2], ema["conv_in"]["kernel"])
-    assert not start["context_layers_0"]["scale"].any() and start["context_layers_0"]["layer"]["mlp"]["fc1"]["kernel"].any()
+    assert not start["context_layers_0"]["gate"]["scale"].any() and start["context_layers_0"]["layer"]["mlp"]["fc1"]["kernel"].any()
     flat_start, flat_ema = (flax.traverse_util.flatten_dict(t) for t in (start, ema))
     added = sorted("/".join(p) for p in flat_start if p not in flat_ema)
     assert {a.split("/")[0] for a in added} == {"context_layers_0", "down_blocks_0", "mid_block", "up_blocks_1"}

@@ -309,7 +309,7 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context=None, cond=None, positions=None):
         """positions: optional [1, L, dim] embedding of each token's place, added before attn1 and attn2
-        through per-channel gains that start at 0 (`PositionGain`)."""
+        through per-channel gains that start at 0 (`ZeroGain`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: layer_norm(self.norm_eps, affine=not self.adaln_zero, name=name, **kw)
         attention = lambda name: Attention(self.heads, self.head_dim, self.dim, qkv_bias=self.qkv_bias, name=name, **kw)
@@ -318,7 +318,7 @@ class TransformerBlock(nn.Module):
             mod = dense(6 * self.dim, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
                         name="adaLN_modulation", **kw)(nn.silu(cond))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
-        placed = lambda h, name: h if positions is None else h + PositionGain(name=name, **kw)(positions)
+        placed = lambda h, name: h if positions is None else h + ZeroGain(name=name, **kw)(positions)
         h = norm("norm1")(x)
         if self.adaln_zero:
             h = h * (1 + scale_msa) + shift_msa
@@ -333,16 +333,16 @@ class TransformerBlock(nn.Module):
         return constrain_tokens(x + (gate_mlp * h if self.adaln_zero else h))
 
 
-class PositionGain(nn.Module):
-    """positions * a per-channel gain that starts at 0: adding it leaves a trained block's function as it was."""
+class ZeroGain(nn.Module):
+    """x * a per-channel gain that starts at 0: adding it to a trained block leaves its function as it was."""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, positions):
+    def __call__(self, x):
         gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (positions.shape[-1],), self.param_dtype)
-        return (positions * gain).astype(self.dtype)
+                          (x.shape[-1],), self.param_dtype)
+        return (x * gain).astype(self.dtype)
 
 
 def grid_positions(height: int, width: int, dim: int):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.clip import CLIPTextConfig, EncoderLayer
-from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerSpec, UpBlock, conv,
+from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerSpec, UpBlock, ZeroGain, conv,
                                    constrain_image, group_norm, timestep_embedding)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -302,9 +302,7 @@ class GatedContextLayer(nn.Module):
         config = CLIPTextConfig(hidden_size=self.width, intermediate_size=4 * self.width, projection_dim=self.width,
                                 num_hidden_layers=1, num_attention_heads=self.heads)
         out = EncoderLayer(config, self.dtype, self.param_dtype, name="layer")(context)
-        gate = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (self.width,), self.param_dtype)
-        return context + gate.astype(context.dtype) * (out - context)
+        return context + ZeroGain(name="gate", dtype=self.dtype, param_dtype=self.param_dtype)(out - context)
 
 
 def coordinate_channels(batch: int, height: int, width: int, dtype=jnp.float32):
