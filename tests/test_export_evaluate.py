@@ -290,9 +290,45 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
                      jax.device_get(getattr(source_pipe, part)))
     assert np.isfinite(np.asarray(pipe(["a red circle"], steps=2, seed=0))).all()
 
+    # --plain drops the added parts: the U-Net it writes computes the fine-tune's function with them at zero
+    # (second path: the jaxdiff-only U-Net with its gains, gates and coordinate weights zeroed), and diffusers
+    # loads it.
+    plain_out = export.export_text_to_image(workdir, str(tmp_path / "plain"), plain=True)
+    stripped, stripped_params = from_diffusers(os.path.join(plain_out, "unet"))
+    assert stripped.config == plain.config and not stripped.config.jaxdiff_only()
+    trained = load_params(workdir, "ema")
+
+    def zeroed(path, value):
+        name = jax.tree_util.keystr(path)
+        if "pos_embed" in name or "gate" in name:
+            return np.zeros_like(value)
+        return np.concatenate([value[:, :, :-2], 0 * value[:, :, -2:]], 2) if "conv_in" in name and "kernel" in name \
+            else value
+
+    t = jnp.array([10, 900])
+    expected = with_coords.apply({"params": jax.tree_util.tree_map_with_path(zeroed, trained)}, x, t, context)
+    np.testing.assert_allclose(stripped.apply({"params": stripped_params}, x, t, context), expected, atol=1e-5)
+    flat_stripped, flat_trained = (flax.traverse_util.flatten_dict(jax.device_get(p)) for p in (stripped_params, trained))
+    for path, value in flat_stripped.items():
+        np.testing.assert_array_equal(value, flat_trained[path][:, :, :-2] if path == ("conv_in", "kernel")
+                                      else flat_trained[path])
+    record = json.load(open(os.path.join(plain_out, "training.json")))["diffusion"]
+    assert record["dropped"] == {"input_coordinates": True, "context_layers": 1, "context_heads": 2,
+                                 "attention_positions": True}
+    assert not record["config"]["model"]["unet"]["attention_positions"]
+    with pytest.raises(ValueError, match="--plain drops .* has none"):
+        export.export_text_to_image(runs["ld"], str(tmp_path / "plain_of_plain"), plain=True)
+
     c.model.text_encoder.num_hidden_layers = 2
     with pytest.raises(ValueError, match="text: the weights in .* do not fit this run's config"):
         train(c, str(tmp_path / "misfit"))
+
+    torch, diffusers = pytest.importorskip("torch"), pytest.importorskip("diffusers")
+    model = diffusers.UNet2DConditionModel.from_pretrained(os.path.join(plain_out, "unet")).eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), torch.from_numpy(np.asarray(t)),
+                       torch.from_numpy(np.asarray(context))).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(theirs, expected, atol=1e-4)
 
 
 def test_emphasis_words_weight_their_examples(runs):

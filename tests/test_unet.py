@@ -200,3 +200,5 @@ def test_grid_positions_closed_form_and_zero_gains_keep_the_function():
     moved = jax.tree_util.tree_map_with_path(lambda k, v: v + 0.5 if "pos_embed" in jax.tree_util.keystr(k) else v,
                                              start)
     assert rel_err(placed.apply({"params": moved}, io["x"], io["t"], io["context"]), run(unet, params, io)) > 1e-3
+    from jaxdiff.training.recipes.diffusion import pruned   # grafted's inverse: the gains dropped, all else kept
+    jax.tree.map(np.testing.assert_array_equal, pruned(unet, moved), jax.device_get(nn.meta.unbox(params)))

@@ -187,6 +187,10 @@ class UNetConfig:
         return {f: getattr(self, f) for f, default in _JAXDIFF_FIELDS.items()
                 if getattr(self, f) != default and (f != "context_heads" or self.context_layers)}
 
+    def plain(self) -> "UNetConfig":
+        """This U-Net without its jaxdiff-only parts (a diffusers UNet2DConditionModel's config)."""
+        return dataclasses.replace(self, **_JAXDIFF_FIELDS)
+
     def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
         """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel). The jaxdiff-only
         settings (coordinate inputs, context layers) are refused unless `jaxdiff_fields`, then written as

@@ -21,6 +21,11 @@ The run's `config.model.backbone` picks the pipeline:
   diffusers itself cannot run such a U-Net. The frames it was trained on are in training.json
   (the diffusion run's data name or model.num_frames).
 
+A text-to-image U-Net with jaxdiff-only parts (input_coordinates, context_layers, attention_positions) is
+written with them as extra config fields, which only jaxdiff loads; `--plain` drops them (the U-Net as if
+they were zero: gains and gates 0, coordinate weights 0), so that diffusers loads the folder, and records
+what was dropped in training.json.
+
 The folder is written next to `--out` and renamed into place when complete, so a failed export
 never leaves a half-written model, and an existing folder is replaced only with --overwrite.
 """
@@ -94,10 +99,10 @@ PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
 }
 
 
-def export_text_to_image(workdir: str, out: str, overwrite: bool = False) -> str:
+def export_text_to_image(workdir: str, out: str, overwrite: bool = False, plain: bool = False) -> str:
     """Writes the StableDiffusionPipeline folder of latent text-to-image run `workdir` (backbone unet) to
-    `out`; returns `out`."""
-    return _export(workdir, out, overwrite, "unet")
+    `out`; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (see `main`'s --plain)."""
+    return _export(workdir, out, overwrite, "unet", plain)
 
 
 def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str:
@@ -106,23 +111,23 @@ def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str
     return _export(workdir, out, overwrite, "temporal_unet")
 
 
-def export_run(workdir: str, out: str, overwrite: bool = False) -> str:
+def export_run(workdir: str, out: str, overwrite: bool = False, plain: bool = False) -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
-    config.model.backbone; returns `out`."""
+    config.model.backbone; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (text-to-image)."""
     config = read_run_config(workdir)
     backbone = config.model.get("backbone")
     if config.get("recipe") != "diffusion" or backbone not in PIPELINES:
         raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
                          + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
-    return _export(workdir, out, overwrite, backbone)
+    return _export(workdir, out, overwrite, backbone, plain)
 
 
-def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
+def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool = False) -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
-    from jaxdiff.training.recipes.diffusion import image_unet, split_params, video_unet
+    from jaxdiff.training.recipes.diffusion import image_unet, pruned, split_params, video_unet
 
     pipeline, video = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
@@ -150,6 +155,10 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
     unet_args = (m, vae_cfg.latent_channels, spec.image_size // vae_cfg.downsample_factor, jnp.float32)
     # The recipe's own builders: an inflated video U-Net's architecture comes from its image run.
     unet = video_unet(*unet_args)[0] if video else image_unet(*unet_args)
+    dropped = unet.config.jaxdiff_only() if plain else {}
+    if plain and (video or not dropped):
+        raise ValueError(f"--plain drops a text-to-image U-Net's jaxdiff-only parts; {workdir!r} has "
+                         + ("a video U-Net" if video else "none"))
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
     clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
     clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
@@ -158,6 +167,11 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str) -> str:
     if text_params is None:
         text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
+    if dropped:   # the record then describes the U-Net that is written, and what it lost
+        unet = dataclasses.replace(unet, config=unet.config.plain())
+        unet_params = pruned(unet, unet_params)
+        records["diffusion"]["config"]["model"]["unet"].update({f: getattr(unet.config, f) for f in dropped})
+        records["diffusion"]["dropped"] = dropped
 
     def write(folder: str) -> None:
         to_diffusers(unet, unet_params, os.path.join(folder, "unet"),
@@ -209,9 +223,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="the latent text-to-image or text-to-video diffusion run's folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--plain", action="store_true",
+                   help="drop the U-Net's jaxdiff-only parts (position gains, context layers, coordinate inputs: "
+                        "as if they were zero), so that diffusers loads it; its outputs change by what they learned")
     args = p.parse_args(argv)
     try:
-        print(export_run(args.workdir, args.out, args.overwrite))
+        print(export_run(args.workdir, args.out, args.overwrite, args.plain))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jaxdiff import diffusion, guidance, losses, samplers, schedules
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, DiT, DiTConfig, TemporalUNet, \
     TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
+from jaxdiff.convert.diffusers import param_template
 from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.models.vae import sample_posterior
 from jaxdiff.training import sources
@@ -237,6 +238,21 @@ def grafted(fresh, source):
         value = source.get(path, init)
         if path == ("conv_in", "kernel") and value.shape != init.shape:     # [kh, kw, in, out]: two more inputs
             value = jnp.concatenate([value, jnp.zeros((*value.shape[:2], 2, value.shape[3]), value.dtype)], axis=2)
+        out[path] = value
+    return traverse_util.unflatten_dict(out)
+
+
+def pruned(plain, params):
+    """The inverse of `grafted`: `params` of a U-Net with jaxdiff-only parts, without them, in the tree of the U-Net
+    `plain` (the same config without those parts). Its function is the source's with those parts at zero (no
+    position gains, closed context gates, zero coordinate weights), which changes it by as much as they learned."""
+    shapes = traverse_util.flatten_dict(param_template(plain))
+    params = traverse_util.flatten_dict(params)
+    out = {}
+    for path, shape in shapes.items():
+        value = params[path]
+        if path == ("conv_in", "kernel"):     # [kh, kw, in, out]: drop the coordinate inputs
+            value = value[:, :, :shape.shape[2]]
         out[path] = value
     return traverse_util.unflatten_dict(out)
 
