@@ -284,6 +284,7 @@ def test_fine_tune_from_a_model_folder_adding_jaxdiff_parts(runs, tmp_path):
     records, source = (json.load(open(os.path.join(f, "training.json"))) for f in (out, folder))
     assert records["vae"] == source["vae"] and records["clip"] == source["clip"]
     assert records["diffusion"]["config"]["model"]["init_from"] == folder
+    assert records["diffusion"]["init_from"] == source["diffusion"]
     pipe, source_pipe = TextToImage.from_pretrained(out), TextToImage.from_pretrained(folder)
     for part in ("text_params", "vae_params"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(pipe, part)),

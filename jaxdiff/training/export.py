@@ -9,7 +9,8 @@ folders such as the shipped one, whose parts and training.json records are carri
 writes diffusers' layout: model_index.json, unet/ and vae/ (diffusers format), text_encoder/
 (transformers' CLIPTextModel), tokenizer/ (the run's WordTokenizer), scheduler/ (a
 DPMSolverMultistepScheduler config for the run's noise schedule), plus clip/ (both CLIP towers,
-transformers' CLIPModel, for zero-shot use) and training.json (each run's config and step).
+transformers' CLIPModel, for zero-shot use) and training.json (each run's config and step; for a fine-tune,
+also the record of the run or folder it started from, `config.model.init_from`, while that still exists).
 
 The run's `config.model.backbone` picks the pipeline:
 - `unet`: StableDiffusionPipeline (unet/ a UNet2DConditionModel); `TextToImage.from_pretrained`
@@ -148,6 +149,8 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool 
     # what is loaded is what is recorded
     records = {"diffusion": {"step": latest_step(workdir), "seed": config.seed, "config": config.to_dict()},
                "vae": sources.record(vae_source, "vae"), "clip": sources.record(clip_source, "clip")}
+    if m.get("init_from") and os.path.exists(m.init_from):   # the run it started from, with that one's history
+        records["diffusion"]["init_from"] = sources.record(m.init_from, "unet")
     spec = data_spec(config.data)
 
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
