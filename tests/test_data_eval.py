@@ -225,3 +225,23 @@ def test_cli_evaluates_a_model_folder(capsys):
     assert shapes_eval.main(["--model", model, "--per_family", "1", "--steps", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sum(result["count"].values()) == 4 and 0.0 <= result["overall"] <= 0.25
+
+
+def test_guidance_rescale_reaches_the_pipeline(capsys):
+    """--guidance_rescale: model_generator's images are the pipeline's with that rescale (and differ from
+    rescale 0); values outside [0, 1] are refused by name."""
+    import os
+
+    from jaxdiff.pipelines import TextToImage
+
+    model = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_sd")
+    prompts = ["a red circle"]
+    images = ev.model_generator(model, steps=2, guidance_rescale=0.7)(prompts)
+    pipe = TextToImage.from_pretrained(model)
+    direct = pipe(prompts, steps=2, guidance_scale=7.5, guidance_rescale=0.7, seed=0, method="dpmpp_2m")
+    np.testing.assert_array_equal(np.asarray(images), np.asarray(direct))
+    plain = pipe(prompts, steps=2, guidance_scale=7.5, seed=0, method="dpmpp_2m")
+    assert np.abs(np.asarray(plain) - np.asarray(direct)).max() > 1e-4
+    with pytest.raises(SystemExit):
+        ev.main(["--model", model, "--guidance_rescale", "1.5"])
+    assert "--guidance_rescale=1.5: must be in [0, 1]" in capsys.readouterr().err

@@ -351,12 +351,13 @@ def evaluate_model(generate, per_family: int = 100, batch_size: int = 16, seed: 
 
 
 def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
-                    num_frames: int | None = None):
+                    num_frames: int | None = None, guidance_rescale: float = 0.0):
     """generate(prompts) for `evaluate_model` from a model folder: DPM-Solver++ (2M) with CFG (the issue's
     protocol). Images with TextToImage; with `num_frames`, videos of that many frames with TextToVideo."""
     from jaxdiff.pipelines import TextToImage, TextToVideo
 
-    kwargs = dict(steps=steps, guidance_scale=guidance_scale, seed=seed, method="dpmpp_2m")
+    kwargs = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
+                  method="dpmpp_2m")
     if num_frames is None:
         pipe = TextToImage.from_pretrained(path)
     else:
@@ -441,6 +442,8 @@ def main(argv=None) -> int:
     p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family (videos: one family)")
     p.add_argument("--steps", type=int, default=25, help="with --model: DPM-Solver++ steps")
     p.add_argument("--guidance", type=float, default=7.5, help="with --model: classifier-free guidance scale")
+    p.add_argument("--guidance_rescale", type=float, default=0.0,
+                   help="with --model: guidance rescale (Lin et al. 2024), in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed")
     p.add_argument("--videos", action="store_true",
                    help="with --write_prompts: video prompts; with --model: a text-to-video model, scored on them")
@@ -452,6 +455,8 @@ def main(argv=None) -> int:
         p.error("--frames goes with --videos")
     if args.per_family < 1 or args.steps < 1 or (args.frames is not None and args.frames < 1):
         p.error("--per_family, --steps and --frames must be >= 1")
+    if not 0 <= args.guidance_rescale <= 1:
+        p.error(f"--guidance_rescale={args.guidance_rescale}: must be in [0, 1]")
     if args.write_prompts:
         prompts = (heldout_video_prompts(args.per_family, args.frames or 16) if args.videos
                    else heldout_prompts(args.per_family))
@@ -466,7 +471,8 @@ def main(argv=None) -> int:
                 from jaxdiff.pipelines.text_to_video import default_frames
 
                 frames = args.frames or default_frames(args.model)
-            generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames)
+            generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames,
+                                       guidance_rescale=args.guidance_rescale)
             result = evaluate_model(generate, args.per_family, num_frames=frames)
         else:
             pairs = folder_prompts(args.images)
