@@ -7,9 +7,9 @@ first-frame conditioning (conditioning_frame_channels: 4 latent channels + 1 ind
   python -m train --config configs/video_diffusion.py:scratch --workdir /work/runs/vd_scratch    # video U-Net from scratch
   python -m train --config configs/video_diffusion.py:inflated --workdir /work/runs/vd_inflated  # from the shipped model
 
-The `inflated` variant starts from the shipped text-to-image model (jaxdiff/assets/shapes, the
-`shapes` run of configs/latent_diffusion.py exported: its U-Net inflated, so that before training it is
-that U-Net on every frame); both variants use the same architecture and the shipped VAE and text encoder. Tests and smoke runs (seconds; prepare the tiny dataset first):
+The `inflated` variant starts from the shipped text-to-image model (jaxdiff/assets/shapes, the `emphasis`
+fine-tune of configs/latent_diffusion.py exported: its U-Net inflated, so that before training it is that
+U-Net on every frame, with its objective, v-prediction to a zero-terminal-SNR schedule); both variants use the same architecture and the shipped VAE and text encoder. Tests and smoke runs (seconds; prepare the tiny dataset first):
 
   python -m jaxdiff.data.prepare moving_shapes --resolution 16 --num_frames 4 --train_size 16 \
       --validation_size 2 --test_size 2 --data_dir /tmp/tfds
@@ -87,4 +87,6 @@ def get_config(variant: str = "scratch"):
         c.model.image_dropout = 0.5
         c.model.init_from = SHIPPED
         c.model.temporal = video_only
+        # the objective the shipped U-Net was fine-tuned to (configs/latent_diffusion.py:emphasis)
+        c.model.update(prediction_type="v_prediction", rescale_zero_terminal_snr=True)
     return c
