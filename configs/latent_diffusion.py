@@ -10,8 +10,9 @@ caption dropout for classifier-free guidance.
   python -m train --config configs/latent_diffusion.py:emphasis --workdir /work/runs/ld_emphasis
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
-The fine-tunes start from the shipped folder (jaxdiff/assets/shapes: the `shapes` run's EMA U-Net, VAE
-and CLIP text encoder). `zero_snr` fine-tunes that U-Net on the hard-negative CLIP of configs/clip.py:negatives,
+The fine-tunes start from the shipped folder (jaxdiff/assets/shapes: its U-Net, VAE and CLIP text encoder).
+Until commit 4382459 that was the `shapes` run's EMA (the base model), which every run README reports
+started from; since, it is the `emphasis` fine-tune (README, "The shipped shapes model"). `zero_snr` fine-tunes that U-Net on the hard-negative CLIP of configs/clip.py:negatives,
 to a schedule that ends at SNR 0 with v-prediction (Lin et al. 2024). The `shapes` model ignores
 place and relation words (same seed, "on the left" and "on the right": the same image, objects
 where the initial noise's low frequencies put them): its CLIP's text features barely tell those
@@ -73,8 +74,7 @@ def get_config(variant: str = "shapes"):
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint="/work/runs/clip_shapes", trainable=False)
     if variant != "shapes":
-        # Fine-tunes of the shipped model (the `shapes` run's EMA at step 15000, exported) to a schedule
-        # ending at SNR 0 with v-prediction (Lin et al. 2024)
+        # Fine-tunes of the shipped model to a schedule ending at SNR 0 with v-prediction (Lin et al. 2024)
         c.model.update(init_from=SHIPPED, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
                        weighting="simple")
         c.model.vae.checkpoint = c.model.text_encoder.checkpoint = SHIPPED
