@@ -87,6 +87,7 @@ def get_config(variant: str = "scratch"):
         c.model.image_dropout = 0.5
         c.model.init_from = SHIPPED
         c.model.temporal = video_only
-        # the objective the shipped U-Net was fine-tuned to (configs/latent_diffusion.py:emphasis)
-        c.model.update(prediction_type="v_prediction", rescale_zero_terminal_snr=True)
+        # the objective the shipped U-Net was fine-tuned to (configs/latent_diffusion.py:emphasis): min-SNR
+        # weighting would give the pure-noise end, where the motion is laid out, weight ~0
+        c.model.update(prediction_type="v_prediction", rescale_zero_terminal_snr=True, weighting="simple")
     return c
