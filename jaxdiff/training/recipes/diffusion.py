@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion, guidance, losses, samplers, schedules
+from jaxdiff.convert.diffusers import param_template
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, DiT, DiTConfig, TemporalUNet, \
     TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
-from jaxdiff.convert.diffusers import param_template
 from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.models.vae import sample_posterior
 from jaxdiff.training import sources
