@@ -45,6 +45,27 @@ def q_sample(schedule: Schedule, x0, t, noise):
     return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
 
 
+def frame_correlated_noise(key, shape, correlation: float = 0.0, axis: int = 1):
+    """Standard normal noise whose draws along `axis` (the frames of latent videos [B, T, ...]) share
+    `correlation` of their variance: sqrt(c) shared + sqrt(1 - c) independent, the mixed noise prior
+    of PYoCo (Ge et al. 2023; their alpha^2 / (1 + alpha^2) = c).
+
+    Every element stays N(0, 1), so schedules and samplers are unchanged; what changes is that a video
+    model trained and sampled with it starts every frame from mostly the same noise, as an image model
+    inflated into a video model would need to draw the same scene on every frame. `correlation` is a
+    Python float in [0, 1); 0 gives exactly `jax.random.normal(key, shape)`.
+    """
+    if not 0.0 <= correlation < 1.0:
+        raise ValueError(f"frame noise correlation must be in [0, 1), got {correlation!r}")
+    if correlation == 0.0:
+        return jax.random.normal(key, shape, jnp.float32)
+    k_shared, k_own = jax.random.split(key)
+    shared_shape = tuple(1 if i == axis % len(shape) else n for i, n in enumerate(shape))
+    shared = jax.random.normal(k_shared, shared_shape, jnp.float32)
+    own = jax.random.normal(k_own, shape, jnp.float32)
+    return np.sqrt(correlation) * shared + np.sqrt(1.0 - correlation) * own
+
+
 class Posterior(NamedTuple):
     """q(x_s | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, variance), for s < t."""
 

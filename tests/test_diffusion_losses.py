@@ -18,6 +18,25 @@ def test_q_sample_moments():
     assert float(xt.std()) == pytest.approx(VP.sigma[300], rel=0.02)
 
 
+def test_frame_correlated_noise_moments():
+    """Unit variance per element; frames of one video correlate by `correlation`, videos not at all;
+    correlation 0 is the plain normal draw."""
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(diffusion.frame_correlated_noise(key, (3, 4, 5)), jax.random.normal(key, (3, 4, 5)))
+    x = np.asarray(diffusion.frame_correlated_noise(key, (20000, 3, 2), 0.7))    # [B, T, C]
+    assert x.var(axis=0) == pytest.approx(np.ones((3, 2)), abs=0.04)
+    frames = np.corrcoef(x[:, :, 0].T)     # [T, T] over videos
+    assert frames[np.triu_indices(3, 1)] == pytest.approx([0.7] * 3, abs=0.02)
+    assert abs(np.corrcoef(x[:, 0, 0], x[:, 0, 1])[0, 1]) < 0.03     # channels (and videos) independent
+    # another axis: [k, B, T, ...] step draws correlate along T = axis 2
+    y = np.asarray(diffusion.frame_correlated_noise(key, (2, 10000, 2), 0.5, axis=2))
+    assert np.corrcoef(y[0, :, 0], y[0, :, 1])[0, 1] == pytest.approx(0.5, abs=0.03)
+    assert abs(np.corrcoef(y[0, :, 0], y[1, :, 0])[0, 1]) < 0.03
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"frame noise correlation must be in \[0, 1\), got"):
+            diffusion.frame_correlated_noise(key, (2, 3), bad)
+
+
 @pytest.mark.parametrize("schedule", [VP, FLOW], ids=["vp", "flow"])
 def test_posterior_is_bayes_rule(schedule):
     """q(x_s | x_t, x_0) from the product q(x_t | x_s) q(x_s | x_0), written out independently."""

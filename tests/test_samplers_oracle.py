@@ -87,6 +87,17 @@ def test_ddpm_without_noise_collapses_toward_the_mean():
     assert np.trace(np.cov(without.T)) < 0.5 * true_var
 
 
+def test_noise_fn_draws_the_step_noise():
+    """A stochastic sampler's step i draws noise_fn(fold_in(key, i), [k, B, ...]): the same as passing
+    those draws as step_noise."""
+    steps, key = 6, jax.random.key(1)    # the key `draw` passes with seed 0
+    fn = lambda k, shape: 0.5 * jax.random.uniform(k, shape, minval=-1.0)
+    given = np.stack([fn(jax.random.fold_in(key, i), (1, N, 2)) for i in range(steps)])
+    method = dict(method="euler_ancestral", steps=steps)
+    np.testing.assert_allclose(draw(LINEAR, "epsilon", method, noise_fn=fn),
+                               draw(LINEAR, "epsilon", method, step_noise=given), atol=1e-6)
+
+
 def test_lcm_matches_its_gaussian_recursion():
     """LCM with an exact posterior-mean denoiser: closed-form mean/variance recursion in NumPy."""
     g = gaussian([0.5, -0.25], 0.6)

@@ -69,6 +69,27 @@ def test_image_to_video_keeps_the_first_frame(sd):
     assert float(jnp.max(jnp.abs(videos[:, 1] - round_trip))) > 1e-2   # the other frames are generated
 
 
+def test_frame_correlated_noise_is_the_starting_noise_and_the_step_noise(sd):
+    """frame_noise_correlation (the pipeline's default or per call): the initial latents are
+    frame_correlated_noise of the seed's key, and the stochastic samplers draw their steps with it."""
+    pipe = video_pipe(sd)
+    request = dict(num_frames=3, steps=3, guidance_scale=4.0, seed=2)
+    shape = pipe.video_latent_shape(2, 3, 16, 16)
+    given = jd.diffusion.frame_correlated_noise(jax.random.key(2), shape, 0.6)
+    prompts = ["a red circle moving left", "a blue square"]
+    want = pipe(prompts, noise=given, **request)
+    np.testing.assert_allclose(pipe(prompts, frame_noise_correlation=0.6, **request), want, atol=1e-6)
+    pipe.frame_noise_correlation = 0.6    # as from_pretrained sets it from the folder's training.json
+    np.testing.assert_allclose(pipe(prompts, **request), want, atol=1e-6)
+    assert not np.allclose(pipe(prompts, frame_noise_correlation=0.0, **request), want, atol=1e-3)
+    # a stochastic sampler: the same starting noise, different step noise
+    ancestral = dict(request, method="euler_ancestral")
+    assert not np.allclose(pipe(prompts, noise=given, **ancestral),
+                           pipe(prompts, noise=given, frame_noise_correlation=0.0, **ancestral), atol=1e-3)
+    with pytest.raises(ValueError, match=r"frame_noise_correlation must be in \[0, 1\), got 1.5"):
+        pipe(prompts, frame_noise_correlation=1.5)
+
+
 def test_bad_requests(sd):
     pipe = video_pipe(sd)
     with pytest.raises(ValueError, match="no prompts given"):

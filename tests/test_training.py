@@ -222,3 +222,26 @@ def test_config_timestep_distribution_reaches_the_loss():
     m.timestep_logit_mean = 0.0
     denoising_loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
     assert float(seen[1].min()) < 300
+
+
+def test_config_frame_noise_correlation_reaches_the_loss():
+    """Videos x0 [B, T, ...] are noised with config.model.frame_noise_correlation of the noise shared by
+    their frames (x_t = sigma_t noise for x0 = 0: the frames' correlation is the noise's)."""
+    import ml_collections
+
+    from jaxdiff import schedules
+    from jaxdiff.training.recipes.diffusion import denoising_loss
+
+    seen = []
+
+    def apply_fn(x, t, ctx):
+        seen.append(np.asarray(x))
+        return jnp.zeros_like(x)
+
+    m = ml_collections.ConfigDict(dict(prediction_type="v_prediction", weighting="simple",
+                                       frame_noise_correlation=0.9))
+    for _ in range(2):
+        denoising_loss(apply_fn, jnp.zeros((4000, 3, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
+        m.frame_noise_correlation = 0.0
+    (with_, without) = ([np.corrcoef(x[:, 0, 0], x[:, 2, 0])[0, 1] for x in seen])
+    assert with_ == pytest.approx(0.9, abs=0.03) and abs(without) < 0.05

@@ -107,6 +107,7 @@ def test_export_loads_back_as_text_to_video_and_shapes_eval_scores_it(video_run,
     assert pipe.unet.config == TemporalUNetConfig(**{**c.model.temporal_unet.to_dict(), "in_channels": 9,
                                                      "out_channels": 4, "sample_size": 8})
     assert pipe.unet.config.frame_position_embedding == "sinusoidal"
+    assert pipe.frame_noise_correlation == c.model.frame_noise_correlation == vd_config.FRAME_NOISE_CORRELATION
     prompts = ["a red circle moving left", "a blue square moving up and a green circle moving down"]
     np.testing.assert_array_equal(pipe.tokenize(prompts), data_spec(c.data).tokenize(prompts))
     index = json.load(open(os.path.join(out, "model_index.json")))
@@ -212,6 +213,15 @@ def test_video_config_errors_are_named(data_dir, tmp_path):
         build(c)
     c.model.init_from = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
+        build(c)
+    c = tiny("tiny", data_dir)
+    c.model.frame_noise_correlation = 1.0
+    with pytest.raises(ValueError, match=r"config.model.frame_noise_correlation=1.0: need the fraction of the "
+                                         r"noise's variance shared across frames, in \[0, 1\)"):
+        build(c)
+    c = ld_config.get_config("tiny")
+    c.model.frame_noise_correlation = 0.5
+    with pytest.raises(ValueError, match="frame_noise_correlation is for videos .* not backbone 'unet'"):
         build(c)
     c = vd_config.get_config("tiny")
     c.data = ld_config.get_config("tiny").data    # synthetic squares: images only

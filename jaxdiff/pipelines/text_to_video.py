@@ -23,6 +23,7 @@ recompiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Sequence
@@ -30,7 +31,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import samplers
+from jaxdiff import diffusion, samplers
 from jaxdiff.convert.scheduler import schedule_from_config
 from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, _shard_over_data, prompt_lists
 
@@ -38,19 +39,30 @@ from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, _shard_o
 DEFAULT_FRAMES = 8  # for a video model folder whose training.json does not say how many frames it learnt
 
 
-def trained_frames(path: str) -> int | None:
-    """The frames per clip of the videos a model folder's diffusion run trained on, read from its
-    training.json (as `jaxdiff.training.export` writes it): the run's moving_shapes data name, else its
-    config.model.num_frames; None if the folder does not say."""
+def _training_config(path: str) -> dict:
+    """The config of the diffusion run a model folder was exported from, as its training.json records it
+    (`jaxdiff.training.export`); {} if the folder has none."""
     listing = os.path.join(path, "training.json")
     if not os.path.isfile(listing):
-        return None
+        return {}
     with open(listing) as f:
-        config = json.load(f).get("diffusion", {}).get("config", {})
+        return json.load(f).get("diffusion", {}).get("config", {})
+
+
+def trained_frames(path: str) -> int | None:
+    """The frames per clip of the videos a model folder's diffusion run trained on: the run's
+    moving_shapes data name, else its config.model.num_frames; None if the folder does not say."""
+    config = _training_config(path)
     from jaxdiff.data.moving_shapes import frames_of
 
     frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
     return int(frames) if frames else None
+
+
+def trained_noise_correlation(path: str) -> float:
+    """The frame noise correlation a model folder's diffusion run trained with (config.model.
+    frame_noise_correlation; 0 if the folder does not say)."""
+    return float(_training_config(path).get("model", {}).get("frame_noise_correlation", 0.0))
 
 
 def default_frames(path: str) -> int:
@@ -61,21 +73,27 @@ def default_frames(path: str) -> int:
 @dataclasses.dataclass
 class TextToVideo(TextToImage):
     """A latent text-to-video model (TemporalUNet + image VAE + CLIP), sharing TextToImage's text and
-    VAE pieces (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length."""
+    VAE pieces (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length;
+    `frame_noise_correlation` the default share of the noise's variance common to all frames (the
+    initial latents' and the stochastic samplers' step noise: `jaxdiff.diffusion.frame_correlated_noise`),
+    which should be what the U-Net trained with."""
 
     num_frames: int = DEFAULT_FRAMES
+    frame_noise_correlation: float = 0.0
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: int | None = None) -> "TextToVideo":
         """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel). The default video
-        length is `num_frames`, else `default_frames(path)`."""
+        length is `num_frames`, else `default_frames(path)`; the frame noise correlation the one the
+        folder's training.json records (0 without one)."""
         from jaxdiff.convert import load_pipeline
         from jaxdiff.models.temporal_unet import TemporalUNet
 
         sd = load_pipeline(path, unet_type=TemporalUNet)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
         return cls(sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                   schedule, {"method": "ddim", **defaults}, num_frames=num_frames or default_frames(path))
+                   schedule, {"method": "ddim", **defaults}, num_frames=num_frames or default_frames(path),
+                   frame_noise_correlation=trained_noise_correlation(path))
 
     @property
     def latent_channels(self) -> int:
@@ -93,11 +111,13 @@ class TextToVideo(TextToImage):
         b, h, w, c = self.latent_shape(batch, height, width)
         return (b, frames, h, w, c)
 
-    def _video_program(self, steps: int, sampler: tuple, image: bool, keep_first_frame: bool, progress: bool):
-        key = ("video", steps, sampler, image, keep_first_frame, progress, id(self.schedule))
+    def _video_program(self, steps: int, sampler: tuple, image: bool, keep_first_frame: bool, correlation: float,
+                       progress: bool):
+        key = ("video", steps, sampler, image, keep_first_frame, correlation, progress, id(self.schedule))
         if key in self._compiled:
             return self._compiled[key]
         kwargs, schedule = dict(sampler), self.schedule
+        kwargs["noise_fn"] = functools.partial(diffusion.frame_correlated_noise, correlation=correlation, axis=2)
         if progress:
             kwargs["callback"] = self._on_step
         conditioned = bool(self.unet.config.conditioning_frame_channels)
@@ -121,12 +141,13 @@ class TextToVideo(TextToImage):
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
                  num_frames: int | None = None, steps: int = 25, guidance_scale: float = 7.5,
                  guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None, width: int | None = None,
-                 noise=None, init_image=None, keep_first_frame: bool = True, progress: bool = False, mesh=None,
-                 **sampler_kwargs) -> dict:
+                 noise=None, frame_noise_correlation: float | None = None, init_image=None,
+                 keep_first_frame: bool = True, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
         """Runs the program; returns {'videos' [B, T, H, W, 3] in [0, 1], 'latents' [B, T, h, w, C]}.
 
         `init_image` [B, H, W, 3] (or [H, W, 3] for every prompt) in [0, 1] makes it image-to-video;
-        `noise` [B, T, h, w, C] overrides the seed's initial latents. With a `mesh` (a
+        `noise` [B, T, h, w, C] overrides the seed's initial latents; `frame_noise_correlation` (in [0, 1))
+        the model's default share of the noise common to all frames. With a `mesh` (a
         `jax.sharding.Mesh` with a 'data' axis) the videos are split over that axis and the params are
         replicated.
         """
@@ -143,10 +164,15 @@ class TextToVideo(TextToImage):
             if tuple(init_image.shape) != want:
                 raise ValueError(f"init_image has shape {tuple(init_image.shape)}, expected {want} (one image in "
                                  f"[0, 1] per prompt, the video's size)")
+        correlation = self.frame_noise_correlation if frame_noise_correlation is None else frame_noise_correlation
+        if not (isinstance(correlation, (int, float)) and 0.0 <= correlation < 1.0):
+            raise ValueError(f"frame_noise_correlation must be in [0, 1), got {correlation!r}")
+        correlation = float(correlation)
         if noise is None:
-            noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+            noise = diffusion.frame_correlated_noise(jax.random.key(seed), shape, correlation)
         sampler = tuple(sorted({**self.sampler_defaults, **sampler_kwargs}.items()))
-        program = self._video_program(steps, sampler, init_image is not None, keep_first_frame, progress)
+        program = self._video_program(steps, sampler, init_image is not None, keep_first_frame, correlation,
+                                      progress)
         params = (self.unet_params, self.vae_params, self.text_params)
         batch_args = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image]
         if mesh is not None:

@@ -90,7 +90,8 @@ def _check_array(name, a, like=None):
 def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: str = "ddim", steps: int = 50,
            prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
            final_alpha_one: bool = True, karras: bool = False, x_init=None, strength: float = 1.0,
-           hook: Callable | None = None, step_noise=None, return_trajectory: bool = False,
+           hook: Callable | None = None, step_noise=None, noise_fn: Callable | None = None,
+           return_trajectory: bool = False,
            callback: Callable[[Any], None] | None = None, **options):
     """Draws x_0 from noise with a named sampler, as one `lax.scan` (jittable end to end).
 
@@ -114,6 +115,9 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
       hook: (x_next, point) -> x_next after every step, `point` a dict of the next grid
         point's t, alpha, sigma and `last`; e.g. `mask_blend` for inpainting.
       step_noise: optional [steps, k, B, ...] normal draws to use instead of `key` (k draws per step).
+      noise_fn: (key, shape) -> standard normal draws of that shape, what the stochastic samplers draw
+        their step noise with (default `jax.random.normal`); e.g. `diffusion.frame_correlated_noise`
+        with axis=2 for videos [B, T, ...] (a step's draws are [k, B, T, ...]).
       return_trajectory: also return {'x': [n, B, ...] x after each step, 'x0': [n, B, ...] predictions}.
       callback: a host function called with the step number (1..n) after every step, through
         `jax.debug.callback` (progress bars); it is part of the program, so keep the same one.
@@ -146,7 +150,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
     step = functools.partial(m.step, **{k: opts[k] for k in m.step_options})
     init = m.init(x) if m.init else {}
     return _scan(model_fn, prediction_type, step, grid, plan, {"x": x, **init}, key, m.noises(opts),
-                 step_noise, hook, return_trajectory, callback)
+                 step_noise, hook, return_trajectory, callback, noise_fn)
 
 
 def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, prediction_type: str = "epsilon",
@@ -192,7 +196,7 @@ def step_inputs(grid: grids.Grid, plan: dict) -> dict[str, np.ndarray]:
 
 
 def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k_noise, step_noise, hook,
-          return_trajectory, callback):
+          return_trajectory, callback, noise_fn=None):
     n = grid.steps
     coeffs = {k: jnp.asarray(v, jnp.float32) for k, v in step_inputs(grid, plan).items()}
     x = state["x"]
@@ -210,7 +214,8 @@ def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k
         elif given is not None:
             noise = given
         else:
-            noise = jax.random.normal(jax.random.fold_in(key, i), (k_noise,) + x.shape, jnp.float32)
+            draw = noise_fn or functools.partial(jax.random.normal, dtype=jnp.float32)
+            noise = jnp.asarray(draw(jax.random.fold_in(key, i), (k_noise,) + x.shape), jnp.float32)
         state, x0 = step(state, c, denoise, noise)
         if hook is not None:
             point = {"t": c["t_next"], "alpha": c["alpha_next"], "sigma": c["sigma_next"], "last": c["last"]}

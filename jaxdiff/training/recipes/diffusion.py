@@ -38,11 +38,15 @@ batch["image"] [B, T, H, W, 3], e.g. source 'shapes' with a `moving_shapes/...` 
   conditioning_frame_channels > 0 (image-to-video): the clean latent of frame 0 is the U-Net's
     conditioning frame, dropped with probability image_dropout (default 0.1, independent of
     caption dropout) so the model also learns plain text-to-video.
+  frame_noise_correlation (default 0): the fraction of the noise's variance shared by a video's frames
+    (`jaxdiff.diffusion.frame_correlated_noise`, PYoCo's mixed noise prior), in training and in the
+    preview; exported folders record it and TextToVideo samples with it.
   num_frames: frames of the preview videos (default: from a moving_shapes data name).
   Preview grids: text-to-video (no conditioning frame), each video's frames side by side.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import flax.linen as nn
@@ -95,11 +99,12 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights
     the mean over examples, or their `example_weights` [B]-weighted mean.
 
     Timesteps from `m.timestep_distribution`; the model sees the schedule's timestep value
-    (i for discrete schedules, sigma * N for flow matching), as samplers give it."""
+    (i for discrete schedules, sigma * N for flow matching), as samplers give it. Videos [B, T, ...]
+    are noised with `m.frame_noise_correlation` of the noise shared across frames."""
     k_t, k_noise = jax.random.split(key)
     t = losses.sample_timesteps(k_t, x0.shape[0], schedule, m.get("timestep_distribution", "uniform"),
                                 logit_mean=m.get("timestep_logit_mean", 0.0), logit_std=m.get("timestep_logit_std", 1.0))
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    noise = diffusion.frame_correlated_noise(k_noise, x0.shape, m.get("frame_noise_correlation", 0.0))
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
     loss, per_example = losses.diffusion_loss(out, x0, noise, t, schedule, prediction_type=m.prediction_type,
@@ -181,6 +186,10 @@ def _check_video(c, spec, latent: bool, text: bool) -> None:
     p = m.get("image_dropout", 0.1)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"config.model.image_dropout={p!r}: need a probability in [0, 1]")
+    r = m.get("frame_noise_correlation", 0.0)
+    if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
+        raise ValueError(f"config.model.frame_noise_correlation={r!r}: need the fraction of the noise's variance "
+                         f"shared across frames, in [0, 1)")
 
 
 def num_frames_for(c) -> int:
@@ -310,6 +319,9 @@ def build(c, spec) -> Task:
     video = m.backbone == "temporal_unet"
     if video:
         _check_video(c, spec, latent, text)
+    elif m.get("frame_noise_correlation"):
+        raise ValueError(f"config.model.frame_noise_correlation is for videos (backbone 'temporal_unet'), not "
+                         f"backbone {m.backbone!r}")
     elif m.get("init_from") and not (m.backbone == "unet" and latent and text):
         raise ValueError(f"config.model.init_from={m.init_from!r} is for a latent text-conditioned backbone 'unet' "
                          f"(fine-tuning) or 'temporal_unet' (inflating an image U-Net), not {m.backbone!r} in "
@@ -404,7 +416,8 @@ def build(c, spec) -> Task:
 
     def sample(params, frozen, key):
         n = len(spec.preview_prompts) if text else 8
-        noise = jax.random.normal(key, (n, *example))
+        correlation = m.get("frame_noise_correlation", 0.0)
+        noise = diffusion.frame_correlated_noise(key, (n, *example), correlation)
         apply_fn = lambda x, t, ctx: net.apply({"params": split_params(m, params)[0]}, x, t, ctx)
         if text:
             context = encode_text(params, frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
@@ -413,7 +426,9 @@ def build(c, spec) -> Task:
         else:
             model_fn = lambda x, t: apply_fn(x, t, None)
         x = samplers.sample(model_fn, schedule, noise, key=jax.random.fold_in(key, 1), method=m.sample_method,
-                            steps=m.sample_steps, prediction_type=m.prediction_type)
+                            steps=m.sample_steps, prediction_type=m.prediction_type,
+                            noise_fn=functools.partial(diffusion.frame_correlated_noise, correlation=correlation,
+                                                       axis=2))
         if latent:
             x = from_latent(frozen, x)
         x = jnp.clip(x / 2 + 0.5, 0.0, 1.0)
