@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff import diffusion
 from jaxdiff.schedules import Schedule
@@ -66,7 +65,7 @@ def masked_mean(err, mask=None):
 
 def diffusion_loss(model_out, x0, noise, t, schedule: Schedule, *, prediction_type: str = "epsilon",
                    weighting: str = "simple", min_snr_gamma: float = 5.0, sigma_data: float = 0.5,
-                   mask=None, motion_weight: float = 1.0):
+                   mask=None):
     """Weighted denoising loss for a batch noised with `q_sample(schedule, x0, t, noise)`.
 
     Args:
@@ -74,25 +73,12 @@ def diffusion_loss(model_out, x0, noise, t, schedule: Schedule, *, prediction_ty
       x0, noise: [B, ...] the clean data and the noise that made x_t.
       t: [B] integer training timesteps.
       mask: optional per-pixel mask broadcastable to x0 (1 = counts).
-      motion_weight: for videos [B, T, ...]: the error's deviation from its mean over frames (axis 1) counts
-        motion_weight times, its frame mean once: ||e||^2 = T ||mean_t e||^2 + ||e - mean_t e||^2 becomes
-        T ||mean_t e||^2 + motion_weight ||e - mean_t e||^2. A fixed positive-definite reweighting, so
-        the minimiser (the posterior mean of the target) is unchanged; what changes is how much the
-        frame-to-frame changes -- motion -- weigh against the scene every frame shares. 1: the plain loss.
     Returns: (scalar loss, per-example losses [B]). Computed in float32.
     """
-    if not motion_weight > 0:
-        raise ValueError(f"motion_weight must be positive, got {motion_weight!r}")
     model_out, x0, noise = (jnp.asarray(a, jnp.float32) for a in (model_out, x0, noise))
     alpha, sigma = schedule.table("alpha", t), schedule.table("sigma", t)
     tgt = diffusion.target(prediction_type, x0, noise, alpha, sigma)
-    err = model_out - tgt
-    if motion_weight != 1.0:
-        if err.ndim < 3:
-            raise ValueError(f"motion_weight needs videos [B, T, ...], got an error of shape {err.shape}")
-        shared = jnp.mean(err, axis=1, keepdims=True)
-        err = shared + np.sqrt(motion_weight) * (err - shared)
-    per_example = masked_mean(err ** 2, mask)
+    per_example = masked_mean((model_out - tgt) ** 2, mask)
     per_example = per_example * loss_weight(weighting, prediction_type, alpha, sigma,
                                             min_snr_gamma=min_snr_gamma, sigma_data=sigma_data)
     return jnp.mean(per_example), per_example

@@ -126,28 +126,6 @@ def test_simple_loss_and_mask():
     assert float(losses.diffusion_loss(noise, x0, noise, t, VP, weighting="min_snr")[0]) == 0.0
 
 
-def test_motion_weight_splits_the_error_into_frame_mean_and_motion():
-    """motion_weight w: per example T ||mean_t e||^2 + w ||e - mean_t e||^2 over the element count, in NumPy;
-    w = 1 is the plain loss."""
-    k = jax.random.split(jax.random.key(3), 3)
-    x0, noise, out = (jax.random.normal(ki, (3, 4, 2, 2, 1)) for ki in k)
-    t = jnp.array([10, 500, 990])
-    plain, plain_each = losses.diffusion_loss(out, x0, noise, t, VP, prediction_type="v_prediction")
-    loss, each = losses.diffusion_loss(out, x0, noise, t, VP, prediction_type="v_prediction", motion_weight=5.0)
-    a, s = VP.alpha[np.asarray(t)][:, None, None, None, None], VP.sigma[np.asarray(t)][:, None, None, None, None]
-    e = np.asarray(out, np.float64) - (a * np.asarray(noise) - s * np.asarray(x0))
-    mean = e.mean(axis=1, keepdims=True)
-    numel = e[0].size
-    want = (4 * (mean ** 2).sum(axis=(1, 2, 3, 4)) + 5.0 * ((e - mean) ** 2).sum(axis=(1, 2, 3, 4))) / numel
-    np.testing.assert_allclose(each, want, rtol=1e-5)
-    np.testing.assert_allclose(plain_each, (e ** 2).sum(axis=(1, 2, 3, 4)) / numel, rtol=1e-5)
-    assert float(loss) == pytest.approx(want.mean(), rel=1e-5) and float(loss) > float(plain)
-    with pytest.raises(ValueError, match="motion_weight must be positive, got 0"):
-        losses.diffusion_loss(out, x0, noise, t, VP, motion_weight=0)
-    with pytest.raises(ValueError, match=r"motion_weight needs videos \[B, T, ...\]"):
-        losses.diffusion_loss(out[:, 0, 0, 0], x0[:, 0, 0, 0], noise[:, 0, 0, 0], t, VP, motion_weight=2.0)
-
-
 def test_flow_matching_loss_target_is_velocity():
     x0, noise = jnp.ones((3, 2)), jnp.zeros((3, 2))
     t = jnp.array([0, 500, 999])

@@ -223,13 +223,6 @@ def test_video_config_errors_are_named(data_dir, tmp_path):
     c.model.frame_noise_correlation = 0.5
     with pytest.raises(ValueError, match="frame_noise_correlation is for videos .* not backbone 'unet'"):
         build(c)
-    c.model.frame_noise_correlation, c.model.motion_weight = 0.0, 4.0
-    with pytest.raises(ValueError, match="motion_weight is for videos .* not backbone 'unet'"):
-        build(c)
-    c = tiny("tiny", data_dir)
-    c.model.motion_weight = -1.0
-    with pytest.raises(ValueError, match="config.model.motion_weight=-1.0: need a positive weight"):
-        build(c)
     c = vd_config.get_config("tiny")
     c.data = ld_config.get_config("tiny").data    # synthetic squares: images only
     with pytest.raises(ValueError, match="config.data.source='squares' has none"):

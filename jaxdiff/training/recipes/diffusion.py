@@ -41,7 +41,6 @@ batch["image"] [B, T, H, W, 3], e.g. source 'shapes' with a `moving_shapes/...` 
   frame_noise_correlation (default 0): the fraction of the noise's variance shared by a video's frames
     (`jaxdiff.diffusion.frame_correlated_noise`, PYoCo's mixed noise prior), in training and in the
     preview; exported folders record it and TextToVideo samples with it.
-  motion_weight (default 1): the loss's frame-to-frame changes count this many times (`losses.diffusion_loss`).
   num_frames: frames of the preview videos (default: from a moving_shapes data name).
   Preview grids: text-to-video (no conditioning frame), each video's frames side by side.
 """
@@ -109,8 +108,7 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
     loss, per_example = losses.diffusion_loss(out, x0, noise, t, schedule, prediction_type=m.prediction_type,
-                                              weighting=m.weighting, min_snr_gamma=m.get("min_snr_gamma", 5.0),
-                                              motion_weight=m.get("motion_weight", 1.0))
+                                              weighting=m.weighting, min_snr_gamma=m.get("min_snr_gamma", 5.0))
     if example_weights is None:
         return loss
     return jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
@@ -188,10 +186,6 @@ def _check_video(c, spec, latent: bool, text: bool) -> None:
     p = m.get("image_dropout", 0.1)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"config.model.image_dropout={p!r}: need a probability in [0, 1]")
-    w = m.get("motion_weight", 1.0)
-    if not (isinstance(w, (int, float)) and w > 0):
-        raise ValueError(f"config.model.motion_weight={w!r}: need a positive weight of the loss's frame-to-frame "
-                         f"changes")
     r = m.get("frame_noise_correlation", 0.0)
     if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
         raise ValueError(f"config.model.frame_noise_correlation={r!r}: need the fraction of the noise's variance "
@@ -325,10 +319,9 @@ def build(c, spec) -> Task:
     video = m.backbone == "temporal_unet"
     if video:
         _check_video(c, spec, latent, text)
-    elif m.get("frame_noise_correlation") or m.get("motion_weight", 1.0) != 1.0:
-        name = "frame_noise_correlation" if m.get("frame_noise_correlation") else "motion_weight"
-        raise ValueError(f"config.model.{name} is for videos (backbone 'temporal_unet'), not backbone "
-                         f"{m.backbone!r}")
+    elif m.get("frame_noise_correlation"):
+        raise ValueError(f"config.model.frame_noise_correlation is for videos (backbone 'temporal_unet'), not "
+                         f"backbone {m.backbone!r}")
     elif m.get("init_from") and not (m.backbone == "unet" and latent and text):
         raise ValueError(f"config.model.init_from={m.init_from!r} is for a latent text-conditioned backbone 'unet' "
                          f"(fine-tuning) or 'temporal_unet' (inflating an image U-Net), not {m.backbone!r} in "
