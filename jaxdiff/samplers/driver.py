@@ -206,6 +206,7 @@ def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k
         step_noise = jnp.asarray(step_noise, jnp.float32).reshape((n, k_noise) + x.shape)
 
     denoise = denoiser(model_fn, prediction_type)
+    draw = noise_fn or functools.partial(jax.random.normal, dtype=jnp.float32)
 
     def body(state, inputs):
         c, i, given = inputs
@@ -214,7 +215,6 @@ def _scan(model_fn, prediction_type, step, grid: grids.Grid, plan, state, key, k
         elif given is not None:
             noise = given
         else:
-            draw = noise_fn or functools.partial(jax.random.normal, dtype=jnp.float32)
             noise = jnp.asarray(draw(jax.random.fold_in(key, i), (k_noise,) + x.shape), jnp.float32)
         state, x0 = step(state, c, denoise, noise)
         if hook is not None:
