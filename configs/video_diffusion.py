@@ -51,7 +51,10 @@ def get_config(variant: str = "scratch"):
     c.model = ml_collections.ConfigDict(dict(backbone="temporal_unet", space="latent", image_dropout=0.1,
                                              frame_noise_correlation=FRAME_NOISE_CORRELATION,
                                              **common.diffusion_objective()))
-    video_only = dict(frame_position_embedding="sinusoidal", conditioning_frame_channels=5)
+    # The temporal transformers attend to the caption too (see README "Video"): in diffusers' UNet3D layout
+    # the direction words reach only the per-frame spatial cross-attention, which cannot tell the frames apart.
+    video_only = dict(frame_position_embedding="sinusoidal", conditioning_frame_channels=5,
+                      temporal_text_attention=True)
     if variant.startswith("tiny"):
         common.tiny_run(c)
         c.data = video_data(TINY_DATA, 16, prompts=PREVIEW_PROMPTS[:2])

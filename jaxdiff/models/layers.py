@@ -202,6 +202,8 @@ class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections (self- or cross-attention).
 
     x: [B, L, out_features], context: [B, S, D_ctx] or None (self-attention) -> [B, L, out_features].
+    A context [G, S, D_ctx] with B = G*k is shared by each run of k consecutive sequences of x: its keys
+    and values are computed once per group, and the group's queries attend to them together.
     """
     heads: int
     head_dim: int
@@ -220,9 +222,15 @@ class Attention(nn.Module):
 
     def __call__(self, x, context=None, mask=None):
         context = x if context is None else context
+        shape, groups = x.shape, context.shape[0]
+        if groups != shape[0]:
+            if shape[0] % groups or mask is not None:
+                raise ValueError(f"Attention: a context of {groups} entries for {shape[0]} query sequences (need "
+                                 f"one per sequence, or one per equal group of sequences and no mask)")
+            x = x.reshape(groups, -1, shape[-1])   # queries are independent: a group's sequences attend as one
         split = lambda y: y.reshape(*y.shape[:-1], self.heads, self.head_dim)
         out = dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), mask)
-        return self.to_out_0(out.reshape(*out.shape[:-2], self.heads * self.head_dim))
+        return self.to_out_0(out.reshape(*out.shape[:-2], self.heads * self.head_dim)).reshape(shape)
 
 
 class SpatialSelfAttention(Attention):
@@ -420,8 +428,8 @@ def _temporal_conv(temporal, i: int, x, num_frames, kw):
     return x if temporal is None else temporal.conv(name=f"temp_convs_{i}", **kw)(x, num_frames)
 
 
-def _temporal_attention(temporal, i: int, x, num_frames, kw):
-    return x if temporal is None else temporal.attention(name=f"temp_attentions_{i}", **kw)(x, num_frames)
+def _temporal_attention(temporal, i: int, x, context, num_frames, kw):
+    return x if temporal is None else temporal.attention(name=f"temp_attentions_{i}", **kw)(x, num_frames, context)
 
 
 def _resnet_layer(block, i: int, x, temb, context, num_frames, kw):
@@ -434,7 +442,7 @@ def _resnet_layer(block, i: int, x, temb, context, num_frames, kw):
     x = _temporal_conv(block.temporal, i, x, num_frames, kw)
     if block.transformer is not None:
         x = SpatialTransformer(block.transformer, block.groups, name=f"attentions_{i}", **kw)(x, context)
-        x = _temporal_attention(block.temporal, i, x, num_frames, kw)
+        x = _temporal_attention(block.temporal, i, x, context, num_frames, kw)
     return x
 
 
@@ -535,7 +543,7 @@ class MidBlock(nn.Module):
         for i in range(self.num_layers):
             if self.transformer is not None:
                 x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
-                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
+                x = _temporal_attention(self.temporal, i, x, context, num_frames, kw)
             elif self.self_attention:
                 x = SpatialSelfAttention(1, self.channels, self.channels, qkv_bias=True, groups=self.groups,
                                          eps=self.eps, output_scale_factor=self.output_scale_factor,

@@ -40,6 +40,15 @@ jaxdiff extensions (off by default, so a diffusers checkpoint computes exactly w
   when a conditioning frame is given and 0 everywhere otherwise (no image: all K channels 0,
   which is what classifier-free image dropout trains). diffusers loads the export as a plain
   UNet3DConditionModel with in_channels input channels (it ignores the extra config field).
+- `temporal_text_attention=True`: the second attention of every temporal transformer block attends
+  to the text (diffusers' BasicTransformerBlock without `double_self_attention`) instead of being a
+  second self-attention over the frames. In diffusers' UNet3D the text reaches only the spatial
+  cross-attention, which runs on each frame alone and cannot tell the frames apart, while the
+  temporal layers, which can, never see the text; a caption's motion ("moving left": a displacement
+  growing with the frame index) needs the two together. Those temporal attentions take their
+  queries from the frame-position-embedded tokens and their keys from the caption. The temporal
+  transformers still start as the identity (zero `proj_out`), so `inflate` is unchanged; diffusers
+  cannot run such a model (written with `jaxdiff_fields=True`, as the frame position embedding).
 """
 from __future__ import annotations
 
@@ -67,7 +76,8 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
 }
 # Fields of the config dataclass that diffusers' UNet3DConditionModel does not have.
 _JAXDIFF_FIELDS = ("num_attention_heads", "transformer_in_heads", "temporal_conv_norm_eps", "attention_norm_eps",
-                   "transformer_norm_eps", "frame_position_embedding", "conditioning_frame_channels")
+                   "transformer_norm_eps", "frame_position_embedding", "conditioning_frame_channels",
+                   "temporal_text_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +111,7 @@ class TemporalUNetConfig:
     transformer_norm_eps: float = 1e-5
     frame_position_embedding: str | None = None
     conditioning_frame_channels: int = 0
+    temporal_text_attention: bool = False
     sample_size: int | None = None
 
     def __post_init__(self):
@@ -141,6 +152,9 @@ class TemporalUNetConfig:
         if self.frame_position_embedding not in FRAME_POSITION_EMBEDDINGS:
             raise ValueError(f"TemporalUNetConfig.frame_position_embedding={self.frame_position_embedding!r}; "
                              f"choose one of: {FRAME_POSITION_EMBEDDINGS}")
+        if not isinstance(self.temporal_text_attention, (bool, np.bool_)):
+            raise ValueError(f"TemporalUNetConfig.temporal_text_attention={self.temporal_text_attention!r}: "
+                             f"need True or False")
         k = self.conditioning_frame_channels
         if k and not (2 <= k < self.in_channels):
             raise ValueError(f"TemporalUNetConfig.conditioning_frame_channels={k}: need 0 (no image conditioning) "
@@ -202,6 +216,9 @@ class TemporalUNetConfig:
         if self.frame_position_embedding is not None:
             gaps[("frame_position_embedding",)] = (f"frame_position_embedding={self.frame_position_embedding!r} "
                                                    f"(diffusers: none)")
+        if self.temporal_text_attention:
+            gaps[("temporal_text_attention",)] = ("temporal_text_attention=True (diffusers: the temporal "
+                                                  "transformers see no text)")
         return gaps
 
     def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
@@ -310,9 +327,11 @@ class TemporalTransformer(nn.Module):
     """Self-attention across frames at every pixel, with a residual (diffusers' TransformerTemporalModel).
 
     GroupNorm over (T, H, W) -> linear to heads*head_dim -> [+ frame position embedding] ->
-    transformer blocks (both attention layers self-attention, as diffusers' double_self_attention)
-    over sequences [B*H*W, T, heads*head_dim] -> zero-initialised linear back to C.
-    x: [B*T, H, W, C] -> [B*T, H, W, C].
+    transformer blocks (both attention layers self-attention, as diffusers' double_self_attention;
+    with `text_attention` the second attends to the caption) over sequences [B*H*W, T, heads*head_dim]
+    -> zero-initialised linear back to C.
+    x: [B*T, H, W, C], context: [B*T, L, D_ctx] (the caption repeated per frame; needed with
+    `text_attention`) -> [B*T, H, W, C].
     """
     heads: int
     head_dim: int
@@ -321,14 +340,22 @@ class TemporalTransformer(nn.Module):
     norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
     frame_position_embedding: str | None = None
+    text_attention: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, num_frames: int):
+    def __call__(self, x, num_frames: int, context=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         video = _unflatten_frames(x, num_frames)
         b, t, hh, ww, c = video.shape
+        if self.text_attention:
+            if context is None:
+                raise ValueError("a temporal transformer with text attention needs context=[B*T, L, D_ctx]")
+            # one caption per video, shared by its pixels' sequences of frames (consecutive in h below)
+            context = _unflatten_frames(context, t)[:, 0]
+        else:
+            context = None
         inner = self.heads * self.head_dim
         h = group_norm(self.groups, self.norm_eps, name="norm", **kw)(video)
         h = h.transpose(0, 2, 3, 1, 4).reshape(b * hh * ww, t, c)
@@ -337,7 +364,7 @@ class TemporalTransformer(nn.Module):
             h = h + frame_position_embedding(t, inner)[None].astype(h.dtype)
         for i in range(self.num_layers):
             h = TransformerBlock(inner, self.heads, self.head_dim, cross_attention=True, norm_eps=self.layer_norm_eps,
-                                 name=f"transformer_blocks_{i}", **kw)(h)
+                                 name=f"transformer_blocks_{i}", **kw)(h, context)
         h = dense(c, ("embed", "channels"), kernel_init=nn.initializers.zeros_init(), name="proj_out", **kw)(h)
         h = h.reshape(b, hh, ww, t, c).transpose(0, 3, 1, 2, 4)
         return constrain_image((video + h).reshape(x.shape))
@@ -353,6 +380,7 @@ class TemporalSpec:
     attention_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
     frame_position_embedding: str | None = None
+    text_attention: bool = False
 
     def conv(self, **kw) -> TemporalConv:
         return TemporalConv(self.groups, self.conv_norm_eps, **kw)
@@ -360,7 +388,8 @@ class TemporalSpec:
     def attention(self, **kw) -> TemporalTransformer:
         return TemporalTransformer(self.heads, self.head_dim, self.groups, norm_eps=self.attention_norm_eps,
                                    layer_norm_eps=self.layer_norm_eps,
-                                   frame_position_embedding=self.frame_position_embedding, **kw)
+                                   frame_position_embedding=self.frame_position_embedding,
+                                   text_attention=self.text_attention, **kw)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -381,7 +410,8 @@ class TemporalUNet(nn.Module):
         c = self.config
         heads = c.num_attention_heads[i]
         return TemporalSpec(c.norm_num_groups, heads, c.block_out_channels[i] // heads, c.temporal_conv_norm_eps,
-                            c.attention_norm_eps, c.transformer_norm_eps, c.frame_position_embedding)
+                            c.attention_norm_eps, c.transformer_norm_eps, c.frame_position_embedding,
+                            c.temporal_text_attention)
 
     @nn.compact
     def __call__(self, x, t, context, cond_frames=None, cond_present=None):
@@ -421,8 +451,8 @@ class TemporalUNet(nn.Module):
         h = constrain_image(conv(c.block_out_channels[0], name="conv_in", **kw)(h))
         h = TemporalTransformer(c.transformer_in_heads, c.attention_head_dim, c.norm_num_groups,
                                 norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps,
-                                frame_position_embedding=c.frame_position_embedding, name="transformer_in",
-                                **kw)(h, frames)
+                                frame_position_embedding=c.frame_position_embedding,
+                                text_attention=c.temporal_text_attention, name="transformer_in", **kw)(h, frames, context)
 
         skips = [h]
         for i, block_type in enumerate(c.down_block_types):
