@@ -41,7 +41,7 @@ def shapes_data() -> ml_collections.ConfigDict:
     """The built-in `shapes` dataset at 32x32 (prepare it once: python -m jaxdiff.data.prepare shapes;
     data_dir '' is tfds' default folder)."""
     return ml_collections.ConfigDict(dict(
-        source="shapes", name="shapes/32px", data_dir="", image_size=32, max_length=16, worker_count=0,
+        source="shapes", name="shapes/32px", data_dir="", image_size=32, max_length=16, worker_count=0, token_masks=0,
         preview_prompts=("a red triangle on the right", "two blue circles", "a large purple square",
                          "a yellow circle and a blue square", "a purple square to the right of a cyan circle",
                          "three green circles", "a small cyan triangle", "a green triangle and a blue triangle")))

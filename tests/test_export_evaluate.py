@@ -353,3 +353,35 @@ def test_emphasis_words_weight_their_examples(runs):
     c.model.emphasis_words = ("leftwards",)
     with pytest.raises(ValueError, match=r"\['leftwards'\] are not single words"):
         recipes.build(c, spec)
+
+
+def test_grounding_weight_adds_the_grounding_loss_of_the_unet_maps(runs):
+    """config.model.grounding_weight w: with the same draws the loss is the denoising loss plus w times the grounding
+    metric, itself in (0, 1) for real masks and 0 for empty ones; a batch without masks or a bad weight is refused."""
+    from jaxdiff.data import grounding, render
+    from jaxdiff.training import recipes
+
+    c = evaluate.read_run_config(runs["ld"])
+    spec = data_spec(c.data)
+    scenes = [render.scene_at(0, 0, i) for i in (0, 1)]
+    batch = {"tokens": jnp.asarray(spec.tokenize([s.caption for s in scenes])),
+             "image": jnp.asarray(np.stack([render.render(s.objects, 16) for s in scenes]) / 127.5 - 1),
+             "token_masks": jnp.asarray(np.stack([grounding.token_masks(s.objects, s.caption, 8, 16) for s in scenes]))}
+
+    def loss(weight, batch=batch):
+        c.model.grounding_weight = weight
+        task = recipes.build(c, spec)
+        value, metrics = task.loss(task.init(jax.random.key(0)), task.frozen, batch, jax.random.key(1), 0)
+        return float(value), float(metrics.get("grounding", np.nan))
+
+    plain, _ = loss(0.0)
+    half, g = loss(0.5)
+    assert 0.05 < g < 1
+    np.testing.assert_allclose(half, plain + 0.5 * g, rtol=1e-5)
+    np.testing.assert_allclose(loss(2.0)[0], plain + 2 * g, rtol=1e-5)
+    empty, g0 = loss(2.0, {**batch, "token_masks": jnp.zeros_like(batch["token_masks"])})
+    assert g0 == 0 and empty == pytest.approx(plain, rel=1e-6)
+    with pytest.raises(ValueError, match="needs batches with 'token_masks'"):
+        loss(1.0, {k: v for k, v in batch.items() if k != "token_masks"})
+    with pytest.raises(ValueError, match=r"grounding_weight=-1.0: need a weight >= 0"):
+        loss(-1.0)

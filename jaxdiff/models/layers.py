@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.attention import dot_product_attention
+from jaxdiff.models.attention import attend, attention_weights
 
 Dtype = Any
 
@@ -204,6 +204,8 @@ class Attention(nn.Module):
     x: [B, L, out_features], context: [B, S, D_ctx] or None (self-attention) -> [B, L, out_features].
     A context [G, S, D_ctx] with B = G*k is shared by each run of k consecutive sequences of x: its keys
     and values are computed once per group, and the group's queries attend to them together.
+    Cross-attention sows its weights [G, heads, Lq, S] (float32) as `cross_attention` in the
+    'intermediates' collection when the caller makes it mutable (for a grounding loss; free otherwise).
     """
     heads: int
     head_dim: int
@@ -221,6 +223,7 @@ class Attention(nn.Module):
         self.to_out_0 = dense(self.out_features, ("heads", "embed"), **kw)
 
     def __call__(self, x, context=None, mask=None):
+        cross = context is not None
         context = x if context is None else context
         shape, groups = x.shape, context.shape[0]
         if groups != shape[0]:
@@ -229,7 +232,10 @@ class Attention(nn.Module):
                                  f"one per sequence, or one per equal group of sequences and no mask)")
             x = x.reshape(groups, -1, shape[-1])   # queries are independent: a group's sequences attend as one
         split = lambda y: y.reshape(*y.shape[:-1], self.heads, self.head_dim)
-        out = dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), mask)
+        weights = attention_weights(split(self.to_q(x)), split(self.to_k(context)), mask)
+        if cross:
+            self.sow("intermediates", "cross_attention", weights)
+        out = attend(weights, split(self.to_v(context)))
         return self.to_out_0(out.reshape(*out.shape[:-2], self.heads * self.head_dim)).reshape(shape)
 
 

@@ -154,10 +154,22 @@ class CaptionedBatches:
 def shapes_batches(data, batch_size: int, seed: int) -> CaptionedBatches:
     """A `jaxdiff.data` tfds dataset (the built-in `shapes` by default; prepare it first with
     `python -m jaxdiff.data.prepare shapes --data_dir DIR`) through its grain pipeline, captions
-    tokenised by `shapes_tokenizer`."""
+    tokenised by `shapes_tokenizer`. With `data.token_masks` = R > 0 (a `shapes` dataset), batches also
+    hold 'token_masks' float32 [B, L, R, R]: the pixels each caption token describes
+    (`jaxdiff.data.grounding`), the targets of a cross-attention grounding loss."""
     from jaxdiff.data import DataConfig, make_dataset
+    from jaxdiff.data.grounding import TokenMasks
 
-    cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None,
+    name = data.get("name", "shapes")
+    cfg = DataConfig(name=name, data_dir=data.get("data_dir") or None,
                      resolution=data.image_size, batch_size=batch_size, seed=seed,
                      worker_count=data.get("worker_count", 0))
-    return CaptionedBatches(iter(make_dataset(cfg, shapes_tokenizer(data))))
+    tokenizer = shapes_tokenizer(data)
+    extras = None
+    resolution = data.get("token_masks", 0)
+    if resolution:
+        if not (isinstance(resolution, int) and resolution > 0 and name.split("/")[0] == "shapes"):
+            raise ValueError(f"config.data.token_masks={resolution!r} with data name {name!r}: token masks need a "
+                             f"positive int resolution and the built-in 'shapes' dataset (its objects)")
+        extras = TokenMasks(resolution, tokenizer.max_length)
+    return CaptionedBatches(iter(make_dataset(cfg, tokenizer, extras=extras)))

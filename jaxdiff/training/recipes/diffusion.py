@@ -19,6 +19,11 @@ config.model:
   sample_method, sample_steps, guidance_scale
   emphasis_words, emphasis_weight (text): examples whose caption holds one of these words weigh
     emphasis_weight times the others in the loss (e.g. place words, which the loss rewards faintly)
+  grounding_weight (backbone unet with a text encoder; default 0): adds that times `losses.grounding_loss`
+    (TokenCompose, Wang et al. 2024) of every cross-attention map: each caption token's attention is pulled
+    into the pixels its words describe, given by the batches' 'token_masks' (config.data.token_masks = the
+    latent side, with the shapes data). A direct gradient for place and relation words, which the
+    denoising loss rewards only faintly (README, "Why positions fail").
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -94,9 +99,10 @@ def schedule_for(m) -> schedules.Schedule:
     return schedule
 
 
-def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights=None):
+def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights=None, has_aux=False):
     """The denoising (or flow matching) loss of `apply_fn(x_t, timestep, context)` on clean data x0 [B, ...]:
-    the mean over examples, or their `example_weights` [B]-weighted mean.
+    the mean over examples, or their `example_weights` [B]-weighted mean. With `has_aux`, apply_fn
+    returns (output, aux) and this returns (loss, aux).
 
     Timesteps from `m.timestep_distribution`; the model sees the schedule's timestep value
     (i for discrete schedules, sigma * N for flow matching), as samplers give it. Videos [B, T, ...]
@@ -107,11 +113,12 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights
     noise = diffusion.frame_correlated_noise(k_noise, x0.shape, m.get("frame_noise_correlation", 0.0))
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
+    out, aux = out if has_aux else (out, None)
     loss, per_example = losses.diffusion_loss(out, x0, noise, t, schedule, prediction_type=m.prediction_type,
                                               weighting=m.weighting, min_snr_gamma=m.get("min_snr_gamma", 5.0))
-    if example_weights is None:
-        return loss
-    return jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
+    if example_weights is not None:
+        loss = jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
+    return (loss, aux) if has_aux else loss
 
 
 def emphasis_ids(m, spec) -> jax.Array | None:
@@ -353,6 +360,12 @@ def build(c, spec) -> Task:
             init_boxed(module, key, *args)
 
     emphasized = emphasis_ids(m, spec) if text else None
+    grounding = m.get("grounding_weight", 0.0)
+    if not (isinstance(grounding, (int, float)) and grounding >= 0):
+        raise ValueError(f"config.model.grounding_weight={grounding!r}: need a weight >= 0")
+    if grounding and not (text and m.backbone == "unet"):
+        raise ValueError(f"config.model.grounding_weight is for backbone 'unet' with a text encoder (its cross-attention "
+                         f"maps), not backbone {m.backbone!r}{'' if text else ' without one'}")
     text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
     channels = vae_cfg.latent_channels if latent else 3
     net, initial = backbone(m, channels, size, dtype)
@@ -411,8 +424,16 @@ def build(c, spec) -> Task:
         if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
             hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
             weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
-        value = denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights)
-        return value, {}
+        if not grounding:
+            return denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights), {}
+        if "token_masks" not in batch:
+            raise ValueError("config.model.grounding_weight needs batches with 'token_masks': set config.data.token_masks "
+                             "to the latent side (the shapes data's objects give them)")
+        sown = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, mutable=["intermediates"])
+        value, state = denoising_loss(sown, x0, k_loss, schedule, m, context, weights, has_aux=True)
+        maps = jax.tree.leaves(state["intermediates"])     # every cross-attention's weights
+        aligned = losses.grounding_loss(maps, batch["token_masks"], counted=~drop)
+        return value + grounding * aligned, {"grounding": aligned}
 
     def sample(params, frozen, key):
         n = len(spec.preview_prompts) if text else 8
