@@ -394,7 +394,8 @@ class SpatialTransformer(nn.Module):
 
     The projections are 1x1 convolutions (SD 1.x) or linear layers (SD 2.x,
     `use_linear_projection`); the maths is the same, only the stored layout differs.
-    x: [B, H, W, C], context: [B, S, D_ctx] -> [B, H, W, C].
+    x: [B, H, W, C], context: [B, S, D_ctx], or [G, S, D_ctx] shared by each run of B/G consecutive
+    images (a video's frames) -> [B, H, W, C].
     """
     spec: TransformerSpec
     groups: int

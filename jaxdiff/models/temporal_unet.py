@@ -330,8 +330,8 @@ class TemporalTransformer(nn.Module):
     transformer blocks (both attention layers self-attention, as diffusers' double_self_attention;
     with `text_attention` the second attends to the caption) over sequences [B*H*W, T, heads*head_dim]
     -> zero-initialised linear back to C.
-    x: [B*T, H, W, C], context: [B*T, L, D_ctx] (the caption repeated per frame; needed with
-    `text_attention`) -> [B*T, H, W, C].
+    x: [B*T, H, W, C], context: [B, L, D_ctx] (a video's caption, shared by its pixels' sequences of
+    frames; needed with `text_attention`) -> [B*T, H, W, C].
     """
     heads: int
     head_dim: int
@@ -351,9 +351,7 @@ class TemporalTransformer(nn.Module):
         b, t, hh, ww, c = video.shape
         if self.text_attention:
             if context is None:
-                raise ValueError("a temporal transformer with text attention needs context=[B*T, L, D_ctx]")
-            # one caption per video, shared by its pixels' sequences of frames (consecutive in h below)
-            context = _unflatten_frames(context, t)[:, 0]
+                raise ValueError("a temporal transformer with text attention needs context=[B, L, D_ctx]")
         else:
             context = None
         inner = self.heads * self.head_dim
@@ -443,9 +441,10 @@ class TemporalUNet(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
         temb = timestep_embedding(t, c.block_out_channels[0], True, 0.0).astype(self.dtype)
         temb = TimestepEmbedding(c.time_embed_dim, name="time_embedding", **kw)(temb)
-        # Frames ride in the batch for every 2-D layer: [B*T, ...], frames of a video consecutive.
+        # Frames ride in the batch for every 2-D layer: [B*T, ...], frames of a video consecutive. The caption
+        # stays [B, L, D]: cross-attention shares each video's keys and values across its frames' queries.
         temb = jnp.repeat(temb, frames, axis=0)
-        context = jnp.repeat(context.astype(self.dtype), frames, axis=0)
+        context = context.astype(self.dtype)
 
         h = x.astype(self.dtype).reshape(b * frames, height, width, c.in_channels)
         h = constrain_image(conv(c.block_out_channels[0], name="conv_in", **kw)(h))
