@@ -46,9 +46,9 @@ from jaxdiff.training.config import base_config
 # 1 / 1.028, the std of the shapes VAE's latents (step 4000) on 1000 test images
 SCALING_FACTOR = 0.97
 # the words of place and relation captions ("on the left", "a red circle to the left of a blue square")
+PLACE_WORDS = ("left", "right", "top", "bottom", "above", "below")
 # grounding: the cross-attention grounding loss's weight beside the v-prediction loss (~0.1 here)
 GROUNDING_WEIGHT = 0.05
-PLACE_WORDS = ("left", "right", "top", "bottom", "above", "below")
 VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context", "positions", "emphasis", "grounding")
 
 

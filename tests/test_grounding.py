@@ -9,7 +9,7 @@ import pytest
 from jaxdiff import losses
 from jaxdiff.data import grounding, render
 from jaxdiff.data.pipeline import DataConfig, make_dataset
-from jaxdiff.data.shapes import object_record
+from jaxdiff.data.shapes import object_record, scene_objects
 from jaxdiff.models.layers import Attention
 from jaxdiff.tokenizers import WordTokenizer
 from tfds_fixtures import prepare_tfds
@@ -61,7 +61,7 @@ def test_scene_objects_read_a_record_back():
     record = {k: [f[k] for f in fields] for k in fields[0]}
     names = {"shape": render.SHAPES, "colour": render.COLOURS, "size": tuple(render.SIZES)}
     record = {k: [names[k].index(v) for v in vs] if k in names else vs for k, vs in record.items()}
-    assert grounding.scene_objects(record) == list(scene.objects)
+    assert scene_objects(record) == list(scene.objects)
 
 
 def test_pipeline_adds_token_masks_of_each_record(tmp_path_factory):

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from jaxdiff.data import render
+from jaxdiff.data.shapes import scene_objects
 from jaxdiff.tokenizers import WORD_PATTERN
 
 FUNCTION_WORDS = frozenset({"a", "the", "on", "at", "to", "of", "and"})
@@ -44,14 +45,6 @@ def token_masks(objects, caption: str, resolution: int, max_length: int) -> np.n
         for k in owners:
             masks[i + 1] = np.maximum(masks[i + 1], shapes[k])
     return masks
-
-
-def scene_objects(record_objects: dict) -> list[render.SceneObject]:
-    """The SceneObjects of a `shapes` tfds record's 'objects' field (ClassLabel ids -> names)."""
-    names = {"shape": render.SHAPES, "colour": render.COLOURS, "size": tuple(render.SIZES)}
-    n = len(record_objects["x"])
-    return [render.SceneObject(**{k: names[k][int(record_objects[k][i])] for k in names},
-                               x=float(record_objects["x"][i]), y=float(record_objects["y"][i])) for i in range(n)]
 
 
 @dataclasses.dataclass(frozen=True)
