@@ -9,6 +9,7 @@ caption dropout for classifier-free guidance.
   python -m train --config configs/latent_diffusion.py:positions --workdir /work/runs/ld_positions
   python -m train --config configs/latent_diffusion.py:emphasis --workdir /work/runs/ld_emphasis
   python -m train --config configs/latent_diffusion.py:grounding --workdir /work/runs/ld_grounding
+  python -m train --config configs/latent_diffusion.py:terminal_means --workdir /work/runs/ld_terminal
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
 The fine-tunes start from the shipped folder (jaxdiff/assets/shapes: its U-Net, VAE and CLIP text encoder).
@@ -35,7 +36,11 @@ loss, with timesteps drawn towards the noisy end, where the layout is decided. `
 position gains turned out not to matter (README). `grounding` adds to `emphasis` a grounding loss on the
 cross-attention maps (TokenCompose, Wang et al. 2024): each caption token's attention is pulled into the
 pixels of the objects its words describe (`jaxdiff.data.grounding`), a direct gradient for place and
-relation words where the denoising loss gives a faint, saddle-shaped one.
+relation words where the denoising loss gives a faint, saddle-shaped one. `terminal_means` adds to
+`emphasis` caption-mean targets at pure noise (config.model.terminal_mean_share): a quarter of each batch
+is trained at the last timestep against the mean latent of its caption's training images, the exact best
+prediction there, which is the layout prior (red mass on the left for "... on the left") that sampling
+starts from and that the ordinary loss teaches one noisy example at a time.
 """
 import ml_collections
 
@@ -49,7 +54,10 @@ SCALING_FACTOR = 0.97
 PLACE_WORDS = ("left", "right", "top", "bottom", "above", "below")
 # grounding: the cross-attention grounding loss's weight beside the v-prediction loss (~0.1 here)
 GROUNDING_WEIGHT = 0.05
-VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context", "positions", "emphasis", "grounding")
+# terminal_means: the share of each batch trained at pure noise against its caption's mean latent
+TERMINAL_MEAN_SHARE = 0.25
+VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context", "positions", "emphasis", "grounding",
+            "terminal_means")
 
 
 def get_config(variant: str = "shapes"):
@@ -92,15 +100,17 @@ def get_config(variant: str = "shapes"):
         c.model.unet.input_coordinates = True
     if variant == "context":
         c.model.unet.context_layers = 2
-    if variant in ("positions", "emphasis", "grounding"):
+    if variant in ("positions", "emphasis", "grounding", "terminal_means"):
         c.model.update(emphasis_words=PLACE_WORDS, emphasis_weight=3.0, timestep_distribution="logit_normal",
                        timestep_logit_mean=0.5)
         c.steps, c.optim.lr = 4000, 3e-4
     if variant == "positions":
         c.model.unet.attention_positions = True
-    if variant in ("emphasis", "grounding"):
+    if variant in ("emphasis", "grounding", "terminal_means"):
         c.model.emphasis_weight, c.optim.lr = 6.0, 5e-4
     if variant == "grounding":
         c.data.token_masks = 16     # the latent side: 32 px through the VAE's f = 2
         c.model.grounding_weight = GROUNDING_WEIGHT
+    if variant == "terminal_means":
+        c.model.terminal_mean_share = TERMINAL_MEAN_SHARE
     return c

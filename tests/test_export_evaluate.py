@@ -385,3 +385,63 @@ def test_grounding_weight_adds_the_grounding_loss_of_the_unet_maps(runs):
         loss(1.0, {k: v for k, v in batch.items() if k != "token_masks"})
     with pytest.raises(ValueError, match=r"grounding_weight=-1.0: need a weight >= 0"):
         loss(-1.0)
+
+
+def test_terminal_mean_share_trains_pure_noise_against_caption_means(runs):
+    """config.model.terminal_mean_share: the task's table holds each training caption with the mean of its images'
+    VAE latents (grouped here by caption string, from the tfds records) and the empty caption with the mean of all;
+    with share 1 the loss is the v-loss at t = T against the caption's mean (recomputed from the U-Net by hand),
+    whatever the images, except for captions the table lacks; bad settings are refused."""
+    from jaxdiff.models import AutoencoderKL
+    from jaxdiff.training import recipes
+    from jaxdiff.training.recipes.diffusion import _vae_config
+
+    c = evaluate.read_run_config(runs["ld"])
+    c.model.update(terminal_mean_share=1.0, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
+                   weighting="simple", caption_dropout=0.0)
+    spec = data_spec(c.data)
+    task = recipes.build(c, spec)
+    vae_cfg = _vae_config(c.model.vae)
+    vae = AutoencoderKL(vae_cfg)
+    records = tfds.data_source(SHAPES, data_dir=runs["data_dir"], split="train")
+    groups = {}
+    for r in records:
+        z = vae.apply({"params": task.frozen["vae"]}, jnp.asarray(r["image"], jnp.float32)[None] / 127.5 - 1,
+                      method=vae.encode)[0][0] * vae_cfg.scaling_factor
+        groups.setdefault(r["caption"].decode(), []).append(np.asarray(z))
+    table = task.frozen["caption_means"]
+    captions = sorted(groups)
+    assert len(table["tokens"]) == len(captions) + 1
+    for caption in captions + [""]:
+        expected = np.mean(groups[caption] if caption else sum(groups.values(), []), axis=0)
+        (row,) = np.flatnonzero((np.asarray(table["tokens"]) == spec.tokenize([caption])[0]).all(-1))
+        np.testing.assert_allclose(table["means"][row], expected, atol=1e-5)
+
+    params = task.init(jax.random.key(0))
+    ids = jnp.asarray(spec.tokenize(captions[:2]))
+    images = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3), minval=-1, maxval=1)
+    value = float(task.loss(params, task.frozen, {"tokens": ids, "image": images}, jax.random.key(1), 0)[0])
+    assert float(task.loss(params, task.frozen, {"tokens": ids, "image": -images}, jax.random.key(1), 0)[0]) == value
+    # by hand: the same noise draw (loss key -> (post, drop, loss) -> (t, noise)); at SNR 0, x_T is the noise, v = -x_0
+    noise = jax.random.normal(jax.random.split(jax.random.split(jax.random.key(1), 3)[2])[1], (2, 8, 8, 4))
+    encoder = recipes.diffusion.CLIPTextModel(recipes.diffusion.text_config_for(c.model.text_encoder.to_dict(), spec))
+    context = encoder.apply({"params": task.frozen["text"]}, ids)[0]
+    net, _ = recipes.diffusion.backbone(c.model, 4, 8, jnp.float32)
+    out = net.apply({"params": params}, noise, jnp.full((2,), 999.0), context)
+    means = np.stack([np.mean(groups[k], axis=0) for k in captions[:2]])
+    np.testing.assert_allclose(value, float(jnp.mean((out + means) ** 2)), rtol=1e-5)
+
+    unknown = {"tokens": jnp.asarray(spec.tokenize(["four cyan triangles"] * 2)), "image": images}
+    assert "four cyan triangles" not in groups
+    assert task.loss(params, task.frozen, unknown, jax.random.key(1), 0)[0] != \
+        task.loss(params, task.frozen, {**unknown, "image": -images}, jax.random.key(1), 0)[0]
+    with pytest.raises(ValueError, match=r"terminal_mean_share=1.5: need a share in \[0, 1\]"):
+        recipes.build(_with(c, terminal_mean_share=1.5), spec)
+    with pytest.raises(ValueError, match="rescale_zero_terminal_snr=True: only at SNR 0"):
+        recipes.build(_with(c, rescale_zero_terminal_snr=False), spec)
+
+
+def _with(c, **model):
+    c = c.copy_and_resolve_references()
+    c.model.update(model)
+    return c

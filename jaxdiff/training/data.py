@@ -107,6 +107,31 @@ def make_batches(data, batch_size: int, seed: int):
     return shapes_batches(data, batch_size, seed), spec
 
 
+def first_examples(data, examples: int, batch_size: int = 500):
+    """Batches {'image', 'tokens'} (numpy) of the first `examples` training examples of captioned `config.data`,
+    in stored order and the same on every process: for statistics of the data (the diffusion recipe's
+    caption means). 'squares' has no stored order; its first examples are those of seed 0."""
+    spec = data_spec(data)
+    if spec.source == "toy2d" or not spec.max_length:
+        raise ValueError(f"data.source={spec.source!r} has no captions")
+    if not (isinstance(examples, int) and examples > 0):
+        raise ValueError(f"examples={examples!r}: need a positive int")
+    if spec.source == "squares":
+        yield squares(np.random.default_rng(0), examples, spec.image_size)
+        return
+    from jaxdiff.data import DataConfig, make_dataset
+
+    cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None, resolution=data.image_size,
+                     batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
+    seen = 0
+    for batch in make_dataset(cfg, shapes_tokenizer(data), shard_index=0, shard_count=1):
+        take = min(examples - seen, len(batch["tokens"]))
+        yield {"image": batch["image"][:take], "tokens": batch["tokens"][:take]}
+        seen += take
+        if seen == examples:
+            return
+
+
 def data_spec(data) -> DataSpec:
     """The DataSpec of `config.data` without opening the data (for building a trained model)."""
     source = choice(data.get("source", ""), SOURCES, "data.source")

@@ -24,6 +24,13 @@ config.model:
     into the pixels its words describe, given by the batches' 'token_masks' (config.data.token_masks = the
     latent side, with the shapes data). A direct gradient for place and relation words, which the
     denoising loss rewards only faintly (README, "Why positions fail").
+  terminal_mean_share (image backbones with a text encoder and rescale_zero_terminal_snr; default 0): that
+    share of each batch, drawn per example, is trained at the last timestep (pure noise) against the mean
+    latent of its caption's examples instead of its own latent (the empty caption of caption dropout: the
+    mean of all). At SNR 0 the best prediction is exactly that mean, E[x_0 | caption], the layout prior
+    sampling starts from; the usual loss teaches it through one noisy example at a time and rarely, since
+    few draws land at the last step. The means are averaged over the first terminal_mean_examples (default
+    50000) training examples when the task is built; captions seen there once give no less noisy target.
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -58,6 +65,7 @@ import flax.linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import diffusion, guidance, losses, samplers, schedules
 from jaxdiff.convert.diffusers import param_template
@@ -99,17 +107,21 @@ def schedule_for(m) -> schedules.Schedule:
     return schedule
 
 
-def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights=None, has_aux=False):
+def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights=None, has_aux=False,
+                   terminal=None):
     """The denoising (or flow matching) loss of `apply_fn(x_t, timestep, context)` on clean data x0 [B, ...]:
     the mean over examples, or their `example_weights` [B]-weighted mean. With `has_aux`, apply_fn
     returns (output, aux) and this returns (loss, aux).
 
-    Timesteps from `m.timestep_distribution`; the model sees the schedule's timestep value
+    Timesteps from `m.timestep_distribution`, except for the examples where `terminal` [B] (bool) holds,
+    which are noised to the last timestep; the model sees the schedule's timestep value
     (i for discrete schedules, sigma * N for flow matching), as samplers give it. Videos [B, T, ...]
     are noised with `m.frame_noise_correlation` of the noise shared across frames."""
     k_t, k_noise = jax.random.split(key)
     t = losses.sample_timesteps(k_t, x0.shape[0], schedule, m.get("timestep_distribution", "uniform"),
                                 logit_mean=m.get("timestep_logit_mean", 0.0), logit_std=m.get("timestep_logit_std", 1.0))
+    if terminal is not None:
+        t = jnp.where(terminal, schedule.num_train_timesteps - 1, t)
     noise = diffusion.frame_correlated_noise(k_noise, x0.shape, m.get("frame_noise_correlation", 0.0))
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
@@ -119,6 +131,33 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights
     if example_weights is not None:
         loss = jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
     return (loss, aux) if has_aux else loss
+
+
+def caption_means(batches, encode, empty_tokens) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [K, L], means float32 [K, ...]): each distinct caption of `batches` (dicts of numpy
+    'image' and 'tokens') with the mean of `encode(images)` over its examples, and the empty caption
+    (`empty_tokens`) with the mean over all examples, the unconditional target."""
+    sums, counts, total, n = {}, {}, 0.0, 0
+    for batch in batches:
+        z = np.asarray(encode(batch["image"]), np.float64)
+        for row, zi in zip(np.asarray(batch["tokens"], np.int32), z):
+            key = row.tobytes()
+            sums[key] = sums.get(key, 0.0) + zi
+            counts[key] = counts.get(key, 0) + 1
+        total, n = total + z.sum(0), n + len(z)
+    if not n:
+        raise ValueError("caption_means: the data gave no examples")
+    empty = np.asarray(empty_tokens, np.int32)
+    sums[empty.tobytes()], counts[empty.tobytes()] = total, n     # the empty caption means "anything"
+    tokens = np.stack([np.frombuffer(k, np.int32) for k in sums])
+    means = np.stack([sums[k] / counts[k] for k in sums]).astype(np.float32)
+    return tokens, means
+
+
+def caption_index(tokens, table):
+    """(index [B] into table [K, L], found [B]): where each caption [B, L] sits in the table."""
+    match = jnp.all(tokens[:, None, :] == table[None], axis=-1)
+    return jnp.argmax(match, axis=-1), jnp.any(match, axis=-1)
 
 
 def emphasis_ids(m, spec) -> jax.Array | None:
@@ -366,6 +405,13 @@ def build(c, spec) -> Task:
     if grounding and not (text and m.backbone == "unet"):
         raise ValueError(f"config.model.grounding_weight is for backbone 'unet' with a text encoder (its cross-attention "
                          f"maps), not backbone {m.backbone!r}{'' if text else ' without one'}")
+    share = m.get("terminal_mean_share", 0.0)
+    if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+        raise ValueError(f"config.model.terminal_mean_share={share!r}: need a share in [0, 1]")
+    if share and (video or not text or not m.get("rescale_zero_terminal_snr", False)):
+        raise ValueError(f"config.model.terminal_mean_share={share} needs an image backbone (not {m.backbone!r}) with a "
+                         f"text encoder{'' if text else ' (none configured)'} and rescale_zero_terminal_snr=True: "
+                         f"only at SNR 0 is a caption's mean latent the best prediction")
     text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
     channels = vae_cfg.latent_channels if latent else 3
     net, initial = backbone(m, channels, size, dtype)
@@ -392,6 +438,17 @@ def build(c, spec) -> Task:
     def from_latent(frozen, z):
         z = z / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
         return per_frame(lambda x: vae.apply({"params": frozen["vae"]}, x, method=vae.decode), z)
+
+    if share:
+        from jaxdiff.training.data import first_examples
+
+        vae_params = nn.meta.unbox(frozen["vae"]) if latent else None
+        encode = jax.jit(lambda x: (vae.apply({"params": vae_params}, x, method=vae.encode)[0]
+                                    - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor) if latent else np.asarray
+        table, means = caption_means(first_examples(c.data, m.get("terminal_mean_examples", 50_000)), encode,
+                                     spec.empty_tokens)
+        log.info("terminal mean targets: %d captions", len(table))
+        frozen["caption_means"] = {"tokens": jnp.asarray(table), "means": jnp.asarray(means)}
 
     def init(key):
         x = jnp.zeros((1, *example))
@@ -420,17 +477,23 @@ def build(c, spec) -> Task:
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
         unet_params = split_params(m, params)[0]
         apply_fn = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, **net_kwargs)
+        terminal = None
+        if share:   # these examples: at pure noise, against their caption's mean latent
+            used = jnp.where(drop[:, None], empty[None], batch["tokens"])
+            index, found = caption_index(used, frozen["caption_means"]["tokens"])
+            terminal = found & jax.random.bernoulli(jax.random.fold_in(k_drop, 2), share, found.shape)
+            x0 = jnp.where(terminal[:, None, None, None], frozen["caption_means"]["means"][index], x0)
         weights = None
         if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
             hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
             weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
         if not grounding:
-            return denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights), {}
+            return denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights, terminal=terminal), {}
         if "token_masks" not in batch:
             raise ValueError("config.model.grounding_weight needs batches with 'token_masks': set config.data.token_masks "
                              "to the latent side (the shapes data's objects give them)")
         sown = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, mutable=["intermediates"])
-        value, state = denoising_loss(sown, x0, k_loss, schedule, m, context, weights, has_aux=True)
+        value, state = denoising_loss(sown, x0, k_loss, schedule, m, context, weights, has_aux=True, terminal=terminal)
         maps = jax.tree.leaves(state["intermediates"])     # every cross-attention's weights
         aligned = losses.grounding_loss(maps, batch["token_masks"], counted=~drop)
         return value + grounding * aligned, {"grounding": aligned}
