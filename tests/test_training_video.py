@@ -245,3 +245,28 @@ def test_video_recipe_refuses_image_batches(data_dir):
     with pytest.raises(ValueError, match=r"trains on videos \[B, T, H, W, 3\], but config.data "
                                          r"\(name='shapes/16px-16-2-2-seed0'\) gives images of shape \(2, 16, 16, 3\)"):
         jax.eval_shape(task.loss, params, task.frozen, batch, jax.random.key(0), 0)
+
+
+def test_terminal_mean_share_trains_text_only_videos_against_caption_mean_clips(data_dir):
+    """config.model.terminal_mean_share on videos: the table holds [T, h, w, C] mean clips (the empty caption's the
+    mean of all); with share 1 the loss of text-only examples does not depend on their clips (pure noise against the
+    caption's mean), while examples that keep their conditioning frame train as usual."""
+    c = tiny("tiny", data_dir)
+    c.model.update(terminal_mean_share=1.0, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
+                   weighting="simple", caption_dropout=0.0)
+    spec = data_spec(c.data)
+    records = [r for r in __import__("tensorflow_datasets").data_source(VIDEOS, data_dir=data_dir, split="train")]
+    c.model.image_dropout = 1.0            # every conditioning frame dropped: text-only examples
+    task = recipes.build(c, spec)
+    table = task.frozen["caption_means"]
+    assert table["means"].shape[1:] == (4, 8, 8, 4)
+    assert len(table["tokens"]) == len({r["caption"] for r in records}) + 1
+    params = task.init(jax.random.key(0))
+    ids = jnp.asarray(spec.tokenize([records[0]["caption"].decode(), records[1]["caption"].decode()]))
+    clips = jax.random.uniform(jax.random.key(3), (2, 4, 16, 16, 3), minval=-1, maxval=1)
+    loss = lambda task, clips: float(task.loss(params, task.frozen, {"tokens": ids, "image": clips},
+                                               jax.random.key(1), 0)[0])
+    assert loss(task, clips) == loss(task, -clips)
+    c.model.image_dropout = 0.0            # every example keeps its conditioning frame: the usual loss
+    conditioned = recipes.build(c, spec)
+    assert loss(conditioned, clips) != loss(conditioned, -clips)

@@ -24,13 +24,15 @@ config.model:
     into the pixels its words describe, given by the batches' 'token_masks' (config.data.token_masks = the
     latent side, with the shapes data). A direct gradient for place and relation words, which the
     denoising loss rewards only faintly (README, "Why positions fail").
-  terminal_mean_share (image backbones with a text encoder and rescale_zero_terminal_snr; default 0): that
-    share of each batch, drawn per example, is trained at the last timestep (pure noise) against the mean
-    latent of its caption's examples instead of its own latent (the empty caption of caption dropout: the
-    mean of all). At SNR 0 the best prediction is exactly that mean, E[x_0 | caption], the layout prior
-    sampling starts from; the usual loss teaches it through one noisy example at a time and rarely, since
-    few draws land at the last step. The means are averaged over the first terminal_mean_examples (default
-    50000) training examples when the task is built; captions seen there once give no less noisy target.
+  terminal_mean_share (with a text encoder and rescale_zero_terminal_snr; default 0): that share of each
+    batch, drawn per example, is trained at the last timestep (pure noise) against the mean latent (video:
+    latent clip) of its caption's examples instead of its own (the empty caption of caption dropout: the
+    mean of all). At SNR 0 the best prediction is exactly that mean, E[x_0 | caption], the layout (and
+    motion) prior sampling starts from; the usual loss teaches it through one noisy example at a time and
+    rarely, since few draws land at the last step. Image-to-video examples that keep their conditioning
+    frame are left out (their best prediction depends on that frame). The means are averaged over the first
+    terminal_mean_examples (default 50000) training examples when the task is built; a caption seen there
+    once gives no less noisy a target.
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -408,9 +410,9 @@ def build(c, spec) -> Task:
     share = m.get("terminal_mean_share", 0.0)
     if not (isinstance(share, (int, float)) and 0 <= share <= 1):
         raise ValueError(f"config.model.terminal_mean_share={share!r}: need a share in [0, 1]")
-    if share and (video or not text or not m.get("rescale_zero_terminal_snr", False)):
-        raise ValueError(f"config.model.terminal_mean_share={share} needs an image backbone (not {m.backbone!r}) with a "
-                         f"text encoder{'' if text else ' (none configured)'} and rescale_zero_terminal_snr=True: "
+    if share and not (text and m.get("rescale_zero_terminal_snr", False)):
+        raise ValueError(f"config.model.terminal_mean_share={share} needs a text encoder"
+                         f"{'' if text else ' (none configured)'} and rescale_zero_terminal_snr=True: "
                          f"only at SNR 0 is a caption's mean latent the best prediction")
     text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
     channels = vae_cfg.latent_channels if latent else 3
@@ -443,8 +445,9 @@ def build(c, spec) -> Task:
         from jaxdiff.training.data import first_examples
 
         vae_params = nn.meta.unbox(frozen["vae"]) if latent else None
-        encode = jax.jit(lambda x: (vae.apply({"params": vae_params}, x, method=vae.encode)[0]
-                                    - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor) if latent else np.asarray
+        encode = jax.jit(lambda x: per_frame(lambda f: (vae.apply({"params": vae_params}, f, method=vae.encode)[0]
+                                                        - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor,
+                                             x)) if latent else np.asarray
         table, means = caption_means(first_examples(c.data, m.get("terminal_mean_examples", 50_000)), encode,
                                      spec.empty_tokens)
         log.info("terminal mean targets: %d captions", len(table))
@@ -482,7 +485,9 @@ def build(c, spec) -> Task:
             used = jnp.where(drop[:, None], empty[None], batch["tokens"])
             index, found = caption_index(used, frozen["caption_means"]["tokens"])
             terminal = found & jax.random.bernoulli(jax.random.fold_in(k_drop, 2), share, found.shape)
-            x0 = jnp.where(terminal[:, None, None, None], frozen["caption_means"]["means"][index], x0)
+            if cond_channels:
+                terminal &= ~net_kwargs["cond_present"]
+            x0 = jnp.where(terminal.reshape(-1, *[1] * (x0.ndim - 1)), frozen["caption_means"]["means"][index], x0)
         weights = None
         if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
             hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
