@@ -130,7 +130,17 @@ def test_export_loads_back_with_the_run_weights(runs, tmp_path):
     assert np.asarray(images).shape == (1, 16, 16, 3)
     info = json.load(open(os.path.join(out, "training.json")))
     assert {k: v["step"] for k, v in info.items()} == {"diffusion": 2, "vae": 2, "clip": 2}
+    assert info["diffusion"]["weights"] == "ema"
     assert os.path.isfile(os.path.join(out, "clip", "model.safetensors"))
+    # --weights params: the trained parameters instead of their EMA, and recorded so
+    raw = str(tmp_path / "raw")
+    assert export.main(["--workdir", runs["ld"], "--out", raw, "--weights", "params"]) == 0
+    trained = load_params(runs["ld"], "params")
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(unet_ema)))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(TextToImage.from_pretrained(raw).unet_params), trained)
+    assert json.load(open(os.path.join(raw, "training.json")))["diffusion"]["weights"] == "params"
+    with pytest.raises(ValueError, match="weights='best': choose one of: ema, params"):
+        export.export_text_to_image(runs["ld"], str(tmp_path / "best"), weights="best")
 
 
 def test_export_never_clobbers(runs, tmp_path):

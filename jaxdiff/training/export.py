@@ -100,10 +100,12 @@ PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
 }
 
 
-def export_text_to_image(workdir: str, out: str, overwrite: bool = False, plain: bool = False) -> str:
+def export_text_to_image(workdir: str, out: str, overwrite: bool = False, plain: bool = False,
+                         weights: str = "ema") -> str:
     """Writes the StableDiffusionPipeline folder of latent text-to-image run `workdir` (backbone unet) to
-    `out`; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (see `main`'s --plain)."""
-    return _export(workdir, out, overwrite, "unet", plain)
+    `out`; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (see `main`'s --plain); `weights`:
+    the checkpoint's 'ema' or trained 'params'."""
+    return _export(workdir, out, overwrite, "unet", plain, weights)
 
 
 def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str:
@@ -112,19 +114,20 @@ def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str
     return _export(workdir, out, overwrite, "temporal_unet")
 
 
-def export_run(workdir: str, out: str, overwrite: bool = False, plain: bool = False) -> str:
+def export_run(workdir: str, out: str, overwrite: bool = False, plain: bool = False, weights: str = "ema") -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
-    config.model.backbone; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (text-to-image)."""
+    config.model.backbone; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (text-to-image);
+    `weights`: the checkpoint's 'ema' (default) or trained 'params'."""
     config = read_run_config(workdir)
     backbone = config.model.get("backbone")
     if config.get("recipe") != "diffusion" or backbone not in PIPELINES:
         raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
                          + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
-    return _export(workdir, out, overwrite, backbone, plain)
+    return _export(workdir, out, overwrite, backbone, plain, weights)
 
 
-def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool = False) -> str:
+def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool = False, weights: str = "ema") -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
@@ -142,12 +145,15 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool 
     if config.data.get("source") != "shapes":
         raise ValueError(f"data.source={config.data.get('source')!r}: only runs on captioned data (shapes) have a "
                          f"tokenizer to export")
+    if weights not in ("ema", "params"):
+        raise ValueError(f"weights={weights!r}: choose one of: ema, params")
     scheduler = {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
     vae_source, clip_source = _frozen_run(m, "vae"), _frozen_run(m, "text_encoder")
     # what is loaded is what is recorded
-    records = {"diffusion": {"step": latest_step(workdir), "seed": config.seed, "config": config.to_dict()},
+    records = {"diffusion": {"step": latest_step(workdir), "weights": weights, "seed": config.seed,
+                             "config": config.to_dict()},
                "vae": sources.record(vae_source, "vae"), "clip": sources.record(clip_source, "clip")}
     if m.get("init_from") and os.path.exists(m.init_from):   # the run it started from, with that one's history
         records["diffusion"]["init_from"] = sources.record(m.init_from, "unet")
@@ -166,7 +172,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool 
     clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
     clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
     # A run that trained its text encoder carries it; clip/ stays the CLIP run's (both towers).
-    unet_params, text_params = split_params(m, load_params(workdir, "ema", records["diffusion"]["step"]))
+    unet_params, text_params = split_params(m, load_params(workdir, weights, records["diffusion"]["step"]))
     if text_params is None:
         text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
@@ -229,9 +235,11 @@ def main(argv=None) -> int:
     p.add_argument("--plain", action="store_true",
                    help="drop the U-Net's jaxdiff-only parts (position gains, context layers, coordinate inputs: "
                         "as if they were zero), so that diffusers loads it; its outputs change by what they learned")
+    p.add_argument("--weights", choices=("ema", "params"), default="ema",
+                   help="the checkpoint's EMA (default) or its trained parameters (a short fine-tune's EMA lags them)")
     args = p.parse_args(argv)
     try:
-        print(export_run(args.workdir, args.out, args.overwrite, args.plain))
+        print(export_run(args.workdir, args.out, args.overwrite, args.plain, args.weights))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
