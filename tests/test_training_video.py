@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import jaxdiff.data  # noqa: F401  registers the builders
 from configs import clip as clip_config
@@ -255,7 +256,7 @@ def test_terminal_mean_share_trains_text_only_videos_against_caption_mean_clips(
     c.model.update(terminal_mean_share=1.0, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
                    weighting="simple", caption_dropout=0.0)
     spec = data_spec(c.data)
-    records = [r for r in __import__("tensorflow_datasets").data_source(VIDEOS, data_dir=data_dir, split="train")]
+    records = list(tfds.data_source(VIDEOS, data_dir=data_dir, split="train"))
     c.model.image_dropout = 1.0            # every conditioning frame dropped: text-only examples
     task = recipes.build(c, spec)
     table = task.frozen["caption_means"]

@@ -431,10 +431,11 @@ def build(c, spec) -> Task:
         y = fn(x.reshape(-1, *x.shape[-3:]))
         return y.reshape(*x.shape[:-3], *y.shape[1:])
 
-    def to_latent(frozen, images, key):
+    def to_latent(frozen, images, key=None):
+        """Scaled latents of images (videos: per frame): posterior samples, or the posterior means without `key`."""
         def encode(x):
             mean, logvar = vae.apply({"params": frozen["vae"]}, x, method=vae.encode)
-            return sample_posterior(key, mean, logvar)
+            return mean if key is None else sample_posterior(key, mean, logvar)
         return (per_frame(encode, images) - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor
 
     def from_latent(frozen, z):
@@ -444,10 +445,8 @@ def build(c, spec) -> Task:
     if share:
         from jaxdiff.training.data import first_examples
 
-        vae_params = nn.meta.unbox(frozen["vae"]) if latent else None
-        encode = jax.jit(lambda x: per_frame(lambda f: (vae.apply({"params": vae_params}, f, method=vae.encode)[0]
-                                                        - (vae_cfg.shift_factor or 0.0)) * vae_cfg.scaling_factor,
-                                             x)) if latent else np.asarray
+        vae_frozen = {"vae": nn.meta.unbox(frozen["vae"])} if latent else None
+        encode = jax.jit(lambda x: to_latent(vae_frozen, x)) if latent else np.asarray
         table, means = caption_means(first_examples(c.data, m.get("terminal_mean_examples", 50_000)), encode,
                                      spec.empty_tokens)
         log.info("terminal mean targets: %d captions", len(table))
@@ -473,7 +472,8 @@ def build(c, spec) -> Task:
         context = None
         if text:
             drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
-            context = encode_text(params, frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]))
+            tokens = jnp.where(drop[:, None], empty[None], batch["tokens"])   # the captions the model sees
+            context = encode_text(params, frozen, tokens)
         net_kwargs = {}
         if cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
             keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.get("image_dropout", 0.1), (x0.shape[0],))
@@ -482,8 +482,7 @@ def build(c, spec) -> Task:
         apply_fn = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, **net_kwargs)
         terminal = None
         if share:   # these examples: at pure noise, against their caption's mean latent
-            used = jnp.where(drop[:, None], empty[None], batch["tokens"])
-            index, found = caption_index(used, frozen["caption_means"]["tokens"])
+            index, found = caption_index(tokens, frozen["caption_means"]["tokens"])
             terminal = found & jax.random.bernoulli(jax.random.fold_in(k_drop, 2), share, found.shape)
             if cond_channels:
                 terminal &= ~net_kwargs["cond_present"]
