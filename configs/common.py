@@ -1,6 +1,8 @@
 """Pieces several recipe configs share: the diffusion objective and tiny models for smoke runs and tests."""
 import ml_collections
 
+from jaxdiff.training.recipes.diffusion import CAPTION_MEANS_CACHE
+
 
 def diffusion_objective(prediction_type: str = "epsilon", schedule: str = "scaled_linear") -> dict:
     return dict(schedule=schedule, num_train_timesteps=1000, prediction_type=prediction_type,
@@ -9,7 +11,8 @@ def diffusion_objective(prediction_type: str = "epsilon", schedule: str = "scale
                 timestep_distribution="uniform" if prediction_type != "flow" else "logit_normal",
                 timestep_logit_mean=0.0, timestep_logit_std=1.0,
                 caption_dropout=0.1, sample_method="dpmpp_2m" if prediction_type != "flow" else "flow_euler",
-                sample_steps=25, guidance_scale=4.0, terminal_mean_share=0.0, terminal_mean_examples=50_000)
+                sample_steps=25, guidance_scale=4.0, terminal_mean_share=0.0, terminal_mean_examples=50_000,
+                terminal_mean_cache=CAPTION_MEANS_CACHE)
 
 
 def tiny_unet(cross_attention: bool) -> dict:

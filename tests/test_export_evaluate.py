@@ -397,20 +397,39 @@ def test_grounding_weight_adds_the_grounding_loss_of_the_unet_maps(runs):
         loss(-1.0)
 
 
-def test_terminal_mean_share_trains_pure_noise_against_caption_means(runs):
+def test_terminal_mean_share_trains_pure_noise_against_caption_means(runs, tmp_path, monkeypatch):
     """config.model.terminal_mean_share: the task's table holds each training caption with the mean of its images'
     VAE latents (grouped here by caption string, from the tfds records) and the empty caption with the mean of all;
     with share 1 the loss is the v-loss at t = T against the caption's mean (recomputed from the U-Net by hand),
-    whatever the images, except for captions the table lacks; bad settings are refused."""
+    whatever the images, except for captions the table lacks; bad settings are refused. The table is cached: a
+    second build reads it without touching the data, and other examples or another VAE get their own file."""
     from jaxdiff.models import AutoencoderKL
     from jaxdiff.training import recipes
-    from jaxdiff.training.recipes.diffusion import _vae_config
+    from jaxdiff.training import data as training_data
+    from jaxdiff.training.recipes.diffusion import _vae_config, vae_fingerprint
 
     c = evaluate.read_run_config(runs["ld"])
+    cache = tmp_path / "cache"
     c.model.update(terminal_mean_share=1.0, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
-                   weighting="simple", caption_dropout=0.0)
+                   weighting="simple", caption_dropout=0.0, terminal_mean_cache=str(cache))
     spec = data_spec(c.data)
     task = recipes.build(c, spec)
+    (written,) = os.listdir(cache)
+    with monkeypatch.context() as m:
+        m.setattr(training_data, "first_examples", lambda *a: pytest.fail("the cached table was not read"))
+        again = recipes.build(c, spec)
+    for k in ("tokens", "means"):
+        np.testing.assert_array_equal(again.frozen["caption_means"][k], task.frozen["caption_means"][k])
+    fewer = recipes.build(_with(c, terminal_mean_examples=5), spec)
+    assert len(os.listdir(cache)) == 2 and len(fewer.frozen["caption_means"]["tokens"]) <= 6
+    vae_params = flax.core.unfreeze(flax.linen.meta.unbox(task.frozen["vae"]))
+    fingerprint = vae_fingerprint(_vae_config(c.model.vae), vae_params)
+    vae_params["decoder"]["conv_out"]["bias"] = np.asarray(vae_params["decoder"]["conv_out"]["bias"]) + 1e-6
+    assert vae_fingerprint(_vae_config(c.model.vae), vae_params) != fingerprint
+    (cache / written).write_bytes(b"truncated")          # an unreadable table is computed again and replaced
+    np.testing.assert_array_equal(recipes.build(c, spec).frozen["caption_means"]["means"],
+                                  task.frozen["caption_means"]["means"])
+    assert np.load(cache / written)["a1"].shape == task.frozen["caption_means"]["means"].shape
     vae_cfg = _vae_config(c.model.vae)
     vae = AutoencoderKL(vae_cfg)
     records = tfds.data_source(SHAPES, data_dir=runs["data_dir"], split="train")

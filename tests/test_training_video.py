@@ -254,7 +254,7 @@ def test_terminal_mean_share_trains_text_only_videos_against_caption_mean_clips(
     caption's mean), while examples that keep their conditioning frame train as usual."""
     c = tiny("tiny", data_dir)
     c.model.update(terminal_mean_share=1.0, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
-                   weighting="simple", caption_dropout=0.0)
+                   weighting="simple", caption_dropout=0.0, terminal_mean_cache="")
     spec = data_spec(c.data)
     records = list(tfds.data_source(VIDEOS, data_dir=data_dir, split="train"))
     c.model.image_dropout = 1.0            # every conditioning frame dropped: text-only examples

@@ -32,7 +32,10 @@ config.model:
     rarely, since few draws land at the last step. Image-to-video examples that keep their conditioning
     frame are left out (their best prediction depends on that frame). The means are averaged over the first
     terminal_mean_examples (default 50000) training examples when the task is built; a caption seen there
-    once gives no less noisy a target.
+    once gives no less noisy a target. The table is kept in terminal_mean_cache (a folder; default
+    $XDG_CACHE_HOME/jaxdiff/caption_means, i.e. ~/.cache/...; '' keeps none) under a name hashed from the
+    data's config, the example count and the VAE (config and weights), so a resumed or a second run with the
+    same data and VAE reads it instead of encoding the examples again (minutes for 50000 shapes).
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -61,7 +64,11 @@ batch["image"] [B, T, H, W, 3], e.g. source 'shapes' with a `moving_shapes/...` 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
+import json
 import logging
+import os
 
 import flax.linen as nn
 from flax import traverse_util
@@ -154,6 +161,48 @@ def caption_means(batches, encode, empty_tokens) -> tuple[np.ndarray, np.ndarray
     tokens = np.stack([np.frombuffer(k, np.int32) for k in sums])
     means = np.stack([sums[k] / counts[k] for k in sums]).astype(np.float32)
     return tokens, means
+
+
+CAPTION_MEANS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxdiff",
+                                   "caption_means")
+
+
+def vae_fingerprint(vae_cfg, vae_params) -> str:
+    """sha256 of a VAE's config and weights (every leaf's path, dtype, shape and bytes)."""
+    h = hashlib.sha256(repr(vae_cfg).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(vae_params)[0]:
+        leaf = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
+        h.update(leaf.tobytes())
+    return h.hexdigest()
+
+
+def cached_arrays(folder: str, name: str, fingerprint: dict, compute) -> tuple[np.ndarray, ...]:
+    """compute() (a tuple of numpy arrays), kept in `folder` as name-<sha256 of fingerprint>.npz and read from
+    there when present ('' keeps nothing). The file is written whole to a temporary name and renamed, so an
+    interrupted write never leaves a truncated table; an unreadable one is computed again and replaced."""
+    if not folder:
+        return compute()
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(os.path.expanduser(folder), f"{name}-{digest}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                arrays = tuple(f[f"a{i}"] for i in range(len(f.files)))
+            log.info("read %s", path)
+            return arrays
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("could not read %s (%s); computing it again", path, e)
+    arrays = tuple(np.asarray(a) for a in compute())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"a{i}": a for i, a in enumerate(arrays)})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
+    log.info("wrote %s", path)
+    return arrays
 
 
 def caption_index(tokens, table):
@@ -447,8 +496,13 @@ def build(c, spec) -> Task:
 
         vae_frozen = {"vae": nn.meta.unbox(frozen["vae"])} if latent else None
         encode = jax.jit(lambda x: to_latent(vae_frozen, x)) if latent else np.asarray
-        table, means = caption_means(first_examples(c.data, m.get("terminal_mean_examples", 50_000)), encode,
-                                     spec.empty_tokens)
+        examples = m.get("terminal_mean_examples", 50_000)
+        fingerprint = dict(data={k: c.data.get(k) for k in ("source", "name", "data_dir", "image_size", "max_length")},
+                           examples=examples, empty=np.asarray(spec.empty_tokens).tolist(),
+                           vae=vae_fingerprint(vae_cfg, vae_frozen["vae"]) if latent else None)
+        table, means = cached_arrays(
+            m.get("terminal_mean_cache", CAPTION_MEANS_CACHE), "caption_means", fingerprint,
+            lambda: caption_means(first_examples(c.data, examples), encode, spec.empty_tokens))
         log.info("terminal mean targets: %d captions", len(table))
         frozen["caption_means"] = {"tokens": jnp.asarray(table), "means": jnp.asarray(means)}
 
