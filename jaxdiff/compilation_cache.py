@@ -5,7 +5,8 @@ import os
 
 import jax
 
-DEFAULT_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxdiff", "xla")
+CACHE_ROOT = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxdiff")  # jaxdiff's caches
+DEFAULT_DIR = os.path.join(CACHE_ROOT, "xla")
 
 
 def enable(path: str | None = None, min_compile_seconds: float = 0.5) -> str:

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -77,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import diffusion, guidance, losses, samplers, schedules
+from jaxdiff.compilation_cache import CACHE_ROOT
 from jaxdiff.convert.diffusers import param_template
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, DiT, DiTConfig, TemporalUNet, \
     TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
@@ -163,8 +163,7 @@ def caption_means(batches, encode, empty_tokens) -> tuple[np.ndarray, np.ndarray
     return tokens, means
 
 
-CAPTION_MEANS_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxdiff",
-                                   "caption_means")
+CAPTION_MEANS_CACHE = os.path.join(CACHE_ROOT, "caption_means")
 
 
 def vae_fingerprint(vae_cfg, vae_params) -> str:
@@ -195,11 +194,9 @@ def cached_arrays(folder: str, name: str, fingerprint: dict, compute) -> tuple[n
             log.warning("could not read %s (%s); computing it again", path, e)
     arrays = tuple(np.asarray(a) for a in compute())
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{f"a{i}": a for i, a in enumerate(arrays)})
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
+        np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})
     os.replace(tmp, path)
     log.info("wrote %s", path)
     return arrays
