@@ -12,7 +12,7 @@ def diffusion_objective(prediction_type: str = "epsilon", schedule: str = "scale
                 timestep_logit_mean=0.0, timestep_logit_std=1.0,
                 caption_dropout=0.1, sample_method="dpmpp_2m" if prediction_type != "flow" else "flow_euler",
                 sample_steps=25, guidance_scale=4.0, terminal_mean_share=0.0, terminal_mean_examples=50_000,
-                terminal_mean_cache=CAPTION_MEANS_CACHE)
+                terminal_mean_cache=CAPTION_MEANS_CACHE, mirror_pairs="")
 
 
 def tiny_unet(cross_attention: bool) -> dict:

@@ -10,6 +10,7 @@ caption dropout for classifier-free guidance.
   python -m train --config configs/latent_diffusion.py:emphasis --workdir /work/runs/ld_emphasis
   python -m train --config configs/latent_diffusion.py:grounding --workdir /work/runs/ld_grounding
   python -m train --config configs/latent_diffusion.py:terminal_means --workdir /work/runs/ld_terminal
+  python -m train --config configs/latent_diffusion.py:mirror_pairs --workdir /work/runs/ld_mirror
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld          # seconds, synthetic squares
 
 The fine-tunes start from the shipped folder (jaxdiff/assets/shapes: its U-Net, VAE and CLIP text encoder).
@@ -40,7 +41,9 @@ relation words where the denoising loss gives a faint, saddle-shaped one. `termi
 `emphasis` caption-mean targets at pure noise (config.model.terminal_mean_share): a quarter of each batch
 is trained at the last timestep against the mean latent of its caption's training images, the exact best
 prediction there, which is the layout prior (red mass on the left for "... on the left") that sampling
-starts from and that the ordinary loss teaches one noisy example at a time.
+starts from and that the ordinary loss teaches one noisy example at a time. `mirror_pairs` trains `emphasis`
+on minimal pairs (config.model.mirror_pairs 'flip'): half of each batch is the other half flipped, its place
+and relation words swapped, noised alike, so the pair's difference is carried by those words alone.
 """
 import ml_collections
 
@@ -57,7 +60,7 @@ GROUNDING_WEIGHT = 0.05
 # terminal_means: the share of each batch trained at pure noise against its caption's mean latent
 TERMINAL_MEAN_SHARE = 0.25
 VARIANTS = ("shapes", "zero_snr", "joint_text", "coordinates", "context", "positions", "emphasis", "grounding",
-            "terminal_means")
+            "terminal_means", "mirror_pairs")
 
 
 def get_config(variant: str = "shapes"):
@@ -100,17 +103,19 @@ def get_config(variant: str = "shapes"):
         c.model.unet.input_coordinates = True
     if variant == "context":
         c.model.unet.context_layers = 2
-    if variant in ("positions", "emphasis", "grounding", "terminal_means"):
+    if variant in ("positions", "emphasis", "grounding", "terminal_means", "mirror_pairs"):
         c.model.update(emphasis_words=PLACE_WORDS, emphasis_weight=3.0, timestep_distribution="logit_normal",
                        timestep_logit_mean=0.5)
         c.steps, c.optim.lr = 4000, 3e-4
     if variant == "positions":
         c.model.unet.attention_positions = True
-    if variant in ("emphasis", "grounding", "terminal_means"):
+    if variant in ("emphasis", "grounding", "terminal_means", "mirror_pairs"):
         c.model.emphasis_weight, c.optim.lr = 6.0, 5e-4
     if variant == "grounding":
         c.data.token_masks = 16     # the latent side: 32 px through the VAE's f = 2
         c.model.grounding_weight = GROUNDING_WEIGHT
     if variant == "terminal_means":
         c.model.terminal_mean_share = TERMINAL_MEAN_SHARE
+    if variant == "mirror_pairs":
+        c.model.mirror_pairs = "flip"
     return c

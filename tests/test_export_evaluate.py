@@ -365,6 +365,68 @@ def test_emphasis_words_weight_their_examples(runs):
         recipes.build(c, spec)
 
 
+def test_mirror_pairs_replace_the_second_half_by_mirrored_twins(runs):
+    """config.model.mirror_pairs: `mirrored` replaces a batch's second half by its first, flipped (upside down where
+    the caption has a vertical word and no triangle, else left to right) or, for videos, played backwards, with the
+    captions' words swapped (checked against captions rewritten by hand); the loss then ignores the second half
+    given, pairs share timesteps and noise, and bad settings are refused."""
+    from jaxdiff import schedules
+    from jaxdiff.training import recipes
+    from jaxdiff.training.recipes.diffusion import denoising_loss, mirror_swaps, mirrored
+
+    c = evaluate.read_run_config(runs["ld"])
+    spec = data_spec(c.data)
+    swaps = mirror_swaps(spec)
+    tokens = lambda captions: jnp.asarray(spec.tokenize(captions))
+    captions = ["a red circle to the left of a blue square", "a red circle above a blue square",
+                "a green triangle at the top", "two yellow circles"]
+    rewritten = ["a red circle to the right of a blue square", "a red circle below a blue square",
+                 "a green triangle at the top", "two yellow circles"]
+    images = np.asarray(jax.random.uniform(jax.random.key(0), (8, 16, 16, 3)))
+    masks = np.asarray(jax.random.uniform(jax.random.key(1), (8, 16, 8, 8)))
+    out = mirrored({"image": images, "tokens": tokens(captions * 2), "token_masks": masks}, "flip", swaps)
+    np.testing.assert_array_equal(out["tokens"], tokens(captions + rewritten))
+    upside_down = [False, True, False, False]       # the triangle's caption is flipped left to right
+    for i, vertical in enumerate(upside_down):
+        np.testing.assert_array_equal(out["image"][4 + i], images[i, ::-1] if vertical else images[i, :, ::-1])
+        np.testing.assert_array_equal(out["token_masks"][4 + i], masks[i, :, ::-1] if vertical else masks[i, ..., ::-1])
+    np.testing.assert_array_equal(out["image"][:4], images[:4])
+
+    clips = np.asarray(jax.random.uniform(jax.random.key(2), (2, 3, 8, 8, 3)))
+    motion = ["a red circle moving left and a blue square moving up", "a green triangle moving down"]
+    out = mirrored({"image": clips, "tokens": tokens(motion)}, "reverse", swaps)
+    np.testing.assert_array_equal(out["tokens"], tokens([motion[0], "a red circle moving right and a blue square "
+                                                         "moving down"]))
+    np.testing.assert_array_equal(out["image"][1], clips[0, ::-1])
+
+    seen = []
+    def record(x, t, ctx):
+        seen.append((np.asarray(x), np.asarray(t)))
+        return jnp.zeros_like(x)
+    m = c.model
+    denoising_loss(record, jnp.zeros((6, 2)), jax.random.key(0), schedules.get("scaled_linear"), m, paired=True)
+    (x_t, t), = seen
+    np.testing.assert_array_equal(x_t[3:], x_t[:3]), np.testing.assert_array_equal(t[3:], t[:3])
+    assert len(np.unique(t)) == 3
+
+    batch = {"tokens": tokens(captions[:2]), "image": jnp.asarray(images[:2] * 2 - 1)}
+    def loss(mode, batch):
+        c.model.mirror_pairs = mode
+        task = recipes.build(c, spec)
+        return float(task.loss(task.init(jax.random.key(0)), task.frozen, batch, jax.random.key(1), 0)[0])
+    other = {"tokens": tokens(captions[::3]), "image": jnp.asarray(images[::7] * 2 - 1)}
+    paired = loss("flip", batch)
+    assert paired == loss("flip", {k: jnp.stack([v[0], other[k][1]]) for k, v in batch.items()})
+    assert paired != loss("", batch)
+    with pytest.raises(ValueError, match="mirror_pairs='reverse' needs .* 'flip' for images"):
+        loss("reverse", batch)
+    with pytest.raises(ValueError, match="mirror_pairs='sideways': choose one of"):
+        loss("sideways", batch)
+    c.batch_size = 3
+    with pytest.raises(ValueError, match=r"an even batch_size \(got 3\)"):
+        loss("flip", batch)
+
+
 def test_grounding_weight_adds_the_grounding_loss_of_the_unet_maps(runs):
     """config.model.grounding_weight w: with the same draws the loss is the denoising loss plus w times the grounding
     metric, itself in (0, 1) for real masks and 0 for empty ones; a batch without masks or a bad weight is refused."""

@@ -36,6 +36,13 @@ config.model:
     $XDG_CACHE_HOME/jaxdiff/caption_means, i.e. ~/.cache/...; '' keeps none) under a name hashed from the
     data's config, the example count and the VAE (config and weights), so a resumed or a second run with the
     same data and VAE reads it instead of encoding the examples again (minutes for 50000 shapes).
+  mirror_pairs (with a text encoder; default ''): 'flip' (images) or 'reverse' (videos): the second half of each
+    batch is the mirror image of its first half (`mirrored`: flipped, or played backwards), its caption's
+    place, relation or direction words swapped ("left" <-> "right", "above" <-> "below", "up" <-> "down"),
+    with the same timesteps, noise and caption dropout as its twin. The two members of a pair differ only
+    where those words act, so at high noise, where the layout is decided and the noisy input tells the pair
+    apart barely or not at all, the only way to predict both is to read the words; in random batches that
+    gradient is averaged with every other way two examples differ.
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -78,6 +85,7 @@ import numpy as np
 from jaxdiff import diffusion, guidance, losses, samplers, schedules
 from jaxdiff.compilation_cache import CACHE_ROOT
 from jaxdiff.convert.diffusers import param_template
+from jaxdiff.data import render
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel, DiT, DiTConfig, TemporalUNet, \
     TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
 from jaxdiff.models.temporal_unet import inflated_config
@@ -90,6 +98,7 @@ from jaxdiff.training.task import Task, init_boxed, rebox
 BACKBONES = ("unet", "dit", "temporal_unet")
 SPACES = ("pixel", "latent")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+MIRROR_PAIRS = ("", "flip", "reverse")
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +126,7 @@ def schedule_for(m) -> schedules.Schedule:
 
 
 def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights=None, has_aux=False,
-                   terminal=None):
+                   terminal=None, paired=False):
     """The denoising (or flow matching) loss of `apply_fn(x_t, timestep, context)` on clean data x0 [B, ...]:
     the mean over examples, or their `example_weights` [B]-weighted mean. With `has_aux`, apply_fn
     returns (output, aux) and this returns (loss, aux).
@@ -125,13 +134,16 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights
     Timesteps from `m.timestep_distribution`, except for the examples where `terminal` [B] (bool) holds,
     which are noised to the last timestep; the model sees the schedule's timestep value
     (i for discrete schedules, sigma * N for flow matching), as samplers give it. Videos [B, T, ...]
-    are noised with `m.frame_noise_correlation` of the noise shared across frames."""
+    are noised with `m.frame_noise_correlation` of the noise shared across frames. With `paired`, the second
+    half of the batch gets the first half's timesteps and noise (config.model.mirror_pairs)."""
     k_t, k_noise = jax.random.split(key)
     t = losses.sample_timesteps(k_t, x0.shape[0], schedule, m.get("timestep_distribution", "uniform"),
                                 logit_mean=m.get("timestep_logit_mean", 0.0), logit_std=m.get("timestep_logit_std", 1.0))
+    noise = diffusion.frame_correlated_noise(k_noise, x0.shape, m.get("frame_noise_correlation", 0.0))
+    if paired:
+        t, noise = pair_halves(t), pair_halves(noise)
     if terminal is not None:
         t = jnp.where(terminal, schedule.num_train_timesteps - 1, t)
-    noise = diffusion.frame_correlated_noise(k_noise, x0.shape, m.get("frame_noise_correlation", 0.0))
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     out = apply_fn(x_t, schedule.table("timesteps", t), context)
     out, aux = out if has_aux else (out, None)
@@ -140,6 +152,12 @@ def denoising_loss(apply_fn, x0, key, schedule, m, context=None, example_weights
     if example_weights is not None:
         loss = jnp.sum(example_weights * per_example) / jnp.sum(example_weights)
     return (loss, aux) if has_aux else loss
+
+
+def pair_halves(x):
+    """x [B, ...] with its second half replaced by its first."""
+    half = x.shape[0] // 2
+    return jnp.concatenate([x[:half], x[:half]])
 
 
 def caption_means(batches, encode, empty_tokens) -> tuple[np.ndarray, np.ndarray]:
@@ -208,20 +226,66 @@ def caption_index(tokens, table):
     return jnp.argmax(match, axis=-1), jnp.any(match, axis=-1)
 
 
-def emphasis_ids(m, spec) -> jax.Array | None:
-    """The token ids of config.model.emphasis_words (None without them); each must be one known word."""
-    words = tuple(m.get("emphasis_words", ()))
-    if not words:
-        return None
+def word_ids(spec, words, field: str) -> np.ndarray:
+    """The token ids [N] of `words`, each of which must be one known word of the captions' vocabulary."""
     if spec.tokenize is None:
-        raise ValueError("config.model.emphasis_words needs captioned data (a tokenizer)")
+        raise ValueError(f"{field} needs captioned data (a tokenizer)")
     ids = spec.tokenize(list(words))
     if (ids[:, 2] != spec.eos_token_id).any() or (ids[:, 1] == spec.unk_token_id).any():
         bad = [w for w, row in zip(words, ids) if row[2] != spec.eos_token_id or row[1] == spec.unk_token_id]
-        raise ValueError(f"config.model.emphasis_words: {bad} are not single words of the captions' vocabulary")
+        raise ValueError(f"{field}: {bad} are not single words of the captions' vocabulary")
+    return np.asarray(ids[:, 1])
+
+
+def emphasis_ids(m, spec) -> jax.Array | None:
+    """The token ids of config.model.emphasis_words (None without them)."""
+    words = tuple(m.get("emphasis_words", ()))
+    if not words:
+        return None
+    ids = word_ids(spec, words, "config.model.emphasis_words")
     if not m.get("emphasis_weight", 1.0) > 0:
         raise ValueError(f"config.model.emphasis_weight={m.get('emphasis_weight')!r}: need a positive weight")
-    return jnp.asarray(ids[:, 1])
+    return jnp.asarray(ids)
+
+
+def word_swaps(spec, pairs) -> jax.Array:
+    """A permutation of the token ids [V] that exchanges the two words of each pair and keeps the rest."""
+    ids = np.arange(spec.vocab_size, dtype=np.int32)
+    found = word_ids(spec, [w for pair in pairs for w in pair], "config.model.mirror_pairs")
+    ids[found[0::2]], ids[found[1::2]] = found[1::2], found[0::2]
+    return jnp.asarray(ids)
+
+
+def mirror_swaps(spec) -> dict:
+    """What `mirrored` needs: a token permutation per kind of mirror image, and the ids of the upright shapes."""
+    swaps = {kind: word_swaps(spec, pairs) for kind, pairs in render.MIRROR_WORDS.items()}
+    upright = [w for s in render.UPRIGHT_SHAPES for w in (s, render.plural(s))]
+    return {**swaps, "upright": jnp.asarray(word_ids(spec, upright, "config.model.mirror_pairs"))}
+
+
+def mirrored(batch: dict, mode: str, swaps: dict) -> dict:
+    """The batch with its second half replaced by mirror images of its first half, whose captions swap the
+    words the mirror exchanges (`render.MIRROR_WORDS`): minimal pairs, alike in all but the words of place,
+    relation or motion, for config.model.mirror_pairs.
+
+    mode 'reverse' (videos [B, T, H, W, 3]): each clip played backwards, every direction word reversed.
+    mode 'flip' (images [B, H, W, 3]): flipped upside down where the caption has a word that flip exchanges
+    and no upright shape (a flipped triangle is no triangle), otherwise left to right. 'token_masks'
+    [B, L, h, w], where present, are flipped with their images."""
+    half = batch["image"].shape[0] // 2
+    first = {k: v[:half] for k, v in batch.items() if k in ("image", "tokens", "token_masks")}
+    tokens = first["tokens"]
+    if mode == "reverse":
+        out = {"image": first["image"][:, ::-1], "tokens": swaps["reverse"][tokens]}
+    else:
+        vertical = (jnp.any(swaps["vertical"][tokens] != tokens, axis=-1)
+                    & ~jnp.isin(tokens, swaps["upright"]).any(axis=-1))
+        out = {"image": jnp.where(vertical[:, None, None, None], first["image"][:, ::-1], first["image"][:, :, ::-1]),
+               "tokens": jnp.where(vertical[:, None], swaps["vertical"][tokens], swaps["horizontal"][tokens])}
+        if "token_masks" in first:
+            masks = first["token_masks"]
+            out["token_masks"] = jnp.where(vertical[:, None, None, None], masks[..., ::-1, :], masks[..., ::-1])
+    return {**batch, **{k: jnp.concatenate([first[k], v]) for k, v in out.items()}}
 
 
 def _frozen(boxed_abstract, checkpoint: str, part: str, what: str):
@@ -460,6 +524,13 @@ def build(c, spec) -> Task:
         raise ValueError(f"config.model.terminal_mean_share={share} needs a text encoder"
                          f"{'' if text else ' (none configured)'} and rescale_zero_terminal_snr=True: "
                          f"only at SNR 0 is a caption's mean latent the best prediction")
+    mirror = m.get("mirror_pairs", "")
+    choice(mirror, MIRROR_PAIRS, "model.mirror_pairs")
+    if mirror and (not text or mirror != ("reverse" if video else "flip") or c.batch_size % 2):
+        raise ValueError(f"config.model.mirror_pairs={mirror!r} needs a text encoder, an even batch_size (got "
+                         f"{c.batch_size}) and 'flip' for images or 'reverse' for videos (backbone {m.backbone!r}"
+                         f"{'' if text else ', no text encoder'})")
+    swaps = mirror_swaps(spec) if mirror else None
     text_start = frozen.pop("text") if text_trainable(m) else None   # the encoder's initial params (boxed)
     channels = vae_cfg.latent_channels if latent else 3
     net, initial = backbone(m, channels, size, dtype)
@@ -514,6 +585,8 @@ def build(c, spec) -> Task:
 
     def loss(params, frozen, batch, key, step):
         k_post, k_drop, k_loss = jax.random.split(key, 3)
+        if mirror:
+            batch = mirrored(batch, mirror, swaps)
         x0 = batch["image"]
         if video and x0.ndim != 5:
             raise ValueError(f"config.model.backbone='temporal_unet' trains on videos [B, T, H, W, 3], but "
@@ -523,6 +596,8 @@ def build(c, spec) -> Task:
         context = None
         if text:
             drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
+            if mirror:   # a pair's captions are dropped together
+                drop = pair_halves(drop)
             tokens = jnp.where(drop[:, None], empty[None], batch["tokens"])   # the captions the model sees
             context = encode_text(params, frozen, tokens)
         net_kwargs = {}
@@ -543,12 +618,14 @@ def build(c, spec) -> Task:
             hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
             weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
         if not grounding:
-            return denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights, terminal=terminal), {}
+            return denoising_loss(apply_fn, x0, k_loss, schedule, m, context, weights, terminal=terminal,
+                                  paired=bool(mirror)), {}
         if "token_masks" not in batch:
             raise ValueError("config.model.grounding_weight needs batches with 'token_masks': set config.data.token_masks "
                              "to the latent side (the shapes data's objects give them)")
         sown = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, mutable=["intermediates"])
-        value, state = denoising_loss(sown, x0, k_loss, schedule, m, context, weights, has_aux=True, terminal=terminal)
+        value, state = denoising_loss(sown, x0, k_loss, schedule, m, context, weights, has_aux=True, terminal=terminal,
+                                      paired=bool(mirror))
         maps = jax.tree.leaves(state["intermediates"])     # every cross-attention's weights
         aligned = losses.grounding_loss(maps, batch["token_masks"], counted=~drop)
         return value + grounding * aligned, {"grounding": aligned}
