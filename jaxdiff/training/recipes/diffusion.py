@@ -278,10 +278,10 @@ def mirrored(batch: dict, mode: str, swaps: dict) -> dict:
     if mode == "reverse":
         out = {"image": first["image"][:, ::-1], "tokens": swaps["reverse"][tokens]}
     else:
-        vertical = (jnp.any(swaps["vertical"][tokens] != tokens, axis=-1)
-                    & ~jnp.isin(tokens, swaps["upright"]).any(axis=-1))
+        upside_down = swaps["vertical"][tokens]
+        vertical = jnp.any(upside_down != tokens, axis=-1) & ~jnp.isin(tokens, swaps["upright"]).any(axis=-1)
         out = {"image": jnp.where(vertical[:, None, None, None], first["image"][:, ::-1], first["image"][:, :, ::-1]),
-               "tokens": jnp.where(vertical[:, None], swaps["vertical"][tokens], swaps["horizontal"][tokens])}
+               "tokens": jnp.where(vertical[:, None], upside_down, swaps["horizontal"][tokens])}
         if "token_masks" in first:
             masks = first["token_masks"]
             out["token_masks"] = jnp.where(vertical[:, None, None, None], masks[..., ::-1, :], masks[..., ::-1])
