@@ -39,10 +39,10 @@ config.model:
   mirror_pairs (with a text encoder; default ''): 'flip' (images) or 'reverse' (videos): the second half of each
     batch is the mirror image of its first half (`mirrored`: flipped, or played backwards), its caption's
     place, relation or direction words swapped ("left" <-> "right", "above" <-> "below", "up" <-> "down"),
-    with the same timesteps, noise and caption dropout as its twin. The two members of a pair differ only
-    where those words act, so at high noise, where the layout is decided and the noisy input tells the pair
-    apart barely or not at all, the only way to predict both is to read the words; in random batches that
-    gradient is averaged with every other way two examples differ.
+    with the same timesteps, noise and caption (and conditioning-frame) dropout as its twin. The two members of
+    a pair differ only where those words act, so at high noise, where the layout is decided and the noisy
+    input tells the pair apart barely or not at all, the only way to predict both is to read the words; in
+    random batches that gradient is averaged with every other way two examples differ.
   init_from (backbone unet, latent, with a text encoder): the workdir of a latent text-to-image run, or
     a model folder, with the same U-Net config whose EMA U-Net is this run's starting point (fine-tuning,
     e.g. to another objective); its VAE and text encoder should be this run's. The one change allowed
@@ -603,6 +603,8 @@ def build(c, spec) -> Task:
         net_kwargs = {}
         if cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
             keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.get("image_dropout", 0.1), (x0.shape[0],))
+            if mirror:   # and a pair's conditioning frames too
+                keep = pair_halves(keep)
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
         unet_params = split_params(m, params)[0]
         apply_fn = lambda x, t, ctx: net.apply({"params": unet_params}, x, t, ctx, **net_kwargs)
