@@ -81,5 +81,6 @@ def check_batch_fits(c, mesh) -> None:
 def choice(value, allowed, name: str):
     """`value` if it is one of `allowed`, else a ValueError naming `name`, the value and the choices."""
     if value not in allowed:
-        raise ValueError(f"config.{name}={value!r}: choose one of: {', '.join(map(str, allowed))}")
+        shown = (repr(a) if a == "" else str(a) for a in allowed)   # '' (off) must show
+        raise ValueError(f"config.{name}={value!r}: choose one of: {', '.join(shown)}")
     return value
