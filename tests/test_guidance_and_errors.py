@@ -67,7 +67,7 @@ def test_inversion_then_sampling_reconstructs():
     x0 = jax.random.normal(jax.random.key(7), (3, 8))
     errs = []
     for steps in (50, 200):
-        xt = jd.samplers.invert(model_fn, SD, x0, steps=steps)
+        xt = jd.samplers.ddim_invert(model_fn, SD, x0, steps=steps)
         back = jd.samplers.sample(model_fn, SD, xt, method="ddim", steps=steps)
         errs.append(float(jnp.abs(back - x0).mean()))
     assert errs[1] < 0.01 and errs[0] / errs[1] > 3.0, errs
@@ -92,7 +92,7 @@ FLOW = jd.schedules.get("flow_matching")
     (dict(strength=1.5, x_init=NOISE), "strength must be in \\[0, 1\\]"),
     (dict(method="flow_euler"), "needs a flow_matching schedule"),
     (dict(method="lcm", steps=60), "lcm takes 1..50 steps"),
-    (dict(method="ddim", karras=True), "karras sigmas apply to"),
+    (dict(method="ddim", use_karras_sigmas=True), "use_karras_sigmas applies to"),
     (dict(steps=1000, steps_offset=1), "fall outside the schedule's 0..999"),
 ])
 def test_sample_rejects_bad_input(kwargs, match):

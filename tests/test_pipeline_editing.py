@@ -87,8 +87,8 @@ def test_edit_is_inversion_then_ddim(pipe):
     ctx = pipe.encode_text(pipe.text_params, pipe.tokenize(["a red circle"] * 2))
     fn = lambda x, t: pipe.unet.apply({"params": pipe.unet_params}, x, t, ctx)
     kw = {k: pipe.sampler_defaults[k] for k in ("prediction_type", "timestep_spacing", "steps_offset",
-                                                  "final_alpha_one")}
-    ref = jd.samplers.invert(fn, pipe.schedule, pipe.encode_image(pipe.vae_params, jnp.asarray(IMG)), steps=6, **kw)
+                                                  "set_alpha_to_one")}
+    ref = jd.samplers.ddim_invert(fn, pipe.schedule, pipe.encode_image(pipe.vae_params, jnp.asarray(IMG)), steps=6, **kw)
     np.testing.assert_allclose(x_t, ref, rtol=1e-4, atol=1e-5)
     edited = editing.edit(pipe, IMG, ["a red circle"] * 2, ["a blue circle"] * 2, steps=6, guidance_scale=2.0)
     direct = pipe.generate(["a blue circle"] * 2, noise=x_t, steps=6, guidance_scale=2.0, method="ddim")["images"]

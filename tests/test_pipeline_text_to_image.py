@@ -60,7 +60,7 @@ def test_scheduler_config_errors():
     schedule, kwargs = schedule_from_config({"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear",
                                              "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
                                              "set_alpha_to_one": False})
-    assert "method" not in kwargs and kwargs["steps_offset"] == 1 and kwargs["final_alpha_one"] is False
+    assert "method" not in kwargs and kwargs["steps_offset"] == 1 and kwargs["set_alpha_to_one"] is False
     np.testing.assert_allclose(schedule.alphas_cumprod, jd.schedules.get("scaled_linear").alphas_cumprod)
 
 

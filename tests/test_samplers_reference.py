@@ -47,8 +47,8 @@ def test_matches_diffusers(path):
     schedule = schedule_of(meta)
     kwargs = dict(meta["sample"])
     method = kwargs.pop("method")
-    if method == "invert":
-        out = jd.samplers.invert(model_fn, schedule, jnp.asarray(data["noise"]), steps=meta["steps"], **kwargs)
+    if method == "ddim_invert":
+        out = jd.samplers.ddim_invert(model_fn, schedule, jnp.asarray(data["noise"]), steps=meta["steps"], **kwargs)
     else:
         m = jd.samplers.get_method(method)
         k = m.noises({**m.options, **{o: kwargs[o] for o in m.options if o in kwargs}})
@@ -58,3 +58,36 @@ def test_matches_diffusers(path):
         out = fn(jnp.asarray(data["noise"]), step_noise)
     err = rel_err(out, data["output"])
     assert err <= 1e-5, f"{meta['scheduler']}: relative error {err:.2e}"
+
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+# diffusers scheduler configs as a diffusers user holds them: the fixture script's configs of these cases
+DIFFUSERS_CONFIGS = {
+    "ddim_sd_leading": {"_class_name": "DDIMScheduler", **SD, "set_alpha_to_one": False, "steps_offset": 1,
+                        "clip_sample": False},
+    "euler_karras": {"_class_name": "EulerDiscreteScheduler", **SD, "use_karras_sigmas": True,
+                     "timestep_spacing": "leading"},
+    "dpmpp_2m_karras": {"_class_name": "DPMSolverMultistepScheduler", **SD, "use_karras_sigmas": True},
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIFFUSERS_CONFIGS))
+def test_a_diffusers_config_samples_as_diffusers_does(case):
+    """A diffusers scheduler config maps (`schedule_from_config`) to the fixture's schedule and sample
+    arguments, under diffusers' own option names (set_alpha_to_one, use_karras_sigmas, ...), and
+    those options, copied out of the config dict, drive `sample` to diffusers' output."""
+    from jaxdiff.convert.scheduler import schedule_from_config
+
+    data = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "samplers", f"{case}.npz"))
+    meta = json.loads(str(data["meta"]))
+    config = DIFFUSERS_CONFIGS[case]
+    schedule, kwargs = schedule_from_config(config)
+    np.testing.assert_array_equal(schedule.alphas_cumprod, schedule_of(meta).alphas_cumprod)
+    assert {k: kwargs[k] for k in meta["sample"]} == meta["sample"]
+    copied = {k: config[k] for k in ("set_alpha_to_one", "use_karras_sigmas", "steps_offset", "timestep_spacing")
+              if k in config}
+    noise = jnp.asarray(data["noise"])
+    mapped = jd.samplers.sample(model_fn, schedule, noise, steps=meta["steps"], **kwargs)
+    direct = jd.samplers.sample(model_fn, schedule, noise, steps=meta["steps"], method=kwargs["method"], **copied)
+    np.testing.assert_array_equal(mapped, direct)
+    assert rel_err(mapped, data["output"]) <= 1e-5

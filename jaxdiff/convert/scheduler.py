@@ -1,4 +1,10 @@
-"""A diffusers `scheduler_config.json` as a jaxdiff schedule plus the matching `sample` arguments."""
+"""A diffusers `scheduler_config.json` as a jaxdiff schedule plus the matching `sample` arguments.
+
+`sample` takes diffusers' own names for the options it shares with a scheduler config
+(prediction_type, timestep_spacing, steps_offset, set_alpha_to_one, use_karras_sigmas), so those
+keys pass through under the same names; only the class name and the prediction type
+'flow_prediction' are translated.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -38,7 +44,7 @@ def schedule_from_config(config: dict) -> tuple[schedules.Schedule, dict[str, An
     """(schedule, sample kwargs) for a diffusers scheduler config.
 
     The kwargs hold `method` (absent for PNDM), `prediction_type`, `timestep_spacing`,
-    `steps_offset`, `final_alpha_one` and `karras` where they apply.
+    `steps_offset`, `set_alpha_to_one` and `use_karras_sigmas`.
     """
     cls = config.get("_class_name")
     if cls not in METHOD_OF_CLASS:
@@ -67,8 +73,8 @@ def schedule_from_config(config: dict) -> tuple[schedules.Schedule, dict[str, An
     kwargs = {"prediction_type": PREDICTION_TYPES[prediction],
               "timestep_spacing": config.get("timestep_spacing", DEFAULT_SPACING.get(cls, "leading")),
               "steps_offset": int(config.get("steps_offset", 0)),
-              "final_alpha_one": bool(config.get("set_alpha_to_one", True)),
-              "karras": bool(config.get("use_karras_sigmas", False))}
+              "set_alpha_to_one": bool(config.get("set_alpha_to_one", True)),
+              "use_karras_sigmas": bool(config.get("use_karras_sigmas", False))}
     if METHOD_OF_CLASS[cls] is not None:
         kwargs["method"] = METHOD_OF_CLASS[cls]
     return schedule, kwargs

@@ -103,7 +103,7 @@ def invert(pipe: TextToImage, images, prompts, *, steps: int = 50, guidance_scal
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one per image")
     defaults = {k: v for k, v in pipe.sampler_defaults.items()
-                if k in ("prediction_type", "timestep_spacing", "steps_offset", "final_alpha_one")}
+                if k in ("prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one")}
     options = {**defaults, **sampler_kwargs}
     key = ("invert", steps, tuple(sorted(options.items())), id(pipe.schedule))
     if key not in pipe._compiled:
@@ -112,7 +112,7 @@ def invert(pipe: TextToImage, images, prompts, *, steps: int = 50, guidance_scal
         def run(params, ids, uncond_ids, images, scale):
             unet_params, vae_params, text_params = params
             model_fn = pipe.guided_model(unet_params, text_params, ids, uncond_ids, scale)
-            return samplers.invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
+            return samplers.ddim_invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
 
         pipe._compiled[key] = jax.jit(run)
     params = (pipe.unet_params, pipe.vae_params, pipe.text_params)

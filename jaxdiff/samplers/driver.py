@@ -37,7 +37,7 @@ def get_method(name: str) -> Method:
 
 
 def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacing: str = "leading",
-              steps_offset: int = 0, final_alpha_one: bool = True, karras: bool = False) -> grids.Grid:
+              steps_offset: int = 0, set_alpha_to_one: bool = True, use_karras_sigmas: bool = False) -> grids.Grid:
     """The grid a method walks on a schedule (see `grids`)."""
     schedule = schedules.concrete(schedule)
     n_train = schedule.num_train_timesteps
@@ -45,8 +45,8 @@ def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacin
         raise ValueError(f"steps must be an integer in 1..{n_train} (num_train_timesteps), got {steps!r}")
     if timestep_spacing not in grids.SPACINGS:
         raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; choose one of: {', '.join(grids.SPACINGS)}")
-    if karras and (schedule.kind == FLOW or method.grid not in ("sigma", "sigma_multistep")):
-        raise ValueError(f"karras sigmas apply to euler, euler_ancestral, heun, dpmpp_2m and unipc on a discrete "
+    if use_karras_sigmas and (schedule.kind == FLOW or method.grid not in ("sigma", "sigma_multistep")):
+        raise ValueError(f"use_karras_sigmas applies to euler, euler_ancestral, heun, dpmpp_2m and unipc on a discrete "
                          f"schedule, not to {method.name!r} on a {schedule.kind!r} schedule")
     if schedule.kind == FLOW:
         if method.grid == "lcm":
@@ -55,11 +55,11 @@ def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacin
     if method.grid == "flow":
         raise ValueError(f"{method.name!r} needs a flow_matching schedule; use 'euler' on a {schedule.kind!r} one")
     if method.grid == "discrete":
-        return grids.discrete_grid(schedule, steps, timestep_spacing, steps_offset, final_alpha_one)
+        return grids.discrete_grid(schedule, steps, timestep_spacing, steps_offset, set_alpha_to_one)
     if method.grid == "lcm":
         return grids.lcm_grid(schedule, steps)
     return grids.sigma_grid(schedule, steps, timestep_spacing, steps_offset,
-                            multistep=method.grid == "sigma_multistep", karras=karras)
+                            multistep=method.grid == "sigma_multistep", karras=use_karras_sigmas)
 
 
 def _options(method: Method, options: dict) -> dict:
@@ -89,7 +89,7 @@ def _check_array(name, a, like=None):
 
 def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: str = "ddim", steps: int = 50,
            prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
-           final_alpha_one: bool = True, karras: bool = False, x_init=None, strength: float = 1.0,
+           set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, x_init=None, strength: float = 1.0,
            hook: Callable | None = None, step_noise=None, noise_fn: Callable | None = None,
            return_trajectory: bool = False,
            callback: Callable[[Any], None] | None = None, **options):
@@ -108,8 +108,10 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
         langevin_pc 1 + corrector_steps).
       prediction_type: epsilon, v_prediction, sample, flow or score.
       timestep_spacing, steps_offset: diffusers' `set_timesteps` rules (SD: leading, 1).
-      final_alpha_one: diffusers' `set_alpha_to_one` for the discrete grid (SD: False).
-      karras: Karras sigma spacing for the sigma-grid samplers.
+      set_alpha_to_one: the discrete grid ends at alpha = 1 (else at the first timestep's alpha; SD: False).
+      use_karras_sigmas: Karras sigma spacing for the sigma-grid samplers.
+        These options and `prediction_type` carry diffusers' scheduler-config names and values
+        (`jaxdiff.convert.scheduler` maps a whole config), except prediction_type 'flow' for 'flow_prediction'.
       x_init, strength: img2img; start from x_init noised to the step where `strength` of the
         steps remain (diffusers' rule); strength 0 returns x_init.
       hook: (x_next, point) -> x_next after every step, `point` a dict of the next grid
@@ -121,7 +123,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
       return_trajectory: also return {'x': [n, B, ...] x after each step, 'x0': [n, B, ...] predictions}.
       callback: a host function called with the step number (1..n) after every step, through
         `jax.debug.callback` (progress bars); it is part of the program, so keep the same one.
-      **options: method options (ddim: eta; ddpm: variance; langevin_pc: snr, corrector_steps).
+      **options: method options (ddim: eta; ddpm: variance_type; langevin_pc: snr, corrector_steps).
     Returns: x_0 [B, ...] float32 (and the trajectory if asked).
     """
     m = get_method(method)
@@ -133,7 +135,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     grid = make_grid(m, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                     final_alpha_one=final_alpha_one, karras=karras)
+                     set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas)
     noise = jnp.asarray(noise, jnp.float32)
     if x_init is None:
         ve_start = m.ve_start and timestep_spacing in ("linspace", "trailing") and schedule.kind != FLOW
@@ -153,9 +155,9 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
                  step_noise, hook, return_trajectory, callback, noise_fn)
 
 
-def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, prediction_type: str = "epsilon",
-           timestep_spacing: str = "leading", steps_offset: int = 0, final_alpha_one: bool = True,
-           return_trajectory: bool = False):
+def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, prediction_type: str = "epsilon",
+                timestep_spacing: str = "leading", steps_offset: int = 0, set_alpha_to_one: bool = True,
+                return_trajectory: bool = False):
     """DDIM inversion x_0 -> x_T: the deterministic DDIM grid walked backwards.
 
     Each step from point i+1 up to point i evaluates the model at the *target* timestep t_i on the
@@ -166,7 +168,7 @@ def invert(model_fn: ModelFn, schedule: Schedule, x0, *, steps: int = 50, predic
     diffusion.check_prediction_type(prediction_type)
     _check_array("x0", x0)
     grid = make_grid(DDIM, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                     final_alpha_one=final_alpha_one)
+                     set_alpha_to_one=set_alpha_to_one)
     # reversed walk: source point = grid[i + 1], target point = grid[i], i = n-1 .. 0
     rev = grids.Grid(t=grid.t[::-1], alpha=grid.alpha[::-1], sigma=grid.sigma[::-1])
     if prediction_type in ("epsilon", "score") and rev.alpha[-1] == 0:

@@ -44,12 +44,13 @@ def ddim_coefficients(grid: Grid, eta: float = 0.0) -> dict[str, np.ndarray]:
     return {"A": np.zeros_like(a), "B": a1, "C": np.sqrt(np.clip(s1**2 - std**2, 0.0, None)), "D": std}
 
 
-def ddpm_coefficients(grid: Grid, variance: str = "fixed_small") -> dict[str, np.ndarray]:
-    """DDPM: posterior mean plus noise of the chosen variance; no noise from timestep 0 (as diffusers)."""
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose one of: fixed_small, fixed_large")
+def ddpm_coefficients(grid: Grid, variance_type: str = "fixed_small") -> dict[str, np.ndarray]:
+    """DDPM: posterior mean plus noise of the chosen variance (diffusers' `variance_type`); no noise from
+    timestep 0 (as diffusers)."""
+    if variance_type not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"unknown DDPM variance_type {variance_type!r}; choose one of: fixed_small, fixed_large")
     p = diffusion.posterior(grid.alpha[1:], grid.sigma[1:], grid.alpha[:-1], grid.sigma[:-1])
-    var = np.maximum(p.variance, 1e-20) if variance == "fixed_small" else p.step_variance
+    var = np.maximum(p.variance, 1e-20) if variance_type == "fixed_small" else p.step_variance
     std = np.sqrt(np.clip(var, 0.0, None)) * (grid.t > 0)
     return {"A": p.coef_xt, "B": p.coef_x0, "C": np.zeros_like(std), "D": std}
 
@@ -66,7 +67,7 @@ def lcm_coefficients(grid: Grid, timestep_scaling: float = 10.0, sigma_data: flo
 DDIM = Method("ddim", "DDIM (Song et al. 2021) with eta", "discrete", ddim_coefficients, linear_step,
               noises=lambda o: int(o["eta"] != 0), options={"eta": 0.0})
 DDPM = Method("ddpm", "DDPM ancestral sampling (Ho et al. 2020)", "discrete", ddpm_coefficients, linear_step,
-              noises=lambda o: 1, options={"variance": "fixed_small"})
+              noises=lambda o: 1, options={"variance_type": "fixed_small"})
 EULER = Method("euler", "Euler (Karras et al. 2022, Alg. 1)", "sigma", ddim_coefficients, linear_step,
                ve_start=True)
 EULER_ANCESTRAL = Method("euler_ancestral", "Euler ancestral (k-diffusion)", "sigma",

@@ -65,10 +65,10 @@ def spaced_timesteps(spacing: str, steps: int, num_train: int, offset: int = 0, 
     return t
 
 
-def discrete_grid(schedule: Schedule, steps: int, spacing: str, offset: int, final_alpha_one: bool) -> Grid:
+def discrete_grid(schedule: Schedule, steps: int, spacing: str, offset: int, set_alpha_to_one: bool) -> Grid:
     """Integer timesteps; the end point is alpha=1 (or the table's first entry, SD's `set_alpha_to_one=False`)."""
     t = spaced_timesteps(spacing, steps, schedule.num_train_timesteps, offset).astype(np.int64)
-    a_end, s_end = (1.0, 0.0) if final_alpha_one else (schedule.alpha[0], schedule.sigma[0])
+    a_end, s_end = (1.0, 0.0) if set_alpha_to_one else (schedule.alpha[0], schedule.sigma[0])
     alpha = np.append(np.asarray(schedule.alpha, np.float64)[t], a_end)
     sigma = np.append(np.asarray(schedule.sigma, np.float64)[t], s_end)
     return Grid(t.astype(np.float64), alpha, sigma)
