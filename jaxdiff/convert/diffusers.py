@@ -3,6 +3,7 @@
     unet, params = from_diffusers("sd/unet")            # UNet2DConditionModel -> UNet2DCondition
     video, params = from_diffusers("t2v/unet")          # UNet3DConditionModel -> TemporalUNet
     vae, params = from_diffusers("sd/vae")              # AutoencoderKL -> AutoencoderKL
+    mmdit, params = from_diffusers("sd3/transformer")   # SD3Transformer2DModel -> SD3Transformer2D
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
     pipe = load_pipeline("sd")                          # a whole StableDiffusionPipeline folder
 
@@ -21,10 +22,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
     save_state_dict
 from jaxdiff.convert.transformers import from_transformers
+from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D, position_table
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -47,6 +50,7 @@ _MODELS = {
     "UNet2DConditionModel": (UNetConfig, UNet2DCondition),
     "AutoencoderKL": (AutoencoderKLConfig, AutoencoderKL),
     "UNet3DConditionModel": (TemporalUNetConfig, TemporalUNet),
+    "SD3Transformer2DModel": (SD3Config, SD3Transformer2D),
 }
 
 
@@ -70,11 +74,33 @@ def param_template(module: nn.Module):
         args = (jnp.zeros((1, 2, size, size, c.latent_channels)), jnp.zeros((1,)),
                 jnp.zeros((1, 1, c.cross_attention_dim)))
         kwargs = {}
+    elif isinstance(module, SD3Transformer2D):
+        args, kwargs = module.example_inputs()
     else:
         raise TypeError(f"no diffusers conversion for {type(module).__name__}; "
                         f"supported: {', '.join(m.__name__ for _, m in _MODELS.values())}")
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
     return nn.meta.unbox(variables["params"])
+
+
+def fixed_buffers(module: nn.Module) -> dict:
+    """Tensors a diffusers checkpoint stores but jaxdiff computes (SD3's sin-cos position table), by torch key."""
+    if isinstance(module, SD3Transformer2D) and module.config.pos_embed_max_size is not None:
+        return {"pos_embed.pos_embed": position_table(module.config)}
+    return {}
+
+
+def _check_fixed_buffers(module: nn.Module, state_dict: dict) -> dict:
+    """Drops the fixed buffers from a loaded state dict after checking they hold what jaxdiff computes."""
+    state_dict = dict(state_dict)
+    for key, want in fixed_buffers(module).items():
+        got = state_dict.pop(key, None)
+        if got is None or got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-6):
+            found = "missing" if got is None else f"shape {got.shape}" if got.shape != want.shape else \
+                f"max |difference| {np.abs(got - want).max():.2e}"
+            raise CheckpointError(f"tensor {key!r} is not the fixed table jaxdiff computes for this config "
+                                  f"(shape {want.shape}): {found}")
+    return state_dict
 
 
 def module_from_config(config: dict, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> nn.Module:
@@ -95,7 +121,7 @@ def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
     """
     module = module_from_config(read_config(path), dtype, param_dtype)
     weights = os.path.join(path, WEIGHTS_NAME)
-    state_dict = load_state_dict(weights if os.path.isfile(weights) else path)
+    state_dict = _check_fixed_buffers(module, load_state_dict(weights if os.path.isfile(weights) else path))
     template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), param_template(module))
     params = import_params(state_dict, template, torch_key_of)
     return module, jax.tree.map(jnp.asarray, params)
@@ -114,6 +140,7 @@ def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = Fa
         raise ValueError(f"jaxdiff_fields=True is for a U-Net's config; {type(module).__name__} has none")
     state_dict = export_params(nn.meta.unbox(params), torch_key_of)
     import_params(state_dict, param_template(module), torch_key_of)  # fails naming any wrong key or shape
+    state_dict.update(fixed_buffers(module))
     # safetensors' numpy writer has no bfloat16: store those as float32 (torch casts on load).
     state_dict = {k: v.astype("float32") if v.dtype == jnp.bfloat16 else v for k, v in state_dict.items()}
     config = module.config.to_diffusers_config(jaxdiff_fields=True) if jaxdiff_fields else \

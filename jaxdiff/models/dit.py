@@ -19,10 +19,9 @@ from typing import Any
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff.models.layers import TimestepEmbedding, TransformerBlock, constrain_tokens, dense, layer_norm, \
-    timestep_embedding
+    sincos_position_embedding_2d, timestep_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +58,6 @@ def patchify(x, p: int):
 def unpatchify(tokens, p: int, height: int, width: int):
     """Inverse of `patchify`: [B, (H/p)*(W/p), p*p*C] -> [B, H, W, C]."""
     return einops.rearrange(tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=height // p, w=width // p, p=p, q=p)
-
-
-def sincos_position_embedding_2d(dim: int, rows: int, cols: int) -> np.ndarray:
-    """Fixed 2-D sin-cos embedding [rows*cols, dim] (float64 table): the first half encodes the
-    column index, the second the row index, each as [sin | cos] at frequencies 10000^(-k/(dim/4))."""
-    freqs = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-    def embed(pos):
-        angles = pos.reshape(-1)[:, None] * freqs[None, :]
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    row, col = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64), indexing="ij")
-    return np.concatenate([embed(col), embed(row)], axis=1)
 
 
 class FinalLayer(nn.Module):
