@@ -198,7 +198,7 @@ def run_edits(p, args, pipe, prompt: str, common: dict) -> np.ndarray:
         out = editing.outpaint(pipe, [prompt], image, args.margins, **common)
     elif args.edit:
         common.pop("method", None)
-        out = editing.edit(pipe, image, [prompt], [args.edit], **common)
+        out = editing.edit(pipe, [prompt], image, [args.edit], **common)
     else:
         out = editing.img2img(pipe, [prompt], image, strength=args.strength, **common)
     return np.asarray(out)[0]

@@ -83,16 +83,38 @@ def test_nine_channel_unet_sees_the_masked_image(pipe):
 
 
 def test_edit_is_inversion_then_ddim(pipe):
-    x_t = editing.invert(pipe, IMG, ["a red circle"] * 2, steps=6)
+    x_t = editing.invert(pipe, ["a red circle"] * 2, IMG, steps=6)
     ctx = pipe.encode_text(pipe.text_params, pipe.tokenize(["a red circle"] * 2))
     fn = lambda x, t: pipe.unet.apply({"params": pipe.unet_params}, x, t, ctx)
     kw = {k: pipe.sampler_defaults[k] for k in ("prediction_type", "timestep_spacing", "steps_offset",
                                                   "set_alpha_to_one")}
     ref = jd.samplers.ddim_invert(fn, pipe.schedule, pipe.encode_image(pipe.vae_params, jnp.asarray(IMG)), steps=6, **kw)
     np.testing.assert_allclose(x_t, ref, rtol=1e-4, atol=1e-5)
-    edited = editing.edit(pipe, IMG, ["a red circle"] * 2, ["a blue circle"] * 2, steps=6, guidance_scale=2.0)
+    edited = editing.edit(pipe, ["a red circle"] * 2, IMG, ["a blue circle"] * 2, steps=6,
+                          guidance_scale=2.0)
     direct = pipe.generate(["a blue circle"] * 2, noise=x_t, steps=6, guidance_scale=2.0, method="ddim")["images"]
     np.testing.assert_allclose(edited, direct, atol=1e-5)
+    # the inversion program is compiled once, in the pipeline's own program cache
+    [inversion] = [p for k, p in pipe.runner.programs.items() if k[0] == "invert"]
+    np.testing.assert_array_equal(editing.invert(pipe, ["a blue circle"] * 2, IMG, steps=6),
+                                  editing.invert(pipe, ["a blue circle"] * 2, IMG, steps=6))
+    assert inversion._cache_size() == 1
+
+
+def test_editing_needs_a_text_to_image_pipeline(pipe):
+    """A TextToVideo is not a TextToImage: every editing function says so in one line."""
+    from scripts.sharded_generate import video_pipe
+
+    video = video_pipe(jd.convert.load_pipeline(MODEL))
+    assert not isinstance(video, jd.pipelines.TextToImage)
+    calls = {"img2img": lambda: editing.img2img(video, ["a"], IMG[:1]),
+             "inpaint": lambda: editing.inpaint(video, ["a"], IMG[:1], MASK[:1]),
+             "outpaint": lambda: editing.outpaint(video, ["a"], IMG[:1], (4, 0, 0, 0)),
+             "invert": lambda: editing.invert(video, ["a"], IMG[:1]),
+             "edit": lambda: editing.edit(video, ["a"], IMG[:1], ["b"])}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"^{name} edits images with a TextToImage pipeline, got a TextToVideo$"):
+            call()
 
 
 def test_bad_images_and_masks(pipe):

@@ -35,10 +35,10 @@ def test_matches_diffusers_pipeline(pipe, case):
 
 
 def test_prompt_and_scale_change_without_recompiling(pipe):
-    before = set(pipe._compiled)
+    before = set(pipe.runner.programs)
     a = pipe(["a red circle", "a blue square"], steps=3, guidance_scale=3.0, seed=1)
     b = pipe(["two green triangles", "a blue square"], steps=3, guidance_scale=9.0, seed=2)
-    new = [pipe._compiled[k] for k in set(pipe._compiled) - before]
+    new = [pipe.runner.programs[k] for k in set(pipe.runner.programs) - before]
     assert len(new) == 1 and new[0]._cache_size() == 1
     assert a.shape == (2, 16, 16, 3) and not np.allclose(a, b)
 
@@ -83,6 +83,6 @@ def test_progress_bar_counts_every_step(pipe, monkeypatch):
             self.closed = True
 
     bar = Bar()
-    monkeypatch.setattr("jaxdiff.pipelines.text_to_image._progress_bar", lambda steps: bar)
+    monkeypatch.setattr("jaxdiff.pipelines.runner.progress_bar", lambda steps: bar)
     pipe(["a red circle"], steps=3, progress=True)
     assert bar.n == 3 and bar.closed

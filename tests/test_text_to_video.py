@@ -48,7 +48,7 @@ def test_matches_diffusers_pipeline_and_does_not_recompile(sd):
     # New prompts, seed and guidance scale run the same compiled program.
     other = pipe(["two green triangles", "a red circle"], num_frames=4, steps=case["steps"], guidance_scale=2.0,
                  seed=3)
-    programs = [p for k, p in pipe._compiled.items() if k[0] == "video"]
+    programs = list(pipe.runner.programs.values())
     assert len(programs) == 1 and programs[0]._cache_size() == 1
     assert not np.allclose(other, videos)
 

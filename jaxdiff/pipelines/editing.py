@@ -1,19 +1,25 @@
 """Editing real images with a text-to-image model: img2img, inpainting, outpainting, inversion editing.
 
+Every function takes (pipe, prompts, images, ...): the prompts that describe the result (for
+`invert` and `edit`, the captions of the images as they are; `edit` then takes the target captions).
 Images are float [0, 1] (or uint8) NHWC with 3 channels; masks are [B, H, W] or [B, H, W, 1]
-with 1 = repaint, 0 = keep. Every function runs through `TextToImage.generate`, one jitted
-program per static setup.
+with 1 = repaint, 0 = keep. `pipe` must be a `TextToImage`; every function runs through its
+`generate` (`invert` through its runner's program cache), one jitted program per static setup.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import samplers
 from jaxdiff.pipelines.text_to_image import TextToImage
+
+
+def _check_pipe(pipe, what: str) -> None:
+    if not isinstance(pipe, TextToImage):
+        raise TypeError(f"{what} edits images with a TextToImage pipeline, got a {type(pipe).__name__}")
 
 
 def as_images(images, name: str = "images") -> jnp.ndarray:
@@ -52,6 +58,7 @@ def latent_mask(masks, factor: int):
 def img2img(pipe: TextToImage, prompts, images, strength: float = 0.6, **kwargs):
     """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the way, then denoise
     under the prompt. strength 0 returns the input (through the VAE); 1 ignores it."""
+    _check_pipe(pipe, "img2img")
     images = as_images(images)
     init = pipe.encode_image(pipe.vae_params, images)
     return pipe.generate(prompts, height=images.shape[1], width=images.shape[2], init_latents=init,
@@ -65,6 +72,7 @@ def inpaint(pipe: TextToImage, prompts, images, masks, *, paste_back: bool = Fal
     Outside the mask the result is the input through the VAE; with paste_back=True, outside the
     (pixel) mask the input pixels are returned exactly.
     """
+    _check_pipe(pipe, "inpaint")
     images = as_images(images)
     masks = as_masks(masks, images)
     f, m = pipe.vae_scale_factor, pipe.size_multiple
@@ -84,6 +92,7 @@ def outpaint(pipe: TextToImage, prompts, images, margins: Sequence[int], *, fill
 
     The original sits unchanged (paste_back) in the middle of the returned [B, H+t+b, W+l+r, 3] images.
     """
+    _check_pipe(pipe, "outpaint")
     images = as_images(images)
     if len(margins) != 4 or any(int(m) < 0 for m in margins) or not any(margins):
         raise ValueError(f"margins must be 4 non-negative pixel counts (top, right, bottom, left), not all 0; "
@@ -96,8 +105,10 @@ def outpaint(pipe: TextToImage, prompts, images, margins: Sequence[int], *, fill
     return inpaint(pipe, prompts, canvas, masks, paste_back=True, **kwargs)
 
 
-def invert(pipe: TextToImage, images, prompts, *, steps: int = 50, guidance_scale: float = 1.0, **sampler_kwargs):
-    """DDIM inversion of real images under their captions: the latent noise that regenerates them."""
+def invert(pipe: TextToImage, prompts, images, *, steps: int = 50, guidance_scale: float = 1.0, **sampler_kwargs):
+    """DDIM inversion of real images under their captions (`samplers.ddim_invert` in latent space): the
+    latent noise [B, h, w, C] that regenerates them."""
+    _check_pipe(pipe, "invert")
     images = as_images(images)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != images.shape[0]:
@@ -105,26 +116,24 @@ def invert(pipe: TextToImage, images, prompts, *, steps: int = 50, guidance_scal
     defaults = {k: v for k, v in pipe.sampler_defaults.items()
                 if k in ("prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one")}
     options = {**defaults, **sampler_kwargs}
-    key = ("invert", steps, tuple(sorted(options.items())), id(pipe.schedule))
-    if key not in pipe._compiled:
-        schedule = pipe.schedule
+    schedule = pipe.schedule
 
-        def run(params, ids, uncond_ids, images, scale):
-            unet_params, vae_params, text_params = params
-            model_fn = pipe.guided_model(unet_params, text_params, ids, uncond_ids, scale)
-            return samplers.ddim_invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
+    def run(params, ids, uncond_ids, images, scale):
+        unet_params, vae_params, text_params = params
+        model_fn = pipe.guided_model(unet_params, text_params, ids, uncond_ids, scale)
+        return samplers.ddim_invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
 
-        pipe._compiled[key] = jax.jit(run)
-    params = (pipe.unet_params, pipe.vae_params, pipe.text_params)
-    return pipe._compiled[key](params, pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), images,
-                               jnp.float32(guidance_scale))
+    program = pipe.runner.program(("invert", steps, tuple(sorted(options.items())), id(schedule)), lambda: run)
+    return program(pipe.params, pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), images,
+                   jnp.float32(guidance_scale))
 
 
-def edit(pipe: TextToImage, images, source_prompts, target_prompts, *, steps: int = 50,
+def edit(pipe: TextToImage, source_prompts, images, target_prompts, *, steps: int = 50,
          inversion_guidance: float = 1.0, guidance_scale: float = 3.0, **kwargs):
-    """Inversion editing: DDIM-invert the images under `source_prompts`, then regenerate from that
-    noise with DDIM under `target_prompts` ("a red circle" -> "a blue circle"), keeping the rest."""
-    x_t = invert(pipe, images, source_prompts, steps=steps, guidance_scale=inversion_guidance)
+    """Inversion editing: DDIM-invert the images under `source_prompts` (their captions), then regenerate
+    from that noise with DDIM under `target_prompts` ("a red circle" -> "a blue circle"), keeping the rest."""
+    _check_pipe(pipe, "edit")
+    x_t = invert(pipe, source_prompts, images, steps=steps, guidance_scale=inversion_guidance)
     images = as_images(images)
     return pipe.generate(target_prompts, height=images.shape[1], width=images.shape[2], noise=x_t, steps=steps,
                          guidance_scale=guidance_scale, method="ddim", **kwargs)["images"]

@@ -16,9 +16,9 @@ mean, scaled) into the first frame's latent z0. Two mechanisms, both on by defau
   on frame 0), so the first frame of the video is the image up to the VAE round trip, by
   construction, for any video U-Net.
 
-Each request runs one jitted program per static setup (steps, sampler, image or not) and shape:
-prompt ids, seed, guidance scale and rescale and the image are traced, so changing them never
-recompiles.
+Each request runs one jitted program per static setup (steps, sampler, image or not) and shape,
+cached by the pipeline's `runner`: prompt ids, seed, guidance scale and rescale and the image are
+traced, so changing them never recompiles.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion, samplers
-from jaxdiff.convert.scheduler import schedule_from_config
-from jaxdiff.pipelines.text_to_image import TextToImage, _progress_bar, _shard_over_data, prompt_lists
+from jaxdiff.pipelines.latent import LatentDiffusion
+from jaxdiff.pipelines.runner import prompt_lists, sampler_options
 
 
 DEFAULT_FRAMES = 8  # for a video model folder whose training.json does not say how many frames it learnt
@@ -71,9 +71,9 @@ def default_frames(path: str) -> int:
 
 
 @dataclasses.dataclass
-class TextToVideo(TextToImage):
-    """A latent text-to-video model (TemporalUNet + image VAE + CLIP), sharing TextToImage's text and
-    VAE pieces (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length;
+class TextToVideo(LatentDiffusion):
+    """A latent text-to-video model (TemporalUNet + image VAE + CLIP), with the text and VAE pieces
+    of `LatentDiffusion` (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length;
     `frame_noise_correlation` the default share of the noise's variance common to all frames (the
     initial latents' and the stochastic samplers' step noise: `jaxdiff.diffusion.frame_correlated_noise`),
     which should be what the U-Net trained with."""
@@ -86,17 +86,14 @@ class TextToVideo(TextToImage):
         """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel). The default video
         length is `num_frames`, else `default_frames(path)`; the frame noise correlation the one the
         folder's training.json records (0 without one)."""
-        from jaxdiff.convert import load_pipeline
         from jaxdiff.models.temporal_unet import TemporalUNet
 
-        sd = load_pipeline(path, unet_type=TemporalUNet)
-        schedule, defaults = schedule_from_config(sd.scheduler_config)
-        return cls(sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                   schedule, {"method": "ddim", **defaults}, num_frames=num_frames or default_frames(path),
+        return cls(*cls._components(path, unet_type=TemporalUNet), num_frames=num_frames or default_frames(path),
                    frame_noise_correlation=trained_noise_correlation(path))
 
     @property
     def latent_channels(self) -> int:
+        """The video U-Net's latent channels (its in_channels also count the conditioning frame's)."""
         return self.unet.config.latent_channels
 
     def decode_video(self, vae_params, latents):
@@ -111,18 +108,14 @@ class TextToVideo(TextToImage):
         b, h, w, c = self.latent_shape(batch, height, width)
         return (b, frames, h, w, c)
 
-    def _video_program(self, steps: int, sampler: tuple, image: bool, keep_first_frame: bool, correlation: float,
-                       progress: bool):
-        key = ("video", steps, sampler, image, keep_first_frame, correlation, progress, id(self.schedule))
-        if key in self._compiled:
-            return self._compiled[key]
-        kwargs, schedule = dict(sampler), self.schedule
+    def _build(self, steps: int, sampler: tuple, image: bool, keep_first_frame: bool, correlation: float,
+               progress: bool):
+        """The whole generation as one function of traced inputs, for `runner.program`."""
+        kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
         kwargs["noise_fn"] = functools.partial(diffusion.frame_correlated_noise, correlation=correlation, axis=2)
-        if progress:
-            kwargs["callback"] = self._on_step
         conditioned = bool(self.unet.config.conditioning_frame_channels)
 
-        def generate(params, ids, uncond_ids, noise, rng, scale, rescale, init_image):
+        def generate(params, ids, uncond_ids, noise, init_image, rng, scale, rescale):
             unet_params, vae_params, text_params = params
             first = self.encode_image(vae_params, init_image) if image else None   # [B, h, w, C]
             extra = {"cond_frames": first} if conditioned and image else {}
@@ -135,8 +128,7 @@ class TextToVideo(TextToImage):
             latents = samplers.sample(model_fn, schedule, noise, key=rng, steps=steps, **kwargs, **blend)
             return self.decode_video(vae_params, latents), latents
 
-        self._compiled[key] = jax.jit(generate)
-        return self._compiled[key]
+        return generate
 
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
                  num_frames: int | None = None, steps: int = 25, guidance_scale: float = 7.5,
@@ -170,24 +162,13 @@ class TextToVideo(TextToImage):
         correlation = float(correlation)
         if noise is None:
             noise = diffusion.frame_correlated_noise(jax.random.key(seed), shape, correlation)
-        sampler = tuple(sorted({**self.sampler_defaults, **sampler_kwargs}.items()))
-        program = self._video_program(steps, sampler, init_image is not None, keep_first_frame, correlation,
-                                      progress)
-        params = (self.unet_params, self.vae_params, self.text_params)
-        batch_args = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image]
-        if mesh is not None:
-            params, batch_args = _shard_over_data(mesh, params, batch_args)
-        ids, uncond_ids, noise, init_image = batch_args
-        bar = _progress_bar(steps) if progress else None
-        self._progress = bar
-        try:
-            videos, latents = program(params, ids, uncond_ids, noise, jax.random.key(seed + 1),
-                                      jnp.float32(guidance_scale), jnp.float32(guidance_rescale), init_image)
-            videos = jax.block_until_ready(videos)
-        finally:
-            self._progress = None
-            if bar is not None:
-                bar.close()
+        sampler = sampler_options(self.sampler_defaults, sampler_kwargs)
+        setup = (steps, sampler, init_image is not None, keep_first_frame, correlation, progress)
+        program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
+        batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image]
+        videos, latents = self.runner.run(program, self.params, batch, jax.random.key(seed + 1),
+                                          jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
+                                          steps=steps, progress=progress, mesh=mesh)
         return {"videos": videos, "latents": latents}
 
     def __call__(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
