@@ -1,5 +1,6 @@
 """ShapesEval: the analyser agrees with the renderer, is near chance on shuffled pairs,
-tolerates imperfect images, tracks motion, and its command prints a per-family table."""
+tolerates imperfect images, tracks motion, and its command (`jaxdiff.pipelines.shapes_eval`) prints a
+per-family table."""
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 import jaxdiff.data  # noqa: F401  registers the builders
 from jaxdiff.data import eval as ev
 from jaxdiff.data import render
+from jaxdiff.pipelines import shapes_eval
 from tfds_fixtures import prepare_tfds
 
 PER_FAMILY = 40
@@ -142,10 +144,10 @@ def test_heldout_video_prompts_are_the_test_split_captions_of_that_many_frames(d
     assert sorted(ev.heldout_video_prompts(40, num_frames=16)) == captions
     assert sorted(ev.heldout_video_prompts(40, num_frames=4)) != captions   # speeds and placements depend on T
     prompts = tmp_path / "videos.txt"
-    assert ev.main(["--write_prompts", str(prompts), "--videos", "--frames", "4", "--per_family", "5"]) == 0
+    assert shapes_eval.main(["--write_prompts", str(prompts), "--videos", "--frames", "4", "--per_family", "5"]) == 0
     assert prompts.read_text().splitlines() == ev.heldout_video_prompts(5, num_frames=4)
     with pytest.raises(SystemExit):
-        ev.main(["--write_prompts", str(prompts), "--frames", "4"])
+        shapes_eval.main(["--write_prompts", str(prompts), "--frames", "4"])
     assert "--frames goes with --videos" in capsys.readouterr().err
 
 
@@ -193,14 +195,14 @@ def test_command_on_a_folder(tmp_path, capsys):
         else:
             Image.fromarray(render.render(scenes[(i + 2) % 8].objects)).save(path)  # a wrong image
             (tmp_path / f"{i:04d}.txt").write_text(s.caption)
-    assert ev.main(["--images", str(tmp_path)]) == 0
+    assert shapes_eval.main(["--images", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| family | n | accuracy |" in out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["count"] == {"single": 2, "relation": 2, "counting": 2, "attribution": 2}
     assert result["overall"] == pytest.approx(0.5)
     prompts = tmp_path / "prompts.txt"
-    assert ev.main(["--write_prompts", str(prompts), "--per_family", "3"]) == 0
+    assert shapes_eval.main(["--write_prompts", str(prompts), "--per_family", "3"]) == 0
     assert prompts.read_text().splitlines() == ev.heldout_prompts(3)
     # Videos as .npy with a prompts.txt, one line per file in sorted order.
     videos = tmp_path / "videos"
@@ -209,21 +211,30 @@ def test_command_on_a_folder(tmp_path, capsys):
     for i, clip in enumerate(clips):
         np.save(videos / f"{i}.npy", render.render_video(clip.objects, 8, 64))
     (videos / "prompts.txt").write_text("\n".join(c.caption for c in clips) + "\n")
-    assert ev.main(["--images", str(videos)]) == 0
+    assert shapes_eval.main(["--images", str(videos)]) == 0
     out = capsys.readouterr().out
     assert "| constant colour and shape (videos) | 2 | 1.000 |" in out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["motion"] == 1.0 and result["constant"] == 1.0
     with pytest.raises(SystemExit):
-        ev.main(["--images", str(tmp_path / "missing")])
+        shapes_eval.main(["--images", str(tmp_path / "missing")])
     assert "no folder" in capsys.readouterr().err
+
+
+def test_the_analyser_does_not_depend_on_the_pipelines():
+    """Layering: jaxdiff.data.eval imports no pipeline (the command that generates lives in jaxdiff.pipelines)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxdiff.data.eval; "
+            "print(sorted(m for m in sys.modules if m.startswith(('jaxdiff.pipelines', 'jaxdiff.models'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_cli_evaluates_a_model_folder(capsys):
     """--model generates the held-out prompts with the model and scores them (a random tiny model: ~0)."""
     import os
-
-    from jaxdiff.data import eval as shapes_eval
 
     model = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_sd")
     assert shapes_eval.main(["--model", model, "--per_family", "1", "--steps", "2"]) == 0
@@ -240,12 +251,12 @@ def test_guidance_rescale_reaches_the_pipeline(capsys):
 
     model = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_sd")
     prompts = ["a red circle"]
-    images = ev.model_generator(model, steps=2, guidance_rescale=0.7)(prompts)
+    images = shapes_eval.model_generator(model, steps=2, guidance_rescale=0.7)(prompts)
     pipe = TextToImage.from_pretrained(model)
     direct = pipe(prompts, steps=2, guidance_scale=7.5, guidance_rescale=0.7, seed=0, method="dpmpp_2m")
     np.testing.assert_array_equal(np.asarray(images), np.asarray(direct))
     plain = pipe(prompts, steps=2, guidance_scale=7.5, seed=0, method="dpmpp_2m")
     assert np.abs(np.asarray(plain) - np.asarray(direct)).max() > 1e-4
     with pytest.raises(SystemExit):
-        ev.main(["--model", model, "--guidance_rescale", "1.5"])
+        shapes_eval.main(["--model", model, "--guidance_rescale", "1.5"])
     assert "--guidance_rescale=1.5: must be in [0, 1]" in capsys.readouterr().err

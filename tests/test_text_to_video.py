@@ -103,6 +103,7 @@ def test_bad_requests(sd):
 
 
 def test_gif_round_trip_keeps_every_frame(tmp_path):
+    assert jd.video_io.write_video is write_video      # reachable from the package, as jd.video_io
     frames = np.zeros((5, 9, 12, 3), np.uint8)
     for t in range(5):
         frames[t, 2:6, 2 * t:2 * t + 4] = (255, 40, 0)

@@ -4,7 +4,7 @@ Importing this package registers the tfds builders `shapes` and `moving_shapes`.
 
     python -m jaxdiff.data.prepare shapes --data_dir DIR      # generate (no download)
     DataConfig(name="shapes", data_dir=DIR) -> make_iterator -> global_batches
-    python -m jaxdiff.data.eval --images FOLDER               # prompt adherence
+    python -m jaxdiff.pipelines.shapes_eval --images FOLDER   # prompt adherence (jaxdiff.data.eval)
 """
 from jaxdiff.data import render
 from jaxdiff.data.eval import evaluate, evaluate_model, heldout_prompts, parse_prompt, score, score_video

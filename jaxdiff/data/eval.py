@@ -26,18 +26,18 @@ each family of the default `shapes` test split (seed 0, split id 2; see
 The held-out video prompts are the first `per_family` captions of the `moving_shapes` test
 split of clips of the generated length (`heldout_video_prompts`; the frame count changes them).
 
-    python -m jaxdiff.data.eval --write_prompts prompts.txt      # the held-out prompts
-    python -m sample --prompts-file prompts.txt --out DIR ...    # any generator
-    python -m jaxdiff.data.eval --images DIR                     # per-family table
-    python -m jaxdiff.data.eval --model FOLDER                   # generate (TextToImage) and score
-    python -m jaxdiff.data.eval --model FOLDER --videos          # TextToVideo, motion family; --frames T
+This module is the analysis only (data never depends on the pipelines); the command line, and
+generating with a model folder, live in `jaxdiff.pipelines.shapes_eval`:
+
+    python -m jaxdiff.pipelines.shapes_eval --write_prompts prompts.txt   # the held-out prompts
+    python -m sample --prompts-file prompts.txt --out DIR ...             # any generator
+    python -m jaxdiff.pipelines.shapes_eval --images DIR                  # per-family table
+    python -m jaxdiff.pipelines.shapes_eval --model FOLDER                # generate (TextToImage) and score
+    python -m jaxdiff.pipelines.shapes_eval --model FOLDER --videos       # TextToVideo, motion family; --frames T
 """
-import argparse
 import dataclasses
-import json
 import os
 import re
-import sys
 
 import numpy as np
 from scipy import ndimage
@@ -350,21 +350,6 @@ def evaluate_model(generate, per_family: int = 100, batch_size: int = 16, seed: 
     return evaluate(prompts, images)
 
 
-def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
-                    num_frames: int | None = None, guidance_rescale: float = 0.0):
-    """generate(prompts) for `evaluate_model` from a model folder: DPM-Solver++ (2M) with CFG (the issue's
-    protocol). Images with TextToImage; with `num_frames`, videos of that many frames with TextToVideo."""
-    from jaxdiff.pipelines import TextToImage, TextToVideo
-
-    kwargs = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                  method="dpmpp_2m")
-    if num_frames is None:
-        pipe = TextToImage.from_pretrained(path)
-    else:
-        pipe = TextToVideo.from_pretrained(path, num_frames=num_frames)
-    return lambda prompts: pipe(prompts, **kwargs)
-
-
 def to_uint8(image) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype == np.uint8:
@@ -372,7 +357,7 @@ def to_uint8(image) -> np.ndarray:
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
 
-# ---------------------------------------------------------------- folders and the CLI
+# ---------------------------------------------------------------- folders and tables
 
 _MEDIA = (".png", ".jpg", ".jpeg", ".gif", ".npy")
 
@@ -430,60 +415,3 @@ def format_table(result: dict) -> str:
     if "constant" in result:
         rows.append(f"| constant colour and shape (videos) | {result['count']['motion']} | {result['constant']:.3f} |")
     return "\n".join(rows)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxdiff.data.eval", description=__doc__.split("\n\n")[0])
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--images", help="folder of PNGs (or GIF/.npy videos) and their prompts")
-    g.add_argument("--write_prompts", help="write the held-out prompt set to this file and exit")
-    g.add_argument("--model", help="a text-to-image (or with --videos text-to-video) model folder: generate the "
-                                   "held-out prompts and score them")
-    p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family (videos: one family)")
-    p.add_argument("--steps", type=int, default=25, help="with --model: DPM-Solver++ steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="with --model: classifier-free guidance scale")
-    p.add_argument("--guidance_rescale", type=float, default=0.0,
-                   help="with --model: guidance rescale (Lin et al. 2024), in [0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed")
-    p.add_argument("--videos", action="store_true",
-                   help="with --write_prompts: video prompts; with --model: a text-to-video model, scored on them")
-    p.add_argument("--frames", type=int, default=None,
-                   help="video frames (the prompts depend on it); default: with --model the frames the model "
-                        "trained on (its training.json); with --write_prompts 16")
-    args = p.parse_args(argv)
-    if args.frames is not None and not args.videos:
-        p.error("--frames goes with --videos")
-    if args.per_family < 1 or args.steps < 1 or (args.frames is not None and args.frames < 1):
-        p.error("--per_family, --steps and --frames must be >= 1")
-    if not 0 <= args.guidance_rescale <= 1:
-        p.error(f"--guidance_rescale={args.guidance_rescale}: must be in [0, 1]")
-    if args.write_prompts:
-        prompts = (heldout_video_prompts(args.per_family, args.frames or 16) if args.videos
-                   else heldout_prompts(args.per_family))
-        with open(args.write_prompts, "w") as f:
-            f.write("\n".join(prompts) + "\n")
-        print(f"wrote {len(prompts)} prompts to {args.write_prompts}")
-        return 0
-    try:
-        if args.model:
-            frames = None
-            if args.videos:
-                from jaxdiff.pipelines.text_to_video import default_frames
-
-                frames = args.frames or default_frames(args.model)
-            generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames,
-                                       guidance_rescale=args.guidance_rescale)
-            result = evaluate_model(generate, args.per_family, num_frames=frames)
-        else:
-            pairs = folder_prompts(args.images)
-            media = [load_media(os.path.join(args.images, f)) for f, _ in pairs]
-            result = evaluate([q for _, q in pairs], media)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    print(format_table(result))
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

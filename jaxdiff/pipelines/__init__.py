@@ -1,6 +1,7 @@
-"""Pipelines: text-to-image, and editing real images with it (img2img, inpainting, outpainting,
-inversion editing). `SHAPES_MODEL` is the folder of the shipped text-to-image model, trained here
-on the built-in `shapes` dataset (see the README for how)."""
+"""Pipelines: text-to-image, editing real images with it (img2img, inpainting, outpainting,
+inversion editing; each `fn(pipe, prompts, images, ...)`), and text-to-video. `SHAPES_MODEL` is the
+folder of the shipped text-to-image model, trained here on the built-in `shapes` dataset (see the
+README for how); `python -m jaxdiff.pipelines.shapes_eval` scores a model folder on ShapesEval."""
 import os
 
 from jaxdiff.pipelines.editing import edit, img2img, inpaint, invert, outpaint

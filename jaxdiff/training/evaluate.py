@@ -110,7 +110,8 @@ def evaluate_run(workdir: str, step: int | None = None, examples: int = 1000) ->
     task = recipes.build(config, data_spec(config.data))
     if task.evaluate is None:
         raise ValueError(f"recipe {config.recipe!r} on data {config.data.get('source')!r} has no held-out "
-                         f"evaluation here (text-to-image models: export, then python -m jaxdiff.data.eval --model)")
+                         f"evaluation here (text-to-image models: export, then "
+                         f"python -m jaxdiff.pipelines.shapes_eval --model)")
     import flax.linen as nn
 
     frozen = None if task.frozen is None else nn.meta.unbox(task.frozen)
