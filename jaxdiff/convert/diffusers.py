@@ -4,6 +4,7 @@
     video, params = from_diffusers("t2v/unet")          # UNet3DConditionModel -> TemporalUNet
     vae, params = from_diffusers("sd/vae")              # AutoencoderKL -> AutoencoderKL
     mmdit, params = from_diffusers("sd3/transformer")   # SD3Transformer2DModel -> SD3Transformer2D
+    flux, params = from_diffusers("flux/transformer")   # FluxTransformer2DModel -> FluxTransformer2D
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
     pipe = load_pipeline("sd")                          # a whole StableDiffusionPipeline folder
 
@@ -27,6 +28,7 @@ import numpy as np
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
     save_state_dict
 from jaxdiff.convert.transformers import from_transformers
+from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
 from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D, position_table
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
@@ -39,7 +41,7 @@ DIFFUSERS_FORMAT_VERSION = "0.35.0"
 
 # Submodule lists in diffusers (nn.ModuleList); Flax names their items `<list>_<i>`.
 _MODULE_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
-                 "upsamplers", "to_out", "net", "temp_convs", "temp_attentions",
+                 "upsamplers", "to_out", "net", "temp_convs", "temp_attentions", "single_transformer_blocks",
                  # TemporalConvLayer's nn.Sequential items (`conv1.0` GroupNorm, `conv1.2` Conv3d, ...)
                  "conv1", "conv2", "conv3", "conv4")
 _LIST_ITEM = re.compile(rf"^({'|'.join(_MODULE_LISTS)})_(\d+)$")
@@ -51,6 +53,7 @@ _MODELS = {
     "AutoencoderKL": (AutoencoderKLConfig, AutoencoderKL),
     "UNet3DConditionModel": (TemporalUNetConfig, TemporalUNet),
     "SD3Transformer2DModel": (SD3Config, SD3Transformer2D),
+    "FluxTransformer2DModel": (FluxConfig, FluxTransformer2D),
 }
 
 
@@ -74,7 +77,7 @@ def param_template(module: nn.Module):
         args = (jnp.zeros((1, 2, size, size, c.latent_channels)), jnp.zeros((1,)),
                 jnp.zeros((1, 1, c.cross_attention_dim)))
         kwargs = {}
-    elif isinstance(module, SD3Transformer2D):
+    elif isinstance(module, (SD3Transformer2D, FluxTransformer2D)):
         args, kwargs = module.example_inputs()
     else:
         raise TypeError(f"no diffusers conversion for {type(module).__name__}; "

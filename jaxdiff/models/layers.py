@@ -610,3 +610,26 @@ def sincos_position_embedding_2d(dim: int, rows, cols) -> np.ndarray:
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
     row, col = np.meshgrid(rows.astype(np.float64), cols.astype(np.float64), indexing="ij")
     return np.concatenate([embed(col), embed(row)], axis=1)
+
+
+def rotary_table(ids: np.ndarray, axes_dim: Sequence[int], theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-axis rotary position embedding (Su et al. 2021; Flux's 3-axis RoPE): axis a of each token's
+    position ids rotates its own `axes_dim[a]` channels at frequencies theta^(-2k / axes_dim[a]).
+
+    ids: [L, n_axes] positions. Returns (cos, sin), each [L, sum(axes_dim) / 2] float32, tables built in float64.
+    """
+    angles = [np.outer(np.asarray(ids[:, a], np.float64), 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+              for a, d in enumerate(axes_dim)]
+    angles = np.concatenate(angles, axis=1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rotary(x, rotary):
+    """Rotary position embedding (Su et al. 2021) on consecutive channel pairs (x0, x1) -> (x0 cos - x1 sin,
+    x1 cos + x0 sin). x: [B, L, H, D], rotary: (cos, sin) [L, D/2]."""
+    cos, sin = (r[None, :, None, :].astype(jnp.float32) for r in rotary)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.dit import patchify, unpatchify
-from jaxdiff.models.layers import AdaLayerNormZero, FeedForward, TimestepEmbedding, conv, \
+from jaxdiff.models.layers import AdaLayerNormZero, FeedForward, TimestepEmbedding, apply_rotary, conv, \
     constrain_tokens, dense, layer_norm, modulate, rms_norm, sincos_position_embedding_2d, timestep_embedding
 
 QK_NORMS = (None, "layer_norm", "rms_norm")
@@ -238,16 +238,6 @@ class JointAttention(nn.Module):
         return out, context_out
 
 
-def apply_rotary(x, rotary):
-    """Rotary position embedding (Su et al. 2021) on consecutive channel pairs (x0, x1) -> (x0 cos - x1 sin,
-    x1 cos + x0 sin). x: [B, L, H, D], rotary: (cos, sin) [L, D/2]."""
-    cos, sin = (r[None, :, None, :].astype(jnp.float32) for r in rotary)
-    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
-
-
 def ada_norm_continuous(x, cond, name: str, kw: dict):
     """LayerNorm modulated by (scale, shift), in that order, from silu(cond) (diffusers' AdaLayerNormContinuous,
     the output norm of MMDiT and Flux). Called inside a compact method: the layer is the caller's `name`."""
@@ -256,7 +246,8 @@ def ada_norm_continuous(x, cond, name: str, kw: dict):
 
 
 class JointTransformerBlock(nn.Module):
-    """One MMDiT block: adaLN-Zero-modulated joint attention and MLPs for the image and text streams.
+    """One MMDiT block: adaLN-Zero-modulated joint attention and MLPs for the image and text streams
+(also Flux's double-stream block, with RoPE).
 
     x: [B, N, D] image tokens, context: [B, L, D] text tokens, cond: [B, D] -> (x', context'), with
     context' None when `context_pre_only` (the last block: text enters its attention, nothing leaves).
@@ -273,7 +264,8 @@ class JointTransformerBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, cond):
+    def __call__(self, x, context, cond, rotary=None):
+        """rotary: optional RoPE (cos, sin) [N + L, head_dim / 2] for the joint sequence (image tokens first)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = lambda name, **a: JointAttention(self.heads, self.head_dim, self.qk_norm, name=name, **a, **kw)
         mlp = lambda name: FeedForward(self.dim, 4, "gelu_tanh", name=name, **kw)
@@ -289,7 +281,7 @@ class JointTransformerBlock(nn.Module):
             ch = modulate(ch, c_shift_msa, c_scale_msa)
 
         out, context_out = attention("attn", context_pre_only=self.context_pre_only)(
-            modulate(h, shift_msa, scale_msa), ch)
+            modulate(h, shift_msa, scale_msa), ch, rotary)
         x = x + gate_msa * out
         if self.dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mod[6:]
