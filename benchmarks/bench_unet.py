@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jaxdiff as jd  # noqa: E402
-from jaxdiff.convert.diffusers import param_template  # noqa: E402
+from jaxdiff.models.layers import param_shapes  # noqa: E402
 from jaxdiff.models import UNet2DCondition, UNetConfig  # noqa: E402
 from report import write_section  # noqa: E402
 
@@ -116,9 +116,9 @@ def main():
             unet, params = jd.convert.from_diffusers(tmp)
     else:  # same architecture, random weights (a real init's RNG takes a minute to compile on CPU)
         unet = UNet2DCondition(UNetConfig.from_diffusers_config(DIFFUSERS_CONFIG))
-        shapes = jax.tree.leaves(param_template(unet))
+        shapes = jax.tree.leaves(param_shapes(unet))
         keys = jax.random.split(jax.random.key(0), len(shapes))
-        params = jax.tree.unflatten(jax.tree.structure(param_template(unet)),
+        params = jax.tree.unflatten(jax.tree.structure(param_shapes(unet)),
                                     [0.05 * jax.random.normal(k, s.shape) for s, k in zip(shapes, keys)])
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 

@@ -1,18 +1,26 @@
 """Pieces several recipe configs share: the diffusion objective and tiny models for smoke runs and tests."""
+import os
+
 import ml_collections
 
-from jaxdiff.training.recipes.diffusion import CAPTION_MEANS_CACHE
+from jaxdiff.training.recipes.diffusion.config import model_fields
+
+# Where the recipes' runs live: training workdirs are named under it, and the shapes recipes' frozen
+# parts default to the runs of that name there (relative to the working directory unless set).
+RUNS = os.environ.get("JAXDIFF_RUNS", "runs")
 
 
-def diffusion_objective(prediction_type: str = "epsilon", schedule: str = "scaled_linear") -> dict:
-    return dict(schedule=schedule, num_train_timesteps=1000, prediction_type=prediction_type,
-                rescale_zero_terminal_snr=False, init_from="",
-                weighting="min_snr" if prediction_type != "flow" else "simple", min_snr_gamma=5.0,
-                timestep_distribution="uniform" if prediction_type != "flow" else "logit_normal",
-                timestep_logit_mean=0.0, timestep_logit_std=1.0,
-                caption_dropout=0.1, sample_method="dpmpp_2m" if prediction_type != "flow" else "flow_euler",
-                sample_steps=25, guidance_scale=4.0, terminal_mean_share=0.0, terminal_mean_examples=50_000,
-                terminal_mean_cache=CAPTION_MEANS_CACHE, mirror_pairs="")
+def run_dir(name: str) -> str:
+    return os.path.join(RUNS, name)
+
+
+def diffusion_model(backbone: str, space: str, **fields) -> ml_collections.ConfigDict:
+    """The diffusion recipe's `config.model`: every field (so each is a flag), defaults from the recipe's
+    ModelConfig and Objective; flow matching (prediction_type 'flow') with its usual companions."""
+    if fields.get("prediction_type") == "flow":
+        fields = dict(schedule="flow_matching", weighting="simple", timestep_distribution="logit_normal",
+                      sample_method="flow_euler", **fields)
+    return ml_collections.ConfigDict(model_fields(backbone=backbone, space=space, **fields))
 
 
 def tiny_unet(cross_attention: bool) -> dict:

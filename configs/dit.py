@@ -2,8 +2,6 @@
 
   python -m train --config configs/dit.py:tiny --workdir /tmp/dit
 """
-import ml_collections
-
 from configs import common
 from jaxdiff.training.config import base_config
 
@@ -11,7 +9,7 @@ from jaxdiff.training.config import base_config
 def get_config(variant: str = "tiny"):
     c = base_config()
     c.recipe = "diffusion"
-    c.model = ml_collections.ConfigDict(dict(backbone="dit", space="latent", **common.diffusion_objective()))
+    c.model = common.diffusion_model("dit", "latent")
     if variant != "tiny":
         raise ValueError(f"unknown variant {variant!r} of configs/dit.py; choose one of: tiny")
     common.tiny_run(c)

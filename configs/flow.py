@@ -3,8 +3,6 @@ logit-normal timesteps (Esser et al. 2024).
 
   python -m train --config configs/flow.py:tiny --workdir /tmp/flow
 """
-import ml_collections
-
 from configs import common
 from jaxdiff.training.config import base_config
 
@@ -12,8 +10,7 @@ from jaxdiff.training.config import base_config
 def get_config(variant: str = "tiny"):
     c = base_config()
     c.recipe = "diffusion"
-    c.model = ml_collections.ConfigDict(dict(backbone="unet", space="pixel",
-                                             **common.diffusion_objective("flow", "flow_matching")))
+    c.model = common.diffusion_model("unet", "pixel", prediction_type="flow")
     if variant != "tiny":
         raise ValueError(f"unknown variant {variant!r} of configs/flow.py; choose one of: tiny")
     common.tiny_run(c)

@@ -2,8 +2,6 @@
 
   python -m train --config configs/pixel_diffusion.py:tiny --workdir /tmp/pixel
 """
-import ml_collections
-
 from configs import common
 from jaxdiff.training.config import base_config
 
@@ -11,8 +9,7 @@ from jaxdiff.training.config import base_config
 def get_config(variant: str = "tiny"):
     c = base_config()
     c.recipe = "diffusion"
-    c.model = ml_collections.ConfigDict(dict(backbone="unet", space="pixel",
-                                             **common.diffusion_objective("v_prediction", "cosine")))
+    c.model = common.diffusion_model("unet", "pixel", prediction_type="v_prediction", schedule="cosine")
     if variant != "tiny":
         raise ValueError(f"unknown variant {variant!r} of configs/pixel_diffusion.py; choose one of: tiny")
     common.tiny_run(c)

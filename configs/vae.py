@@ -1,6 +1,6 @@
 """The KL autoencoder: L1 + Laplacian-pyramid perceptual loss + KL, patch-GAN after a warm-up.
 
-  python -m train --config configs/vae.py --workdir /work/runs/vae_shapes   # the shapes VAE
+  python -m train --config configs/vae.py --workdir runs/vae_shapes   # the shapes VAE
   python -m train --config configs/vae.py:tiny --workdir /tmp/vae          # seconds, synthetic squares
 """
 import ml_collections

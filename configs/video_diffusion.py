@@ -4,8 +4,8 @@ CLIP text encoder, caption dropout for classifier-free guidance, and image dropo
 first-frame conditioning (conditioning_frame_channels: 4 latent channels + 1 indicator).
 
   python -m jaxdiff.data.prepare moving_shapes --resolution 32 --num_frames 8          # once: moving_shapes/32px-8f
-  python -m train --config configs/video_diffusion.py:scratch --workdir /work/runs/vd_scratch    # video U-Net from scratch
-  python -m train --config configs/video_diffusion.py:inflated --workdir /work/runs/vd_inflated  # from the shipped model
+  python -m train --config configs/video_diffusion.py:scratch --workdir runs/vd_scratch    # video U-Net from scratch
+  python -m train --config configs/video_diffusion.py:inflated --workdir runs/vd_inflated  # from the shipped model
 
 The `inflated` variant starts from the shipped text-to-image model (jaxdiff/assets/shapes, the `emphasis`
 fine-tune of configs/latent_diffusion.py exported: its U-Net inflated, so that before training it is that
@@ -32,7 +32,7 @@ TINY_DATA = "moving_shapes/16px-4f-16-2-2-seed0"
 # independent noise per frame the inflated U-Net drew a different scene on every frame (objects kept their
 # colour and shape in 2 of the first 8 held-out videos after 1000 steps; 14 of 16 when that model was merely
 # sampled from 0.9-correlated noise). Trained with it, 12 of 16 at steps 500 and 1000; after 4000 steps the
-# full evaluation (0.46) matched the independent-noise run's (0.44): see README "Video".
+# full evaluation (0.46) matched the independent-noise run's (0.44): see docs/video.md.
 FRAME_NOISE_CORRELATION = 0.8
 
 
@@ -48,13 +48,8 @@ def get_config(variant: str = "scratch"):
                          f"{', '.join(VARIANTS)}")
     c = base_config()
     c.recipe = "diffusion"
-    c.model = ml_collections.ConfigDict(dict(backbone="temporal_unet", space="latent", image_dropout=0.1,
-                                             frame_noise_correlation=FRAME_NOISE_CORRELATION,
-                                             **common.diffusion_objective()))
-    # The temporal transformers attend to the caption too (see README "Video"): in diffusers' UNet3D layout
-    # the direction words reach only the per-frame spatial cross-attention, which cannot tell the frames apart.
-    video_only = dict(frame_position_embedding="sinusoidal", conditioning_frame_channels=5,
-                      temporal_text_attention=True)
+    c.model = common.diffusion_model("temporal_unet", "latent", frame_noise_correlation=FRAME_NOISE_CORRELATION)
+    video_only = dict(frame_position_embedding="sinusoidal", conditioning_frame_channels=5)
     if variant.startswith("tiny"):
         common.tiny_run(c)
         c.data = video_data(TINY_DATA, 16, prompts=PREVIEW_PROMPTS[:2])

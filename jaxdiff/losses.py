@@ -10,12 +10,9 @@ by w(t) k(t)^2. 'simple' is the exception: weight 1 on the prediction's own MSE
   snr       w = SNR                      (equals L_simple for epsilon prediction)
   min_snr   w = min(SNR, gamma)          (Hang et al. 2023, "Min-SNR weighting")
   edm       w = (s^2 + sd^2) / (s sd)^2  with s = sigma/alpha (Karras et al. 2022, eq. 8's lambda)
-
-`grounding_loss` is an auxiliary loss on a text-conditioned model's cross-attention maps.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -93,39 +90,6 @@ def flow_matching_loss(model_out, x0, noise, t, schedule: Schedule, *, mask=None
     if schedule.kind != "flow":
         raise ValueError(f"flow_matching_loss needs a flow_matching schedule, got a {schedule.kind!r} one")
     return diffusion_loss(model_out, x0, noise, t, schedule, prediction_type="flow", weighting="simple", mask=mask)
-
-
-def grounding_loss(weights, masks, counted=None):
-    """Token grounding loss on cross-attention maps (TokenCompose, Wang et al. 2024, its L_token):
-    for each grounded token, (1 - the share of its attention that falls inside its region)^2, averaged
-    over the grounded tokens of the batch and over the maps.
-
-    Args:
-      weights: a sequence of cross-attention weights [B, heads, h*w, S] over square feature maps
-        (pixels row-major), e.g. what `layers.Attention` sows; heads are averaged.
-      masks: [B, S, R, R] each token's region at resolution R, a multiple of every map's side; it is
-        area-averaged to the map. Tokens with an empty mask (BOS, function words, padding) are not grounded.
-      counted: optional bool [B]; False drops an example (e.g. its caption was dropped for CFG).
-    Returns: scalar, in [0, 1] (0 when no token is grounded).
-    """
-    if not weights:
-        raise ValueError("grounding_loss: no cross-attention weights (does the model attend to the text?)")
-    b, s, r = masks.shape[:3]
-    grounded = masks.reshape(b, s, -1).max(axis=-1) > 0
-    if counted is not None:
-        grounded = grounded & counted[:, None]
-    total = 0.0
-    for w in weights:
-        side = math.isqrt(w.shape[2])
-        if w.shape[0] != b or w.shape[3] != s or side * side != w.shape[2] or r % side:
-            raise ValueError(f"grounding_loss: attention weights {w.shape} do not fit masks {masks.shape} (need "
-                             f"[{b}, heads, h*w, {s}] with a square map whose side divides {r})")
-        f = r // side
-        m = masks.reshape(b, s, side, f, side, f).mean(axis=(3, 5)).reshape(b, s, side * side)
-        a = jnp.mean(w.astype(jnp.float32), axis=1)                       # [B, Q, S]
-        inside = jnp.einsum("bqs,bsq->bs", a, m) / (jnp.sum(a, axis=1) + 1e-8)
-        total = total + jnp.sum(jnp.where(grounded, (1.0 - inside) ** 2, 0.0))
-    return total / (len(weights) * jnp.maximum(jnp.sum(grounded), 1))
 
 
 def sample_timesteps(key, batch: int, schedule: Schedule, distribution: str = "uniform", *,

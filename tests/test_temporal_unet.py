@@ -64,8 +64,7 @@ def test_inflated_image_unet_equals_it_per_frame():
     # head widths; with image-to-video input channels (zero weights at inflation) and a conditioning frame.
     sd = FIXTURES / "pipeline_sd" / "unet"
     image_unet, image_params = jd.convert.from_diffusers(str(sd))
-    video, params = inflate(image_unet, image_params, jax.random.key(1), conditioning_frame_channels=5,
-                            temporal_text_attention=True)
+    video, params = inflate(image_unet, image_params, jax.random.key(1), conditioning_frame_channels=5)
     b, frames = 2, 3
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, frames, 8, 8, 4)).astype(np.float32)
@@ -99,16 +98,13 @@ def test_inflate_refuses_image_unets_it_cannot_express():
     cfg = inflated_config(UNetConfig(block_out_channels=(64, 128), num_attention_heads=4, norm_num_groups=16,
                                      down_block_types=("CrossAttnDownBlock2D",) * 2,
                                      up_block_types=("CrossAttnUpBlock2D",) * 2, layers_per_block=1,
-                                     cross_attention_dim=128), frame_position_embedding="sinusoidal",
-                          temporal_text_attention=True)
+                                     cross_attention_dim=128), frame_position_embedding="sinusoidal")
     assert cfg.num_attention_heads == (4, 4) and cfg.down_block_types == ("CrossAttnDownBlock3D",) * 2
-    with pytest.raises(ValueError, match=r"head widths \[16, 32\] per block.*frame_position_embedding.*"
-                                         r"temporal_text_attention=True"):
+    with pytest.raises(ValueError, match=r"head widths \[16, 32\] per block.*frame_position_embedding"):
         cfg.to_diffusers_config()
     # Asked to, the export writes those settings as extra fields, and they load back exactly.
     written = cfg.to_diffusers_config(jaxdiff_fields=True)
     assert written["num_attention_heads"] == [4, 4] and written["frame_position_embedding"] == "sinusoidal"
-    assert written["temporal_text_attention"] is True
     assert TemporalUNetConfig.from_diffusers_config(written) == cfg
 
 
@@ -129,41 +125,17 @@ def test_temporal_attention_sees_frame_order_only_with_position_embedding():
     np.testing.assert_allclose(pe[2, 5], np.cos(2 * 10000 ** (-4 / 6)), rtol=1e-6)
 
 
-def test_temporal_text_attention_reads_each_videos_caption():
-    # Two videos in one batch, captions repeated per frame as the U-Net passes them: each video's
-    # output is what it gets alone, moves with its own caption and not with the other's.
-    frames, b = 4, 2
-    x = jax.random.normal(jax.random.key(0), (b * frames, 2, 2, 8))
-    captions = jax.random.normal(jax.random.key(1), (b, 3, 6))
-    per_frame = lambda c: jnp.repeat(c, frames, axis=0)
-    layer = TemporalTransformer(heads=2, head_dim=4, groups=2, frame_position_embedding="sinusoidal",
-                                text_attention=True)
-    params = jax.tree.map(lambda v: v + 0.1, nn.meta.unbox(
-        layer.init(jax.random.key(2), x, frames, per_frame(captions))["params"]))   # non-zero proj_out
-    assert params["transformer_blocks_0"]["attn2"]["to_k"]["kernel"].shape == (6, 8)   # keys from the caption
-    run = lambda x, c: np.asarray(layer.apply({"params": params}, x, frames, per_frame(c)))
-    both = run(x, captions)
-    for i in range(b):
-        alone = run(x[i * frames:(i + 1) * frames], captions[i:i + 1])
-        np.testing.assert_allclose(both[i * frames:(i + 1) * frames], alone, atol=1e-5)
-    other = run(x, captions.at[1].set(-captions[1]))
-    np.testing.assert_array_equal(other[:frames], both[:frames])
-    assert np.abs(other[frames:] - both[frames:]).max() > 1e-3
-    # The caption is shared by a video's pixel sequences without copying it: the same as one copy per sequence.
+def test_attention_shares_a_context_across_each_group_of_queries():
+    """A context [G, S, D] for B = G*k query sequences (a video's caption for its frames): the same as one copy
+    of it per sequence."""
     attention = Attention(heads=2, head_dim=4, out_features=8)
+    captions = jax.random.normal(jax.random.key(1), (2, 3, 6))
     q = jax.random.normal(jax.random.key(3), (6, 4, 8))
     attention_params = attention.init(jax.random.key(4), q, captions)
     np.testing.assert_allclose(attention.apply(attention_params, q, captions),
                                attention.apply(attention_params, q, jnp.repeat(captions, 3, axis=0)), atol=1e-6)
     with pytest.raises(ValueError, match="a context of 2 entries for 5 query sequences"):
         attention.apply(attention_params, q[:5], captions)
-    with pytest.raises(ValueError, match="text attention needs context"):
-        layer.apply({"params": params}, x, frames)
-    # Without text attention the layer ignores any caption it is handed.
-    plain = TemporalTransformer(heads=2, head_dim=4, groups=2)
-    plain_params = jax.tree.map(lambda v: v + 0.1, nn.meta.unbox(plain.init(jax.random.key(2), x, frames)["params"]))
-    np.testing.assert_array_equal(plain.apply({"params": plain_params}, x, frames, per_frame(captions)),
-                                  plain.apply({"params": plain_params}, x, frames))
 
 
 def test_export_round_trip(tmp_path):
@@ -205,8 +177,6 @@ def test_config_errors():
         TemporalUNetConfig(in_channels=4, conditioning_frame_channels=4)
     with pytest.raises(ValueError, match="frame_position_embedding='learned'"):
         TemporalUNetConfig(frame_position_embedding="learned")
-    with pytest.raises(ValueError, match="temporal_text_attention='yes': need True or False"):
-        TemporalUNetConfig(temporal_text_attention="yes")
     cfg = TemporalUNetConfig.from_diffusers_config(base)
     assert cfg.num_attention_heads == (2, 4) and cfg.to_diffusers_config()["attention_head_dim"] == 4
     assert cfg.to_diffusers_config(jaxdiff_fields=True) == cfg.to_diffusers_config()   # nothing diffusers lacks

@@ -204,10 +204,10 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
 
 def test_config_timestep_distribution_reaches_the_loss():
     """config.model.timestep_logit_mean shifts the training timesteps the diffusion recipe draws."""
-    import ml_collections
+    import dataclasses
 
     from jaxdiff import schedules
-    from jaxdiff.training.recipes.diffusion import denoising_loss
+    from jaxdiff.training.recipes.diffusion.objective import Objective
 
     seen = []
 
@@ -215,22 +215,20 @@ def test_config_timestep_distribution_reaches_the_loss():
         seen.append(t)
         return jnp.zeros_like(x)
 
-    m = ml_collections.ConfigDict(dict(timestep_distribution="logit_normal", timestep_logit_mean=4.0,
-                                       timestep_logit_std=0.5, prediction_type="epsilon", weighting="simple"))
-    denoising_loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
+    m = Objective.of(dict(timestep_distribution="logit_normal", timestep_logit_mean=4.0, timestep_logit_std=0.5,
+                          prediction_type="epsilon", weighting="simple"))
+    m.loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"))
     assert float(seen[0].min()) > 900        # sigmoid(4 - 3 * 0.5) = 0.92
-    m.timestep_logit_mean = 0.0
-    denoising_loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
+    m = dataclasses.replace(m, timestep_logit_mean=0.0)
+    m.loss(apply_fn, jnp.zeros((512, 2)), jax.random.key(0), schedules.get("scaled_linear"))
     assert float(seen[1].min()) < 300
 
 
 def test_config_frame_noise_correlation_reaches_the_loss():
     """Videos x0 [B, T, ...] are noised with config.model.frame_noise_correlation of the noise shared by
     their frames (x_t = sigma_t noise for x0 = 0: the frames' correlation is the noise's)."""
-    import ml_collections
-
     from jaxdiff import schedules
-    from jaxdiff.training.recipes.diffusion import denoising_loss
+    from jaxdiff.training.recipes.diffusion.objective import Objective
 
     seen = []
 
@@ -238,10 +236,8 @@ def test_config_frame_noise_correlation_reaches_the_loss():
         seen.append(np.asarray(x))
         return jnp.zeros_like(x)
 
-    m = ml_collections.ConfigDict(dict(prediction_type="v_prediction", weighting="simple",
-                                       frame_noise_correlation=0.9))
-    for _ in range(2):
-        denoising_loss(apply_fn, jnp.zeros((4000, 3, 2)), jax.random.key(0), schedules.get("scaled_linear"), m)
-        m.frame_noise_correlation = 0.0
+    for correlation in (0.9, 0.0):
+        m = Objective(prediction_type="v_prediction", weighting="simple", frame_noise_correlation=correlation)
+        m.loss(apply_fn, jnp.zeros((4000, 3, 2)), jax.random.key(0), schedules.get("scaled_linear"))
     (with_, without) = ([np.corrcoef(x[:, 0, 0], x[:, 2, 0])[0, 1] for x in seen])
     assert with_ == pytest.approx(0.9, abs=0.03) and abs(without) < 0.05

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 import jaxdiff.data  # noqa: F401  registers the builders
 from configs import clip as clip_config
@@ -20,11 +19,12 @@ from configs import video_diffusion as vd_config
 from jaxdiff.data import eval as shapes_eval
 from jaxdiff.models import TemporalUNetConfig, inflate
 from jaxdiff.pipelines import TextToVideo
+from jaxdiff.pipelines import shapes_eval as shapes_eval_cli
 from jaxdiff.training import export, load_params, recipes, train
 from jaxdiff.training.data import data_spec
 from jaxdiff.training.evaluate import read_run_config
 from jaxdiff.training.metrics import image_grid
-from jaxdiff.training.recipes.diffusion import image_unet
+from jaxdiff.training.recipes.diffusion.backbones import image_unet
 from tfds_fixtures import prepare_tfds
 
 VIDEOS = vd_config.TINY_DATA          # 16px, 4 frames, 16/2/2 examples
@@ -93,7 +93,7 @@ def test_tiny_video_run_trains_and_previews_frame_strips(video_run):
 def test_export_loads_back_as_text_to_video_and_shapes_eval_scores_it(video_run, frozen_runs, tmp_path,
                                                                       monkeypatch, capsys):
     """The export CLI picks text-to-video by the run's backbone; TextToVideo loads the folder with the
-    runs' EMA weights; `jaxdiff.data.eval --model --videos` generates the held-out motion prompts with it
+    runs' EMA weights; `jaxdiff.pipelines.shapes_eval --model --videos` generates the held-out motion prompts with it
     (frames from training.json) and its table is score_video's verdicts on the videos it generated."""
     c, result = video_run
     out = str(tmp_path / "model")
@@ -125,7 +125,7 @@ def test_export_loads_back_as_text_to_video_and_shapes_eval_scores_it(video_run,
         return videos
 
     monkeypatch.setattr(TextToVideo, "generate", recording)
-    assert shapes_eval.main(["--model", out, "--videos", "--per_family", "2", "--steps", "2"]) == 0
+    assert shapes_eval_cli.main(["--model", out, "--videos", "--per_family", "2", "--steps", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| motion | 2 |" in printed
     table = json.loads(printed.strip().splitlines()[-1])
@@ -173,7 +173,7 @@ def test_inflated_run_starts_as_the_image_unet_on_every_frame(data_dir, image_ru
     params = jax.device_get(train(c, str(tmp_path), stop_after=0).state.params)   # the state at step 0
 
     run = read_run_config(image_run)
-    unet = image_unet(run.model, 4, 8, jnp.float32)
+    unet = image_unet(run.model.unet.to_dict(), 4, 8, jnp.float32)
     ema = load_params(image_run, "ema")
     init_key = jax.random.split(jax.random.key(c.seed))[0]    # state.create's key for task.init
     video_unet, expected = inflate(unet, ema, init_key, **c.model.temporal.to_dict())
@@ -246,28 +246,3 @@ def test_video_recipe_refuses_image_batches(data_dir):
     with pytest.raises(ValueError, match=r"trains on videos \[B, T, H, W, 3\], but config.data "
                                          r"\(name='shapes/16px-16-2-2-seed0'\) gives images of shape \(2, 16, 16, 3\)"):
         jax.eval_shape(task.loss, params, task.frozen, batch, jax.random.key(0), 0)
-
-
-def test_terminal_mean_share_trains_text_only_videos_against_caption_mean_clips(data_dir):
-    """config.model.terminal_mean_share on videos: the table holds [T, h, w, C] mean clips (the empty caption's the
-    mean of all); with share 1 the loss of text-only examples does not depend on their clips (pure noise against the
-    caption's mean), while examples that keep their conditioning frame train as usual."""
-    c = tiny("tiny", data_dir)
-    c.model.update(terminal_mean_share=1.0, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
-                   weighting="simple", caption_dropout=0.0, terminal_mean_cache="")
-    spec = data_spec(c.data)
-    records = list(tfds.data_source(VIDEOS, data_dir=data_dir, split="train"))
-    c.model.image_dropout = 1.0            # every conditioning frame dropped: text-only examples
-    task = recipes.build(c, spec)
-    table = task.frozen["caption_means"]
-    assert table["means"].shape[1:] == (4, 8, 8, 4)
-    assert len(table["tokens"]) == len({r["caption"] for r in records}) + 1
-    params = task.init(jax.random.key(0))
-    ids = jnp.asarray(spec.tokenize([records[0]["caption"].decode(), records[1]["caption"].decode()]))
-    clips = jax.random.uniform(jax.random.key(3), (2, 4, 16, 16, 3), minval=-1, maxval=1)
-    loss = lambda task, clips: float(task.loss(params, task.frozen, {"tokens": ids, "image": clips},
-                                               jax.random.key(1), 0)[0])
-    assert loss(task, clips) == loss(task, -clips)
-    c.model.image_dropout = 0.0            # every example keeps its conditioning frame: the usual loss
-    conditioned = recipes.build(c, spec)
-    assert loss(conditioned, clips) != loss(conditioned, -clips)

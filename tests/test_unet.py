@@ -1,5 +1,4 @@
 """UNet2DCondition against diffusers' UNet2DConditionModel (golden files) and closed forms."""
-import dataclasses
 import functools
 from pathlib import Path
 
@@ -148,57 +147,3 @@ def test_config_validation_names_the_field(field, value, match):
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, num_attention_heads=4)
     with pytest.raises(ValueError, match=match):
         UNetConfig(**{**base, field: value})
-
-
-def test_input_coordinates_are_two_closed_form_channels(tmp_path):
-    """input_coordinates=True is the same U-Net with two more input channels holding each pixel's column and
-    row scaled to [-1, 1] (built here with numpy); it exports only as a jaxdiff field and loads back."""
-    unet, _, io = load("unet_sd1")
-    coords = unet.clone(config=dataclasses.replace(unet.config, input_coordinates=True))
-    wide = unet.clone(config=dataclasses.replace(unet.config, in_channels=unet.config.in_channels + 2))
-    x, t, context = io["x"], io["t"], io["context"]
-    params = coords.init(jax.random.key(0), x, t, context)["params"]
-    b, h, w, _ = x.shape
-    grid = np.stack(np.meshgrid(np.arange(w) / (w - 1), np.arange(h) / (h - 1), indexing="xy"), -1) * 2 - 1
-    explicit = np.concatenate([x, np.broadcast_to(grid, (b, h, w, 2))], axis=-1)
-    np.testing.assert_allclose(coords.apply({"params": params}, x, t, context),
-                               wide.apply({"params": params}, explicit, t, context), atol=1e-5)
-
-    with pytest.raises(ValueError, match=r"cannot express \{.input_coordinates.: True\}"):
-        jd.convert.to_diffusers(coords, params, str(tmp_path / "refused"))
-    jd.convert.to_diffusers(coords, params, str(tmp_path / "unet"), jaxdiff_fields=True)
-    loaded, loaded_params = jd.convert.from_diffusers(str(tmp_path / "unet"))
-    assert loaded.config == coords.config
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded_params), jax.device_get(nn.meta.unbox(params)))
-    assert "input_coordinates" not in unet.config.to_diffusers_config()
-
-
-def test_grid_positions_closed_form_and_zero_gains_keep_the_function():
-    """grid_positions: sin/cos of x then of y at frequencies pi ... pi * side / 2; attention_positions with its
-    gains at 0 (as initialised) is the plain U-Net, and the gains reach the attention inputs once nonzero."""
-    from jaxdiff.models.layers import grid_positions
-
-    pos = np.asarray(grid_positions(4, 6, 8)).reshape(4, 6, 8)
-    x, y = np.linspace(0, 1, 6), np.linspace(0, 1, 4)
-    fx, fy = np.pi * np.array([1.0, 3.0]), np.pi * np.array([1.0, 2.0])
-    np.testing.assert_allclose(pos[2, :, :2], np.sin(x[:, None] * fx), atol=1e-6)
-    np.testing.assert_allclose(pos[2, :, 2:4], np.cos(x[:, None] * fx), atol=1e-6)
-    np.testing.assert_allclose(pos[:, 5, 4:6], np.sin(y[:, None] * fy), atol=1e-6)
-    np.testing.assert_allclose(pos[:, 5, 6:], np.cos(y[:, None] * fy), atol=1e-6)
-
-    unet, params, io = load("unet_sd1")
-    placed = unet.clone(config=dataclasses.replace(unet.config, attention_positions=True))
-    fresh = jax.device_get(nn.meta.unbox(placed.init(jax.random.key(0), io["x"], io["t"], io["context"])["params"]))
-    gains = {k: v for k, v in jax.tree_util.tree_flatten_with_path(fresh)[0] if "pos_embed" in jax.tree_util.keystr(k)}
-    blocks = {jax.tree_util.keystr(k[:k.index(next(p for p in k if "transformer_blocks" in str(p))) + 1])
-              for k, _ in jax.tree_util.tree_flatten_with_path(fresh)[0] if "transformer_blocks" in jax.tree_util.keystr(k)}
-    assert len(gains) == 2 * len(blocks) > 0 and not any(np.any(v) for v in gains.values())   # attn1, attn2 each
-    from jaxdiff.training.recipes.diffusion import grafted
-    start = grafted(fresh, jax.device_get(params))
-    np.testing.assert_allclose(placed.apply({"params": start}, io["x"], io["t"], io["context"]),
-                               run(unet, params, io), atol=1e-5)
-    moved = jax.tree_util.tree_map_with_path(lambda k, v: v + 0.5 if "pos_embed" in jax.tree_util.keystr(k) else v,
-                                             start)
-    assert rel_err(placed.apply({"params": moved}, io["x"], io["t"], io["context"]), run(unet, params, io)) > 1e-3
-    from jaxdiff.training.recipes.diffusion import pruned   # grafted's inverse: the gains dropped, all else kept
-    jax.tree.map(np.testing.assert_array_equal, pruned(unet, moved), jax.device_get(nn.meta.unbox(params)))

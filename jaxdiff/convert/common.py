@@ -21,11 +21,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff.models.checks import CheckpointError
+
 TorchKeyOf = Callable[[tuple[str, ...]], str]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the module it is loaded into."""
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -143,21 +141,3 @@ def read_config(folder: str, filename: str = "config.json") -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path!r} is not valid JSON: {e}") from e
-
-
-def check_supported(config: Mapping, allowed: Mapping, what: str) -> None:
-    """Fails on config values we do not implement, instead of silently ignoring them.
-
-    `allowed` maps a config field to the set of values supported (or None: any value).
-    Fields absent from `allowed` and starting with '_' are metadata and skipped.
-    """
-    for field, value in config.items():
-        if field.startswith("_") or field not in allowed:
-            continue
-        ok = allowed[field]
-        if ok is not None and _freeze(value) not in ok:
-            raise CheckpointError(f"{what} config field {field}={value!r} is not supported; supported: {sorted(map(repr, ok))}")
-
-
-def _freeze(v):
-    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v

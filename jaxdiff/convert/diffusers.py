@@ -28,6 +28,7 @@ import numpy as np
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
     save_state_dict
 from jaxdiff.convert.transformers import from_transformers
+from jaxdiff.models.layers import param_shapes
 from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
 from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D, position_table
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
@@ -61,29 +62,6 @@ def torch_key_of(path: tuple[str, ...]) -> str:
     """Flax param path -> diffusers state-dict key."""
     *modules, leaf = path
     return ".".join([_LIST_ITEM.sub(r"\1.\2", m) for m in modules] + [_LEAF_NAMES[leaf]])
-
-
-def param_template(module: nn.Module):
-    """Shapes and dtypes of the module's params (unboxed), without allocating them."""
-    c = module.config
-    if isinstance(module, UNet2DCondition):
-        size = 2 ** (len(c.block_out_channels) - 1)
-        args = (jnp.zeros((1, size, size, c.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, c.cross_attention_dim)))
-        kwargs = {"class_labels": jnp.zeros((1,), jnp.int32)} if c.num_class_embeds is not None else {}
-    elif isinstance(module, AutoencoderKL):
-        args, kwargs = (jnp.zeros((1, c.downsample_factor, c.downsample_factor, c.in_channels)),), {}
-    elif isinstance(module, TemporalUNet):
-        size = 2 ** (len(c.block_out_channels) - 1)
-        args = (jnp.zeros((1, 2, size, size, c.latent_channels)), jnp.zeros((1,)),
-                jnp.zeros((1, 1, c.cross_attention_dim)))
-        kwargs = {}
-    elif isinstance(module, (SD3Transformer2D, FluxTransformer2D)):
-        args, kwargs = module.example_inputs()
-    else:
-        raise TypeError(f"no diffusers conversion for {type(module).__name__}; "
-                        f"supported: {', '.join(m.__name__ for _, m in _MODELS.values())}")
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-    return nn.meta.unbox(variables["params"])
 
 
 def fixed_buffers(module: nn.Module) -> dict:
@@ -125,7 +103,7 @@ def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
     module = module_from_config(read_config(path), dtype, param_dtype)
     weights = os.path.join(path, WEIGHTS_NAME)
     state_dict = _check_fixed_buffers(module, load_state_dict(weights if os.path.isfile(weights) else path))
-    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), param_template(module))
+    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), param_shapes(module))
     params = import_params(state_dict, template, torch_key_of)
     return module, jax.tree.map(jnp.asarray, params)
 
@@ -134,15 +112,14 @@ def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = Fa
     """Writes `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' `from_pretrained` loads.
 
     Params are checked against the module's shapes first, so a wrong tree fails here, not in diffusers.
-    `jaxdiff_fields` (U-Nets only): write the settings diffusers cannot express (coordinate input
-    channels; a video U-Net's frame position embeddings, per-block heads, ...) as extra config fields
-    instead of refusing them; `from_diffusers` loads such a folder exactly, diffusers cannot (see
-    `UNetConfig.to_diffusers_config`, `TemporalUNetConfig.to_diffusers_config`).
+    `jaxdiff_fields` (video U-Nets only): write the settings diffusers cannot express (frame position
+    embeddings, per-block heads, ...) as extra config fields instead of refusing them; `from_diffusers`
+    loads such a folder exactly, diffusers cannot (see `TemporalUNetConfig.to_diffusers_config`).
     """
-    if jaxdiff_fields and not isinstance(module, (TemporalUNet, UNet2DCondition)):
-        raise ValueError(f"jaxdiff_fields=True is for a U-Net's config; {type(module).__name__} has none")
+    if jaxdiff_fields and not isinstance(module, TemporalUNet):
+        raise ValueError(f"jaxdiff_fields=True is for a video U-Net's config; {type(module).__name__} has none")
     state_dict = export_params(nn.meta.unbox(params), torch_key_of)
-    import_params(state_dict, param_template(module), torch_key_of)  # fails naming any wrong key or shape
+    import_params(state_dict, param_shapes(module), torch_key_of)  # fails naming any wrong key or shape
     state_dict.update(fixed_buffers(module))
     # safetensors' numpy writer has no bfloat16: store those as float32 (torch casts on load).
     state_dict = {k: v.astype("float32") if v.dtype == jnp.bfloat16 else v for k, v in state_dict.items()}

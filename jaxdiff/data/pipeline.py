@@ -232,9 +232,8 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """A raw record -> {'image': float32 [-1, 1], 'caption': str} and the fields `extras(record)`
-    adds (e.g. `jaxdiff.data.grounding.TokenMasks`). A picklable class so grain can ship it to
-    worker processes."""
+    """A raw record -> {'image': float32 [-1, 1], 'caption': str}. A picklable class so grain can ship it
+    to worker processes."""
 
     image_key: str
     caption_key: str | None
@@ -243,7 +242,6 @@ class Preprocess:
     label_names: tuple | None
     resolution: int | None
     crop: str
-    extras: Callable[[dict], dict] | None = None
 
     def caption(self, record: dict) -> str:
         if self.caption_template is not None:
@@ -259,10 +257,7 @@ class Preprocess:
         image = as_rgb_uint8(record[self.image_key], self.image_key)
         if self.resolution is not None:
             image = resize_crop(image, self.resolution, self.crop, rng)
-        out = {"image": normalise(image), "caption": self.caption(record)}
-        if self.extras is not None:
-            out.update(self.extras(record))
-        return out
+        return {"image": normalise(image), "caption": self.caption(record)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,10 +277,10 @@ class Tokenize:
 
 # ---------------------------------------------------------------- datasets and batches
 
-def _preprocess_for(cfg: DataConfig, source, label_names, extras=None) -> Preprocess:
+def _preprocess_for(cfg: DataConfig, source, label_names) -> Preprocess:
     """Checks the first record's fields and sizes at the edge, before any worker starts."""
     pre = Preprocess(cfg.image_key, cfg.caption_key, cfg.label_key, cfg.caption_template,
-                     tuple(label_names) if label_names else None, cfg.resolution, cfg.crop, extras)
+                     tuple(label_names) if label_names else None, cfg.resolution, cfg.crop)
     first = source[0]
     field, key = (("label_key", cfg.label_key) if cfg.caption_template is not None
                   else ("caption_key", cfg.caption_key))
@@ -297,18 +292,16 @@ def _preprocess_for(cfg: DataConfig, source, label_names, extras=None) -> Prepro
 
 
 def make_dataset(cfg: DataConfig, tokenizer: Callable | None = None,
-                 shard_index: int | None = None, shard_count: int | None = None,
-                 extras: Callable[[dict], dict] | None = None) -> grain.IterDataset:
+                 shard_index: int | None = None, shard_count: int | None = None) -> grain.IterDataset:
     """The grain pipeline of this process's shard: an IterDataset of local batches
     {'image': float32 [b, ...], 'caption': str [b], 'tokens': int32 [b, L]} with
-    b = batch_size / shard_count, plus the fields `extras(raw record) -> {name: array}` adds
-    to each example. Shards default to the jax processes."""
+    b = batch_size / shard_count. Shards default to the jax processes."""
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     if cfg.batch_size % shard_count:
         raise ValueError(f"batch_size {cfg.batch_size} does not split over {shard_count} processes")
     source, label_names = open_source(cfg)
-    pre = _preprocess_for(cfg, source, label_names, extras)
+    pre = _preprocess_for(cfg, source, label_names)
     ds = grain.MapDataset.source(source)
     if shard_count > 1:
         ds = ds.slice(slice(shard_index, None, shard_count))

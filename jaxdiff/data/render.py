@@ -54,14 +54,6 @@ RELATIONS = {
 }
 # direction -> unit velocity (x, y); y grows downwards as in image rows
 VELOCITIES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-# The mirror images of a scene and the caption words each exchanges: a left-right flip, an up-down flip
-# (not of triangles, which point up: UPRIGHT_SHAPES) and, for videos, playing the clip backwards.
-MIRROR_WORDS = {
-    "horizontal": (("left", "right"),),
-    "vertical": (("top", "bottom"), ("above", "below")),
-    "reverse": (("left", "right"), ("up", "down")),
-}
-UPRIGHT_SHAPES = ("triangle",)
 
 _MAX_TRIES = 1000
 

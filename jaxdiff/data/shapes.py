@@ -97,13 +97,6 @@ def object_record(obj) -> dict:
     return {"shape": obj.shape, "colour": obj.colour, "size": obj.size, "x": obj.x, "y": obj.y}
 
 
-def scene_objects(record_objects: dict) -> list[render.SceneObject]:
-    """The SceneObjects of a stored record's 'objects' field (ClassLabel ids -> names): object_record's inverse."""
-    n = len(record_objects["x"])
-    return [render.SceneObject(**{k: names[int(record_objects[k][i])] for k, names in _OBJECT_LABELS.items()},
-                               x=float(record_objects["x"][i]), y=float(record_objects["y"][i])) for i in range(n)]
-
-
 class Shapes(ArrayRecordBuilder):
     """Captioned images of filled shapes in four caption families (see jaxdiff.data.render)."""
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.convert.common import CheckpointError, check_supported
+from jaxdiff.models.checks import CheckpointError, check_supported
 from jaxdiff.models.attention import dot_product_attention
 
 Dtype = Any

@@ -18,10 +18,11 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.attention import attend, attention_weights
+from jaxdiff.models.attention import dot_product_attention
 
 Dtype = Any
 
@@ -73,6 +74,13 @@ def layer_norm(eps: float, *, affine: bool = True, dtype: Dtype, param_dtype: Dt
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
                         name=name)
+
+
+def param_shapes(module: nn.Module):
+    """Shapes and dtypes of a model's params (unboxed), without allocating them: its init traced on the
+    module's `example_inputs()`."""
+    args, kwargs = module.example_inputs()
+    return nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"])
 
 
 def constrain_image(x):
@@ -204,8 +212,6 @@ class Attention(nn.Module):
     x: [B, L, out_features], context: [B, S, D_ctx] or None (self-attention) -> [B, L, out_features].
     A context [G, S, D_ctx] with B = G*k is shared by each run of k consecutive sequences of x: its keys
     and values are computed once per group, and the group's queries attend to them together.
-    Cross-attention sows its weights [G, heads, Lq, S] (float32) as `cross_attention` in the
-    'intermediates' collection when the caller makes it mutable (for a grounding loss; free otherwise).
     """
     heads: int
     head_dim: int
@@ -223,7 +229,6 @@ class Attention(nn.Module):
         self.to_out_0 = dense(self.out_features, ("heads", "embed"), **kw)
 
     def __call__(self, x, context=None, mask=None):
-        cross = context is not None
         context = x if context is None else context
         shape, groups = x.shape, context.shape[0]
         if groups != shape[0]:
@@ -232,10 +237,7 @@ class Attention(nn.Module):
                                  f"one per sequence, or one per equal group of sequences and no mask)")
             x = x.reshape(groups, -1, shape[-1])   # queries are independent: a group's sequences attend as one
         split = lambda y: y.reshape(*y.shape[:-1], self.heads, self.head_dim)
-        weights = attention_weights(split(self.to_q(x)), split(self.to_k(context)), mask)
-        if cross:
-            self.sow("intermediates", "cross_attention", weights)
-        out = attend(weights, split(self.to_v(context)))
+        out = dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)), mask)
         return self.to_out_0(out.reshape(*out.shape[:-2], self.heads * self.head_dim)).reshape(shape)
 
 
@@ -321,9 +323,7 @@ class TransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, cond=None, positions=None):
-        """positions: optional [1, L, dim] embedding of each token's place, added before attn1 and attn2
-        through per-channel gains that start at 0 (`ZeroGain`)."""
+    def __call__(self, x, context=None, cond=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: layer_norm(self.norm_eps, affine=not self.adaln_zero, name=name, **kw)
         attention = lambda name: Attention(self.heads, self.head_dim, self.dim, qkv_bias=self.qkv_bias, name=name, **kw)
@@ -332,14 +332,13 @@ class TransformerBlock(nn.Module):
             mod = dense(6 * self.dim, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
                         name="adaLN_modulation", **kw)(nn.silu(cond))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
-        placed = lambda h, name: h if positions is None else h + ZeroGain(name=name, **kw)(positions)
         h = norm("norm1")(x)
         if self.adaln_zero:
             h = h * (1 + scale_msa) + shift_msa
-        h = attention("attn1")(placed(h, "pos_embed_attn1"))
+        h = attention("attn1")(h)
         x = x + (gate_msa * h if self.adaln_zero else h)
         if self.cross_attention:
-            x = x + attention("attn2")(placed(norm("norm2")(x), "pos_embed_attn2"), context)
+            x = x + attention("attn2")(norm("norm2")(x), context)
         h = norm("norm3")(x)
         if self.adaln_zero:
             h = h * (1 + scale_mlp) + shift_mlp
@@ -347,46 +346,14 @@ class TransformerBlock(nn.Module):
         return constrain_tokens(x + (gate_mlp * h if self.adaln_zero else h))
 
 
-class ZeroGain(nn.Module):
-    """x * a per-channel gain that starts at 0: adding it to a trained block leaves its function as it was."""
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        gain = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (x.shape[-1],), self.param_dtype)
-        return (x * gain).astype(self.dtype)
-
-
-def grid_positions(height: int, width: int, dim: int):
-    """[1, height * width, dim] fixed 2-D sinusoidal embedding of each pixel's place: a quarter of the
-    channels each for sin and cos of x and of y (coordinates in [0, 1]), at dim / 4 frequencies from pi
-    (one half period across the image: left and right differ monotonically) up to pi * side / 2."""
-    if dim % 4:
-        raise ValueError(f"grid_positions needs channels divisible by 4, got {dim}")
-    n = dim // 4
-    def axis(size):
-        coord = jnp.linspace(0.0, 1.0, size)
-        freqs = jnp.pi * (max(size, 2) / 2.0) ** (jnp.arange(n) / max(n - 1, 1))
-        angles = coord[:, None] * freqs[None, :]
-        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)        # [size, 2n]
-    y, x = axis(height), axis(width)
-    grid = jnp.concatenate([jnp.broadcast_to(x[None], (height, width, 2 * n)),
-                            jnp.broadcast_to(y[:, None], (height, width, 2 * n))], axis=-1)
-    return grid.reshape(1, height * width, dim)
-
-
 @dataclasses.dataclass(frozen=True)
 class TransformerSpec:
-    """How a resolution block builds its SpatialTransformer (diffusers' Transformer2DModel).
-    `positions` (jaxdiff only): the blocks add `grid_positions` before their attentions (gained from 0)."""
+    """How a resolution block builds its SpatialTransformer (diffusers' Transformer2DModel)."""
     heads: int
     num_layers: int = 1
     use_linear_projection: bool = False
     group_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
-    positions: bool = False
 
 
 class SpatialTransformer(nn.Module):
@@ -412,10 +379,9 @@ class SpatialTransformer(nn.Module):
             h = dense(c, ("channels", "embed"), name="proj_in", **kw)(h.reshape(b, hh * ww, c))
         else:
             h = conv(c, kernel=1, name="proj_in", **kw)(h).reshape(b, hh * ww, c)
-        positions = grid_positions(hh, ww, c).astype(self.dtype) if spec.positions else None
         for i in range(spec.num_layers):
             h = TransformerBlock(c, spec.heads, c // spec.heads, norm_eps=spec.layer_norm_eps,
-                                 name=f"transformer_blocks_{i}", **kw)(h, context, positions=positions)
+                                 name=f"transformer_blocks_{i}", **kw)(h, context)
         if spec.use_linear_projection:
             h = dense(c, ("embed", "channels"), name="proj_out", **kw)(h).reshape(b, hh, ww, c)
         else:
@@ -435,8 +401,8 @@ def _temporal_conv(temporal, i: int, x, num_frames, kw):
     return x if temporal is None else temporal.conv(name=f"temp_convs_{i}", **kw)(x, num_frames)
 
 
-def _temporal_attention(temporal, i: int, x, context, num_frames, kw):
-    return x if temporal is None else temporal.attention(name=f"temp_attentions_{i}", **kw)(x, num_frames, context)
+def _temporal_attention(temporal, i: int, x, num_frames, kw):
+    return x if temporal is None else temporal.attention(name=f"temp_attentions_{i}", **kw)(x, num_frames)
 
 
 def _resnet_layer(block, i: int, x, temb, context, num_frames, kw):
@@ -449,7 +415,7 @@ def _resnet_layer(block, i: int, x, temb, context, num_frames, kw):
     x = _temporal_conv(block.temporal, i, x, num_frames, kw)
     if block.transformer is not None:
         x = SpatialTransformer(block.transformer, block.groups, name=f"attentions_{i}", **kw)(x, context)
-        x = _temporal_attention(block.temporal, i, x, context, num_frames, kw)
+        x = _temporal_attention(block.temporal, i, x, num_frames, kw)
     return x
 
 
@@ -550,7 +516,7 @@ class MidBlock(nn.Module):
         for i in range(self.num_layers):
             if self.transformer is not None:
                 x = SpatialTransformer(self.transformer, self.groups, name=f"attentions_{i}", **kw)(x, context)
-                x = _temporal_attention(self.temporal, i, x, context, num_frames, kw)
+                x = _temporal_attention(self.temporal, i, x, num_frames, kw)
             elif self.self_attention:
                 x = SpatialSelfAttention(1, self.channels, self.channels, qkv_bias=True, groups=self.groups,
                                          eps=self.eps, output_scale_factor=self.output_scale_factor,

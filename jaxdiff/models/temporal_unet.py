@@ -40,15 +40,6 @@ jaxdiff extensions (off by default, so a diffusers checkpoint computes exactly w
   when a conditioning frame is given and 0 everywhere otherwise (no image: all K channels 0,
   which is what classifier-free image dropout trains). diffusers loads the export as a plain
   UNet3DConditionModel with in_channels input channels (it ignores the extra config field).
-- `temporal_text_attention=True`: the second attention of every temporal transformer block attends
-  to the text (diffusers' BasicTransformerBlock without `double_self_attention`) instead of being a
-  second self-attention over the frames. In diffusers' UNet3D the text reaches only the spatial
-  cross-attention, which runs on each frame alone and cannot tell the frames apart, while the
-  temporal layers, which can, never see the text; a caption's motion ("moving left": a displacement
-  growing with the frame index) needs the two together. Those temporal attentions take their
-  queries from the frame-position-embedded tokens and their keys from the caption. The temporal
-  transformers still start as the identity (zero `proj_out`), so `inflate` is unchanged; diffusers
-  cannot run such a model (written with `jaxdiff_fields=True`, as the frame position embedding).
 """
 from __future__ import annotations
 
@@ -61,8 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff.models.checks import CheckpointError, check_supported
 from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerBlock, TransformerSpec,
-                                   UpBlock, conv, constrain_image, dense, group_norm, timestep_embedding)
+                                   UpBlock, conv, constrain_image, dense, group_norm, param_shapes,
+                                   timestep_embedding)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock3D", "UpBlock3D")
@@ -76,8 +69,7 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
 }
 # Fields of the config dataclass that diffusers' UNet3DConditionModel does not have.
 _JAXDIFF_FIELDS = ("num_attention_heads", "transformer_in_heads", "temporal_conv_norm_eps", "attention_norm_eps",
-                   "transformer_norm_eps", "frame_position_embedding", "conditioning_frame_channels",
-                   "temporal_text_attention")
+                   "transformer_norm_eps", "frame_position_embedding", "conditioning_frame_channels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +103,6 @@ class TemporalUNetConfig:
     transformer_norm_eps: float = 1e-5
     frame_position_embedding: str | None = None
     conditioning_frame_channels: int = 0
-    temporal_text_attention: bool = False
     sample_size: int | None = None
 
     def __post_init__(self):
@@ -152,9 +143,6 @@ class TemporalUNetConfig:
         if self.frame_position_embedding not in FRAME_POSITION_EMBEDDINGS:
             raise ValueError(f"TemporalUNetConfig.frame_position_embedding={self.frame_position_embedding!r}; "
                              f"choose one of: {FRAME_POSITION_EMBEDDINGS}")
-        if not isinstance(self.temporal_text_attention, (bool, np.bool_)):
-            raise ValueError(f"TemporalUNetConfig.temporal_text_attention={self.temporal_text_attention!r}: "
-                             f"need True or False")
         k = self.conditioning_frame_channels
         if k and not (2 <= k < self.in_channels):
             raise ValueError(f"TemporalUNetConfig.conditioning_frame_channels={k}: need 0 (no image conditioning) "
@@ -176,7 +164,6 @@ class TemporalUNetConfig:
         Raises CheckpointError naming the field for features we do not implement and for
         fields we do not know.
         """
-        from jaxdiff.convert.common import CheckpointError, check_supported
 
         config = dict(config)
         check_supported(config, _UNSUPPORTED_DIFFUSERS_FIELDS, "UNet3DConditionModel")
@@ -216,9 +203,6 @@ class TemporalUNetConfig:
         if self.frame_position_embedding is not None:
             gaps[("frame_position_embedding",)] = (f"frame_position_embedding={self.frame_position_embedding!r} "
                                                    f"(diffusers: none)")
-        if self.temporal_text_attention:
-            gaps[("temporal_text_attention",)] = ("temporal_text_attention=True (diffusers: the temporal "
-                                                  "transformers see no text)")
         return gaps
 
     def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
@@ -327,11 +311,9 @@ class TemporalTransformer(nn.Module):
     """Self-attention across frames at every pixel, with a residual (diffusers' TransformerTemporalModel).
 
     GroupNorm over (T, H, W) -> linear to heads*head_dim -> [+ frame position embedding] ->
-    transformer blocks (both attention layers self-attention, as diffusers' double_self_attention;
-    with `text_attention` the second attends to the caption) over sequences [B*H*W, T, heads*head_dim]
-    -> zero-initialised linear back to C.
-    x: [B*T, H, W, C], context: [B, L, D_ctx] (a video's caption, shared by its pixels' sequences of
-    frames; needed with `text_attention`) -> [B*T, H, W, C].
+    transformer blocks (both attention layers self-attention, as diffusers' double_self_attention)
+    over sequences [B*H*W, T, heads*head_dim] -> zero-initialised linear back to C.
+    x: [B*T, H, W, C] -> [B*T, H, W, C].
     """
     heads: int
     head_dim: int
@@ -340,20 +322,14 @@ class TemporalTransformer(nn.Module):
     norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
     frame_position_embedding: str | None = None
-    text_attention: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, num_frames: int, context=None):
+    def __call__(self, x, num_frames: int):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         video = _unflatten_frames(x, num_frames)
         b, t, hh, ww, c = video.shape
-        if self.text_attention:
-            if context is None:
-                raise ValueError("a temporal transformer with text attention needs context=[B, L, D_ctx]")
-        else:
-            context = None
         inner = self.heads * self.head_dim
         h = group_norm(self.groups, self.norm_eps, name="norm", **kw)(video)
         h = h.transpose(0, 2, 3, 1, 4).reshape(b * hh * ww, t, c)
@@ -362,7 +338,7 @@ class TemporalTransformer(nn.Module):
             h = h + frame_position_embedding(t, inner)[None].astype(h.dtype)
         for i in range(self.num_layers):
             h = TransformerBlock(inner, self.heads, self.head_dim, cross_attention=True, norm_eps=self.layer_norm_eps,
-                                 name=f"transformer_blocks_{i}", **kw)(h, context)
+                                 name=f"transformer_blocks_{i}", **kw)(h)
         h = dense(c, ("embed", "channels"), kernel_init=nn.initializers.zeros_init(), name="proj_out", **kw)(h)
         h = h.reshape(b, hh, ww, t, c).transpose(0, 3, 1, 2, 4)
         return constrain_image((video + h).reshape(x.shape))
@@ -378,7 +354,6 @@ class TemporalSpec:
     attention_norm_eps: float = 1e-6
     layer_norm_eps: float = 1e-5
     frame_position_embedding: str | None = None
-    text_attention: bool = False
 
     def conv(self, **kw) -> TemporalConv:
         return TemporalConv(self.groups, self.conv_norm_eps, **kw)
@@ -386,8 +361,7 @@ class TemporalSpec:
     def attention(self, **kw) -> TemporalTransformer:
         return TemporalTransformer(self.heads, self.head_dim, self.groups, norm_eps=self.attention_norm_eps,
                                    layer_norm_eps=self.layer_norm_eps,
-                                   frame_position_embedding=self.frame_position_embedding,
-                                   text_attention=self.text_attention, **kw)
+                                   frame_position_embedding=self.frame_position_embedding, **kw)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -397,6 +371,13 @@ class TemporalUNet(nn.Module):
     config: TemporalUNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """The smallest (args, kwargs) this U-Net accepts, for tracing its init (`layers.param_shapes`)."""
+        c = self.config
+        size = 2 ** (len(c.block_out_channels) - 1)
+        return (jnp.zeros((1, 2, size, size, c.latent_channels)), jnp.zeros((1,)),
+                jnp.zeros((1, 1, c.cross_attention_dim))), {}
 
     def _transformer(self, i: int) -> TransformerSpec:
         # diffusers' UNet3D blocks always use linear projections and one transformer layer.
@@ -408,8 +389,7 @@ class TemporalUNet(nn.Module):
         c = self.config
         heads = c.num_attention_heads[i]
         return TemporalSpec(c.norm_num_groups, heads, c.block_out_channels[i] // heads, c.temporal_conv_norm_eps,
-                            c.attention_norm_eps, c.transformer_norm_eps, c.frame_position_embedding,
-                            c.temporal_text_attention)
+                            c.attention_norm_eps, c.transformer_norm_eps, c.frame_position_embedding)
 
     @nn.compact
     def __call__(self, x, t, context, cond_frames=None, cond_present=None):
@@ -450,8 +430,8 @@ class TemporalUNet(nn.Module):
         h = constrain_image(conv(c.block_out_channels[0], name="conv_in", **kw)(h))
         h = TemporalTransformer(c.transformer_in_heads, c.attention_head_dim, c.norm_num_groups,
                                 norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps,
-                                frame_position_embedding=c.frame_position_embedding,
-                                text_attention=c.temporal_text_attention, name="transformer_in", **kw)(h, frames, context)
+                                frame_position_embedding=c.frame_position_embedding, name="transformer_in",
+                                **kw)(h, frames)
 
         skips = [h]
         for i, block_type in enumerate(c.down_block_types):
@@ -480,23 +460,12 @@ class TemporalUNet(nn.Module):
         return h.reshape(b, frames, height, width, c.out_channels)
 
 
-def init_params(module: TemporalUNet, key, num_frames: int = 2, jit: bool = True):
-    """Random params (plain arrays) for `module`, temporal layers zero-ended (the identity)."""
-    c = module.config
-    size = 2 ** (len(c.block_out_channels) - 1)
-    x = jnp.zeros((1, num_frames, size, size, c.latent_channels))
-    ctx = jnp.zeros((1, 1, c.cross_attention_dim))
-    init = lambda k: module.init(k, x, jnp.zeros((1,)), ctx)["params"]
-    return nn.meta.unbox((jax.jit(init) if jit else init)(key))
-
-
 # ----------------------------------------------------------------------------- inflation
 
 # UNetConfig (2-D) fields that a video U-Net cannot take from an image U-Net: value needed.
 _INFLATABLE = {"flip_sin_to_cos": True, "freq_shift": 0, "resnet_time_scale_shift": "default",
                "num_class_embeds": None, "center_input_sample": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-               "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_norm_eps": 1e-6, "transformer_norm_eps": 1e-5,
-               "input_coordinates": False, "context_layers": 0, "attention_positions": False}
+               "mid_block_type": "UNetMidBlock2DCrossAttn", "attention_norm_eps": 1e-6, "transformer_norm_eps": 1e-5}
 
 
 def inflated_config(unet_config, **overrides) -> TemporalUNetConfig:
@@ -557,10 +526,8 @@ def inflate(unet, unet_params, key=None, **overrides):
     the video U-Net's output on [B, T, H, W, C] is the image U-Net's output on each frame.
     `overrides`: see `inflated_config`.
     """
-    from jaxdiff.convert.diffusers import param_template   # jaxdiff.convert imports the models
-
     module = TemporalUNet(inflated_config(unet.config, **overrides), dtype=unet.dtype, param_dtype=unet.param_dtype)
-    template = traverse_util.flatten_dict(param_template(module))
+    template = traverse_util.flatten_dict(param_shapes(module))
     image = traverse_util.flatten_dict(nn.meta.unbox(unet_params))
     keys = jax.random.split(jax.random.key(0) if key is None else key, len(template))
     out, used = {}, set()

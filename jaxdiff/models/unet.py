@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.clip import CLIPTextConfig, EncoderLayer
-from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerSpec, UpBlock, ZeroGain, conv,
+from jaxdiff.models.checks import CheckpointError, check_supported
+from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerSpec, UpBlock, conv,
                                    constrain_image, group_norm, timestep_embedding)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -50,8 +50,6 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
 }
 # Fields that only matter to the unsupported features above.
 _IGNORED_DIFFUSERS_FIELDS = {"addition_embed_type_num_heads"}
-# jaxdiff's own UNetConfig fields -> their defaults (a diffusers U-Net)
-_JAXDIFF_FIELDS = {"input_coordinates": False, "context_layers": 0, "context_heads": 4, "attention_positions": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,21 +89,6 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     sample_size: int | None = None
-    # jaxdiff only (CoordConv, Liu et al. 2018): two channels of x and y in [-1, 1] concatenated to the
-    # input before conv_in. Zero-padded convolutions tell the middle of a small latent barely apart from
-    # its sides (README, "Why positions fail"); place words need that absolute position.
-    input_coordinates: bool = False
-    # jaxdiff only: bidirectional transformer layers over the text context before any block reads it
-    # (CLIP's pre-LN layer without the causal mask, `context_heads` heads), each added through a
-    # per-channel gate that starts at 0, so adding them to a trained U-Net keeps its function. A causal
-    # text encoder's noun states cannot see the words after them ("a red circle on the left").
-    context_layers: int = 0
-    context_heads: int = 4
-    # jaxdiff only: every spatial transformer block adds a fixed 2-D sinusoidal embedding of each
-    # pixel's place to its attention inputs, through per-channel gains that start at 0 (diffusers'
-    # BasicTransformerBlock has the 1-D form, `positional_embeddings`). Cross-attention queries then
-    # know where they are, so a word can steer a place.
-    attention_positions: bool = False
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -135,10 +118,6 @@ class UNetConfig:
         if not isinstance(self.cross_attention_dim, (int, np.integer)):
             raise ValueError(f"UNetConfig.cross_attention_dim={self.cross_attention_dim!r}: only one int "
                              f"(the same context width for every block) is supported")
-        if self.context_layers < 0 or (self.context_layers and self.cross_attention_dim % self.context_heads):
-            raise ValueError(f"UNetConfig.context_layers={self.context_layers}, context_heads={self.context_heads}: "
-                             f"need context_layers >= 0 and context_heads dividing cross_attention_dim="
-                             f"{self.cross_attention_dim}")
         for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
             if ch % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: block channels {ch} not divisible by norm_num_groups={self.norm_num_groups}")
@@ -156,8 +135,6 @@ class UNetConfig:
         Raises CheckpointError naming the field for features we do not implement and for
         fields we do not know.
         """
-        # Imported here because jaxdiff.convert imports the models.
-        from jaxdiff.convert.common import CheckpointError, check_supported
 
         config = dict(config)
         check_supported(config, _UNSUPPORTED_DIFFUSERS_FIELDS, "UNet2DConditionModel")
@@ -182,31 +159,14 @@ class UNetConfig:
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
-    def jaxdiff_only(self) -> dict:
-        """The settings diffusers has no counterpart for ({field: value}; empty for a diffusers U-Net)."""
-        return {f: getattr(self, f) for f, default in _JAXDIFF_FIELDS.items()
-                if getattr(self, f) != default and (f != "context_heads" or self.context_layers)}
-
-    def plain(self) -> "UNetConfig":
-        """This U-Net without its jaxdiff-only parts (a diffusers UNet2DConditionModel's config)."""
-        return dataclasses.replace(self, **_JAXDIFF_FIELDS)
-
-    def to_diffusers_config(self, jaxdiff_fields: bool = False) -> dict:
-        """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel). The jaxdiff-only
-        settings (coordinate inputs, context layers) are refused unless `jaxdiff_fields`, then written as
-        extra fields that `from_diffusers_config` reads back (diffusers ignores them, with a warning, and
-        cannot load their weights)."""
-        extra = self.jaxdiff_only()
-        if extra and not jaxdiff_fields:
-            raise ValueError(f"UNet2DConditionModel cannot express {extra} (jaxdiff-only settings); export with "
-                             f"jaxdiff_fields=True for jaxdiff to load")
+    def to_diffusers_config(self) -> dict:
+        """The diffusers `config.json` dict for this U-Net (UNet2DConditionModel)."""
         if (self.attention_norm_eps, self.transformer_norm_eps) != (1e-6, 1e-5):
             raise ValueError("diffusers fixes attention_norm_eps=1e-6 and transformer_norm_eps=1e-5; this config has "
                              f"{self.attention_norm_eps}, {self.transformer_norm_eps}")
         out = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
-            if f.name in ("num_attention_heads", "attention_norm_eps", "transformer_norm_eps") or \
-                    (f.name in _JAXDIFF_FIELDS and f.name not in extra):
+            if f.name in ("num_attention_heads", "attention_norm_eps", "transformer_norm_eps"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -222,12 +182,18 @@ class UNet2DCondition(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """The smallest (args, kwargs) this U-Net accepts, for tracing its init (`layers.param_shapes`)."""
+        c = self.config
+        size = 2 ** (len(c.block_out_channels) - 1)
+        args = (jnp.zeros((1, size, size, c.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, c.cross_attention_dim)))
+        return args, ({"class_labels": jnp.zeros((1,), jnp.int32)} if c.num_class_embeds is not None else {})
+
     def _transformer(self, i: int) -> TransformerSpec:
         c = self.config
         return TransformerSpec(heads=c.num_attention_heads[i], num_layers=c.transformer_layers_per_block[i],
                                use_linear_projection=c.use_linear_projection,
-                               group_norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps,
-                               positions=c.attention_positions)
+                               group_norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps)
 
     @nn.compact
     def __call__(self, x, t, context=None, class_labels=None):
@@ -258,11 +224,6 @@ class UNet2DCondition(nn.Module):
             x = 2 * x - 1
         if context is not None:
             context = context.astype(self.dtype)
-            for i in range(c.context_layers):
-                context = GatedContextLayer(c.cross_attention_dim, c.context_heads, name=f"context_layers_{i}",
-                                            **kw)(context)
-        if c.input_coordinates:
-            x = jnp.concatenate([x, coordinate_channels(x.shape[0], x.shape[1], x.shape[2], x.dtype)], axis=-1)
         h = constrain_image(conv(c.block_out_channels[0], c.conv_in_kernel, name="conv_in", **kw)(x))
 
         skips = [h]
@@ -292,25 +253,3 @@ class UNet2DCondition(nn.Module):
         h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name="conv_norm_out", **kw)(h))
         return conv(c.out_channels, c.conv_out_kernel, name="conv_out", **kw)(h)
 
-
-class GatedContextLayer(nn.Module):
-    """context + gate * (layer(context) - context): a bidirectional pre-LN transformer layer over the text
-    context, gated per channel from 0 (LayerScale / ReZero style), so it starts as the identity."""
-    width: int
-    heads: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, context):
-        config = CLIPTextConfig(hidden_size=self.width, intermediate_size=4 * self.width, projection_dim=self.width,
-                                num_hidden_layers=1, num_attention_heads=self.heads)
-        out = EncoderLayer(config, self.dtype, self.param_dtype, name="layer")(context)
-        return context + ZeroGain(name="gate", dtype=self.dtype, param_dtype=self.param_dtype)(out - context)
-
-
-def coordinate_channels(batch: int, height: int, width: int, dtype=jnp.float32):
-    """[batch, height, width, 2]: each pixel's x (column) and y (row) centre, scaled to [-1, 1]."""
-    y, x = jnp.meshgrid(jnp.linspace(-1.0, 1.0, height, dtype=dtype), jnp.linspace(-1.0, 1.0, width, dtype=dtype),
-                        indexing="ij")
-    return jnp.broadcast_to(jnp.stack([x, y], axis=-1), (batch, height, width, 2))

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.checks import CheckpointError, check_supported
 from jaxdiff.models.layers import DownBlock, MidBlock, UpBlock, conv, constrain_image, group_norm
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -69,8 +70,6 @@ class AutoencoderKLConfig:
     def from_diffusers_config(cls, config: dict) -> "AutoencoderKLConfig":
         """From a diffusers AutoencoderKL `config.json` dict; unsupported or unknown fields raise
         CheckpointError naming the field."""
-        # Imported here because jaxdiff.convert imports the models.
-        from jaxdiff.convert.common import CheckpointError, check_supported
 
         config = dict(config)
         check_supported(config, _UNSUPPORTED_DIFFUSERS_FIELDS, "AutoencoderKL")
@@ -164,6 +163,11 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = conv(2 * c.latent_channels, kernel=1, dtype=self.dtype, param_dtype=self.param_dtype)
         if c.use_post_quant_conv:
             self.post_quant_conv = conv(c.latent_channels, kernel=1, dtype=jnp.float32, param_dtype=self.param_dtype)
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """The smallest (args, kwargs) this VAE accepts, for tracing its init (`layers.param_shapes`)."""
+        f = self.config.downsample_factor
+        return (jnp.zeros((1, f, f, self.config.in_channels)),), {}
 
     def encode(self, x):
         """x: [B, H, W, C] -> (mean, logvar), each [B, H/f, W/f, latent_channels], logvar clamped to [-30, 20]."""

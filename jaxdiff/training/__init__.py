@@ -1,7 +1,7 @@
 """Training: train state, optimizer, EMA, the sharded train step, orbax checkpoints, the loop and recipes.
 
     from jaxdiff.training import train
-    result = train(config, "/work/runs/clip", resume=True)   # config from configs/<recipe>.py
+    result = train(config, "runs/clip", resume=True)   # config from configs/<recipe>.py
 """
 from jaxdiff.training.checkpoint import Checkpoints, load_params
 from jaxdiff.training.config import base_config, validate

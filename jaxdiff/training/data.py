@@ -107,31 +107,6 @@ def make_batches(data, batch_size: int, seed: int):
     return shapes_batches(data, batch_size, seed), spec
 
 
-def first_examples(data, examples: int, batch_size: int = 500):
-    """Batches {'image', 'tokens'} (numpy) of the first `examples` training examples of captioned `config.data`,
-    in stored order and the same on every process: for statistics of the data (the diffusion recipe's
-    caption means). 'squares' has no stored order; its first examples are those of seed 0."""
-    spec = data_spec(data)
-    if spec.source == "toy2d" or not spec.max_length:
-        raise ValueError(f"data.source={spec.source!r} has no captions")
-    if not (isinstance(examples, int) and examples > 0):
-        raise ValueError(f"examples={examples!r}: need a positive int")
-    if spec.source == "squares":
-        yield squares(np.random.default_rng(0), examples, spec.image_size)
-        return
-    from jaxdiff.data import DataConfig, make_dataset
-
-    cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None, resolution=data.image_size,
-                     batch_size=batch_size, shuffle=False, num_epochs=1, drop_remainder=False)
-    seen = 0
-    for batch in make_dataset(cfg, shapes_tokenizer(data), shard_index=0, shard_count=1):
-        take = min(examples - seen, len(batch["tokens"]))
-        yield {"image": batch["image"][:take], "tokens": batch["tokens"][:take]}
-        seen += take
-        if seen == examples:
-            return
-
-
 def data_spec(data) -> DataSpec:
     """The DataSpec of `config.data` without opening the data (for building a trained model)."""
     source = choice(data.get("source", ""), SOURCES, "data.source")
@@ -179,22 +154,10 @@ class CaptionedBatches:
 def shapes_batches(data, batch_size: int, seed: int) -> CaptionedBatches:
     """A `jaxdiff.data` tfds dataset (the built-in `shapes` by default; prepare it first with
     `python -m jaxdiff.data.prepare shapes --data_dir DIR`) through its grain pipeline, captions
-    tokenised by `shapes_tokenizer`. With `data.token_masks` = R > 0 (a `shapes` dataset), batches also
-    hold 'token_masks' float32 [B, L, R, R]: the pixels each caption token describes
-    (`jaxdiff.data.grounding`), the targets of a cross-attention grounding loss."""
+    tokenised by `shapes_tokenizer`."""
     from jaxdiff.data import DataConfig, make_dataset
-    from jaxdiff.data.grounding import TokenMasks
 
-    name = data.get("name", "shapes")
-    cfg = DataConfig(name=name, data_dir=data.get("data_dir") or None,
+    cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None,
                      resolution=data.image_size, batch_size=batch_size, seed=seed,
                      worker_count=data.get("worker_count", 0))
-    tokenizer = shapes_tokenizer(data)
-    extras = None
-    resolution = data.get("token_masks", 0)
-    if resolution:
-        if not (isinstance(resolution, int) and resolution > 0 and name.split("/")[0] == "shapes"):
-            raise ValueError(f"config.data.token_masks={resolution!r} with data name {name!r}: token masks need a "
-                             f"positive int resolution and the built-in 'shapes' dataset (its objects)")
-        extras = TokenMasks(resolution, tokenizer.max_length)
-    return CaptionedBatches(iter(make_dataset(cfg, tokenizer, extras=extras)))
+    return CaptionedBatches(iter(make_dataset(cfg, shapes_tokenizer(data))))

@@ -10,7 +10,7 @@
 Test images are rendered from the split's scenes (`jaxdiff.data.render.scene_at(seed, 2, i)`),
 which is exactly what the tfds `shapes` test split stores, so no prepared data is needed.
 
-    python -m jaxdiff.training.evaluate --workdir /work/runs/clip_shapes   # a clip or vae run
+    python -m jaxdiff.training.evaluate --workdir runs/clip_shapes   # a clip or vae run
 """
 from __future__ import annotations
 

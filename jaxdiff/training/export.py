@@ -1,7 +1,7 @@
 """A trained latent text-to-image or text-to-video run -> a diffusers pipeline folder.
 
-    python -m jaxdiff.training.export --workdir /work/runs/ld_shapes --out jaxdiff/assets/shapes
-    python -m jaxdiff.training.export --workdir /work/runs/vd_inflated --out /tmp/vd_inflated_model
+    python -m jaxdiff.training.export --workdir runs/ld_shapes --out jaxdiff/assets/shapes
+    python -m jaxdiff.training.export --workdir runs/vd_inflated --out /tmp/vd_inflated_model
 
 Reads the latent-diffusion run's config, its EMA U-Net, and the EMA weights of the VAE and
 CLIP it was trained on (`model.vae.checkpoint`, `model.text_encoder.checkpoint`: runs, or model
@@ -21,11 +21,6 @@ The run's `config.model.backbone` picks the pipeline:
   embeddings, per-block heads) go into unet/config.json as extra fields that jaxdiff reads back;
   diffusers itself cannot run such a U-Net. The frames it was trained on are in training.json
   (the diffusion run's data name or model.num_frames).
-
-A text-to-image U-Net with jaxdiff-only parts (input_coordinates, context_layers, attention_positions) is
-written with them as extra config fields, which only jaxdiff loads; `--plain` drops them (the U-Net as if
-they were zero: gains and gates 0, coordinate weights 0), so that diffusers loads the folder, and records
-what was dropped in training.json.
 
 The folder is written next to `--out` and renamed into place when complete, so a failed export
 never leaves a half-written model, and an existing folder is replaced only with --overwrite.
@@ -100,12 +95,10 @@ PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
 }
 
 
-def export_text_to_image(workdir: str, out: str, overwrite: bool = False, plain: bool = False,
-                         weights: str = "ema") -> str:
+def export_text_to_image(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
     """Writes the StableDiffusionPipeline folder of latent text-to-image run `workdir` (backbone unet) to
-    `out`; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (see `main`'s --plain); `weights`:
-    the checkpoint's 'ema' or trained 'params'."""
-    return _export(workdir, out, overwrite, "unet", plain, weights)
+    `out`; returns `out`. `weights`: the checkpoint's 'ema' or trained 'params'."""
+    return _export(workdir, out, overwrite, "unet", weights)
 
 
 def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str:
@@ -114,24 +107,24 @@ def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str
     return _export(workdir, out, overwrite, "temporal_unet")
 
 
-def export_run(workdir: str, out: str, overwrite: bool = False, plain: bool = False, weights: str = "ema") -> str:
+def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
-    config.model.backbone; returns `out`. `plain`: without the U-Net's jaxdiff-only parts (text-to-image);
-    `weights`: the checkpoint's 'ema' (default) or trained 'params'."""
+    config.model.backbone; returns `out`. `weights`: the checkpoint's 'ema' (default) or trained 'params'."""
     config = read_run_config(workdir)
     backbone = config.model.get("backbone")
     if config.get("recipe") != "diffusion" or backbone not in PIPELINES:
         raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
                          + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
-    return _export(workdir, out, overwrite, backbone, plain, weights)
+    return _export(workdir, out, overwrite, backbone, weights)
 
 
-def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool = False, weights: str = "ema") -> str:
+def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str = "ema") -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
-    from jaxdiff.training.recipes.diffusion import image_unet, pruned, split_params, video_unet
+    from jaxdiff.training.recipes.diffusion.backbones import image_unet, video_unet
+    from jaxdiff.training.recipes.diffusion.config import ModelConfig
 
     pipeline, video = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
@@ -161,30 +154,19 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool 
 
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
                                      "sample_size": spec.image_size})
-    unet_args = (m, vae_cfg.latent_channels, spec.image_size // vae_cfg.downsample_factor, jnp.float32)
+    latent_size = spec.image_size // vae_cfg.downsample_factor
     # The recipe's own builders: an inflated video U-Net's architecture comes from its image run.
-    unet = video_unet(*unet_args)[0] if video else image_unet(*unet_args)
-    dropped = unet.config.jaxdiff_only() if plain else {}
-    if plain and (video or not dropped):
-        raise ValueError(f"--plain drops a text-to-image U-Net's jaxdiff-only parts; {workdir!r} has "
-                         + ("a video U-Net" if video else "none"))
+    unet = video_unet(ModelConfig.of(m), vae_cfg.latent_channels, latent_size, jnp.float32)[0] if video else \
+        image_unet(m.unet.to_dict(), vae_cfg.latent_channels, latent_size, jnp.float32)
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
     clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
     clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
-    # A run that trained its text encoder carries it; clip/ stays the CLIP run's (both towers).
-    unet_params, text_params = split_params(m, load_params(workdir, weights, records["diffusion"]["step"]))
-    if text_params is None:
-        text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
+    unet_params = load_params(workdir, weights, records["diffusion"]["step"])
+    text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
-    if dropped:   # the record then describes the U-Net that is written, and what it lost
-        unet = dataclasses.replace(unet, config=unet.config.plain())
-        unet_params = pruned(unet, unet_params)
-        records["diffusion"]["config"]["model"]["unet"].update({f: getattr(unet.config, f) for f in dropped})
-        records["diffusion"]["dropped"] = dropped
 
     def write(folder: str) -> None:
-        to_diffusers(unet, unet_params, os.path.join(folder, "unet"),
-                     jaxdiff_fields=video or bool(unet.config.jaxdiff_only()))
+        to_diffusers(unet, unet_params, os.path.join(folder, "unet"), jaxdiff_fields=video)
         to_diffusers(AutoencoderKL(vae_cfg), vae_params, os.path.join(folder, "vae"))
         to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))
@@ -196,7 +178,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, plain: bool 
             "unet": ["diffusers", pipeline.unet_class], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
-        _write_json(os.path.join(folder, "training.json"), records)
+        _write_json(os.path.join(folder, "training.json"), relative_paths(records))
 
     return _write_atomically(out, write)
 
@@ -222,6 +204,19 @@ def _write_atomically(out: str, write: Callable[[str], None]) -> str:
     return out
 
 
+# the record fields that name run workdirs or model folders
+PATH_FIELDS = ("checkpoint", "init_from", "workdir")
+
+
+def relative_paths(record):
+    """The record with every absolute run or folder path (PATH_FIELDS) relative to the working directory, so
+    the provenance names what the reproduction commands name, and no machine's folders."""
+    if isinstance(record, dict):
+        return {k: os.path.relpath(v) if k in PATH_FIELDS and isinstance(v, str) and os.path.isabs(v)
+                else relative_paths(v) for k, v in record.items()}
+    return record
+
+
 def _write_json(path: str, value) -> None:
     with open(path, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True, default=lambda v: list(v) if isinstance(v, tuple) else str(v))
@@ -232,14 +227,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="the latent text-to-image or text-to-video diffusion run's folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--plain", action="store_true",
-                   help="drop the U-Net's jaxdiff-only parts (position gains, context layers, coordinate inputs: "
-                        "as if they were zero), so that diffusers loads it; its outputs change by what they learned")
     p.add_argument("--weights", choices=("ema", "params"), default="ema",
                    help="the checkpoint's EMA (default) or its trained parameters (a short fine-tune's EMA lags them)")
     args = p.parse_args(argv)
     try:
-        print(export_run(args.workdir, args.out, args.overwrite, args.plain, args.weights))
+        print(export_run(args.workdir, args.out, args.overwrite, args.weights))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ OPPOSITES = {"left": "right", "right": "left", "top": "bottom", "bottom": "top",
 
 def text_config_for(fields: dict, spec) -> CLIPTextConfig:
     """A text tower config from `fields`, with vocabulary, length and special ids from the data's tokenizer."""
-    fields = {k: v for k, v in fields.items() if k not in ("checkpoint", "trainable")}   # run settings
+    fields = {k: v for k, v in fields.items() if k != "checkpoint"}   # a run setting
     return CLIPTextConfig(**{**fields, "vocab_size": spec.vocab_size, "max_position_embeddings": spec.max_length,
                              "pad_token_id": spec.pad_token_id, "bos_token_id": spec.bos_token_id,
                              "eos_token_id": spec.eos_token_id})

@@ -1,6 +1,6 @@
 """The 2-D toy (`jaxdiff.toy2d`'s dataset and MLP denoiser) through the real trainer.
 
-config.model: hidden, schedule, num_train_timesteps, prediction_type, weighting, sample_steps.
+config.model: hidden, sample_steps and the `Objective` fields (schedule, prediction_type, weighting, ...).
 The sample "grid" is a 2-D histogram of DDPM samples, drawn as an image.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxdiff import samplers
 from jaxdiff.toy2d import MLPDenoiser
-from jaxdiff.training.recipes.diffusion import denoising_loss, schedule_for
+from jaxdiff.training.recipes.diffusion.objective import Objective
 from jaxdiff.training.task import Task, init_boxed
 
 EXTENT = 3.5  # the histogram covers [-EXTENT, EXTENT]^2
@@ -26,7 +26,8 @@ def histogram_image(points, bins: int = 64):
 
 def build(c, spec) -> Task:
     m = c.model
-    schedule = schedule_for(m)
+    objective = Objective.of(m)
+    schedule = objective.make_schedule()
     net = MLPDenoiser(hidden=m.hidden)
 
     def init(key):
@@ -34,7 +35,7 @@ def build(c, spec) -> Task:
 
     def loss(params, frozen, batch, key, step):
         apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t)
-        return denoising_loss(apply_fn, batch["x"], key, schedule, m), {}
+        return objective.loss(apply_fn, batch["x"], key, schedule), {}
 
     def sample(params, frozen, key):
         noise = jax.random.normal(key, (2048, 2))

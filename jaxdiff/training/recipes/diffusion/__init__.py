@@ -1,0 +1,124 @@
+"""Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a U-Net,
+a DiT or a video U-Net, optionally conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et
+al. 2022) with caption dropout for classifier-free guidance (Ho & Salimans 2022); text-to-video and
+image-to-video with a TemporalUNet (ModelScope, Wang et al. 2023) on videos batch["image"] [B, T, H, W, 3].
+
+The recipe by concept: `config` (the typed `config.model`), `objective` (schedule, prediction type,
+weighting, timesteps), `backbones` (the network, fine-tuned or inflated), `latents` (the frozen VAE and
+text encoder); this module puts them together into the trainer's `Task`.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import diffusion, guidance, samplers
+from jaxdiff.training.recipes.diffusion.backbones import backbone
+from jaxdiff.training.recipes.diffusion.config import ModelConfig
+from jaxdiff.training.recipes.diffusion.latents import Latents, text_encoder, vae_config
+from jaxdiff.training.task import Task, init_boxed, rebox
+
+
+def build(c, spec) -> Task:
+    m = ModelConfig.of(c.model)
+    dtype = jnp.dtype(c.dtype)
+    schedule = m.objective.make_schedule()
+    if m.video and spec.source != "shapes":
+        raise ValueError(f"config.model.backbone='temporal_unet' trains on videos: config.data.source="
+                         f"{spec.source!r} has none; use 'shapes' with a video dataset name such as "
+                         f"'moving_shapes/32px-8f'")
+    size, channels, frozen = spec.image_size, 3, {}
+    key = lambda i: jax.random.fold_in(jax.random.key(c.seed), i)
+    latents = Latents(vae_config(m.vae), dtype) if m.latent else None
+    if latents:
+        frozen["vae"] = latents.frozen(m.vae, size, f"{m.space} diffusion's vae", key(1))
+        size, channels = size // latents.config.downsample_factor, latents.config.latent_channels
+    if m.text:
+        encoder, frozen["text"] = text_encoder(m.text_encoder, spec, dtype, f"{m.space} diffusion's text", key(2))
+        empty = jnp.asarray(spec.empty_tokens, jnp.int32)
+    emphasized = emphasis_ids(m, spec)
+    net, initial = backbone(m, channels, size, dtype)
+    # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
+    example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
+    cond_channels = net.config.conditioning_frame_channels if m.video else 0
+    encode_text = lambda frozen, tokens: encoder.apply({"params": frozen["text"]}, tokens)[0]
+
+    def init(key):
+        ctx = jnp.zeros((1, spec.max_length, encoder.config.hidden_size)) if m.text else None
+        params = init_boxed(net, key, jnp.zeros((1, *example)), jnp.zeros((1,)), ctx)
+        return params if initial is None else rebox(initial(key, nn.meta.unbox(params)), params)
+
+    def loss(params, frozen, batch, key, step):
+        k_post, k_drop, k_loss = jax.random.split(key, 3)
+        x0 = batch["image"]
+        if m.video and x0.ndim != 5:
+            raise ValueError(f"config.model.backbone='temporal_unet' trains on videos [B, T, H, W, 3], but "
+                             f"config.data (name={c.data.get('name')!r}) gives images of shape {x0.shape}")
+        if latents:
+            x0 = latents.encode(frozen["vae"], x0, k_post)
+        context, net_kwargs, weights = None, {}, None
+        if m.text:
+            drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
+            context = encode_text(frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]))
+        if cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
+            keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.image_dropout, (x0.shape[0],))
+            net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
+        if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
+            hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
+            weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
+        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx, **net_kwargs)
+        return m.objective.loss(apply_fn, x0, k_loss, schedule, context, weights), {}
+
+    def sample(params, frozen, key):
+        n = len(spec.preview_prompts) if m.text else 8
+        correlation = m.objective.frame_noise_correlation
+        noise = diffusion.frame_correlated_noise(key, (n, *example), correlation)
+        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx)
+        if m.text:
+            context = encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
+            uncond = encode_text(frozen, jnp.broadcast_to(empty, (n, empty.size)))
+            model_fn = guidance.cfg(apply_fn, context, uncond, m.guidance_scale)
+        else:
+            model_fn = lambda x, t: apply_fn(x, t, None)
+        x = samplers.sample(model_fn, schedule, noise, key=jax.random.fold_in(key, 1), method=m.sample_method,
+                            steps=m.sample_steps, prediction_type=m.objective.prediction_type,
+                            noise_fn=functools.partial(diffusion.frame_correlated_noise, correlation=correlation,
+                                                       axis=2))
+        x = jnp.clip((latents.decode(frozen["vae"], x) if latents else x) / 2 + 0.5, 0.0, 1.0)
+        if m.video:   # [N, T, H, W, 3] -> [N, H, T*W, 3]: each video's frames side by side
+            x = x.transpose(0, 2, 1, 3, 4).reshape(n, x.shape[2], -1, x.shape[-1])
+        return x
+
+    return Task(init=init, loss=loss, frozen=frozen or None, sample=sample)
+
+
+def emphasis_ids(m: ModelConfig, spec) -> jax.Array | None:
+    """The token ids of `m.emphasis_words`, each a single word of the captions' vocabulary (None without any)."""
+    if not m.emphasis_words:
+        return None
+    if not m.text or spec.tokenize is None:
+        raise ValueError("config.model.emphasis_words needs captioned data and a text encoder")
+    words = list(m.emphasis_words)
+    ids = spec.tokenize(words)
+    bad = [w for w, row in zip(words, ids) if row[2] != spec.eos_token_id or row[1] == spec.unk_token_id]
+    if bad:
+        raise ValueError(f"config.model.emphasis_words: {bad} are not single words of the captions' vocabulary")
+    return jnp.asarray(np.asarray(ids[:, 1]))
+
+
+def num_frames_for(c, m: ModelConfig) -> int:
+    """config.model.num_frames, else the frames of a `moving_shapes/{R}px-{T}f...` data name."""
+    from jaxdiff.data.moving_shapes import frames_of
+
+    if m.num_frames:
+        return int(m.num_frames)
+    name = c.data.get("name", "") or ""
+    frames = frames_of(name)
+    if frames is None:
+        raise ValueError(f"config.data.name={name!r} is not a moving_shapes config: set config.model.num_frames (the "
+                         f"frames of the preview videos)")
+    return frames

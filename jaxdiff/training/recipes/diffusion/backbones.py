@@ -1,0 +1,81 @@
+"""The denoising network of a diffusion config: a U-Net, a DiT or a video U-Net, from scratch, fine-tuned
+from a trained text-to-image U-Net (`init_from`), or inflated from one into a video U-Net."""
+from __future__ import annotations
+
+import logging
+
+from jaxdiff.models import DiT, DiTConfig, TemporalUNet, TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
+from jaxdiff.models.temporal_unet import inflated_config
+from jaxdiff.training import sources
+from jaxdiff.training.recipes.diffusion.config import ModelConfig
+from jaxdiff.training.recipes.diffusion.latents import vae_config
+
+log = logging.getLogger(__name__)
+
+
+def image_unet(unet_fields: dict, channels: int, size: int, dtype) -> UNet2DCondition:
+    """The 2-D U-Net of `unet_fields` (UNetConfig fields) on `channels` x size x size inputs."""
+    return UNet2DCondition(UNetConfig(**{**unet_fields, "in_channels": channels, "out_channels": channels,
+                                         "sample_size": size}), dtype=dtype)
+
+
+def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[TemporalUNet, UNet2DCondition | None]:
+    """The video U-Net on `channels`-channel latents of size x size, and the image U-Net it inflates: None
+    from scratch (`m.temporal_unet`), else that of `m.init_from` (read from its config; no weights loaded)."""
+    if m.temporal_unet:
+        t = m.temporal_unet
+        fields = {"in_channels": channels + t.get("conditioning_frame_channels", 0), "out_channels": channels,
+                  "sample_size": size}
+        return TemporalUNet(TemporalUNetConfig(**{**t, **fields}), dtype=dtype), None
+    unet = source_unet(m, size, dtype)
+    return TemporalUNet(inflated_config(unet.config, **(m.temporal or {})), dtype=dtype), unet
+
+
+def backbone(m: ModelConfig, channels: int, size: int, dtype):
+    """(the denoising network, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh
+    random init: the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet))."""
+    if m.backbone == "dit":
+        return DiT(DiTConfig(**{**m.dit, "in_channels": channels, "out_channels": channels,
+                                "sample_size": size}), dtype=dtype), None
+    if m.backbone == "unet":
+        net = image_unet(m.unet, channels, size, dtype)
+        if not m.init_from:
+            return net, None
+        source = source_unet(m, size, dtype)
+        if source.config != net.config:
+            differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
+            raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
+                             f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture")
+        weights = sources.ema_params(m.init_from, "unet")
+        return net, lambda key, fresh: weights
+    net, unet = video_unet(m, channels, size, dtype)
+    if unet is None:
+        return net, None
+    weights = sources.ema_params(m.init_from, "unet")   # host arrays (init runs under a trace, where orbax cannot load)
+    return net, lambda key, fresh: inflate(unet, weights, key, **(m.temporal or {}))[1]
+
+
+def source_unet(m: ModelConfig, size: int, dtype) -> UNet2DCondition:
+    """The image U-Net of the latent text-to-image run or model folder `m.init_from` (from its recorded config)."""
+    path = m.init_from
+    run = sources.run_config(path, "unet")
+    r = run.model
+    if run.get("recipe") != "diffusion" or r.get("backbone") != "unet" or r.get("space") != "latent" \
+            or "text_encoder" not in r:
+        raise ValueError(f"config.model.init_from={path!r}: need a latent text-to-image diffusion run with backbone "
+                         f"'unet'; that run has recipe={run.get('recipe')!r}, backbone={r.get('backbone')!r}, "
+                         f"space={r.get('space')!r}, text encoder: {'text_encoder' in r}")
+    channels = vae_config(r.vae).latent_channels
+    if channels != vae_config(m.vae).latent_channels:
+        raise ValueError(f"config.model.init_from={path!r}: that run's VAE has {channels} latent channels, "
+                         f"config.model.vae has {vae_config(m.vae).latent_channels}")
+    # A model folder carries its own VAE and text encoder; a run names theirs.
+    differ = [f"{part}.checkpoint" for part in ("vae", "text_encoder")
+              if getattr(m, part).get("checkpoint", "") not in ({path} if sources.is_model_folder(path)
+                                                                else {r[part].get("checkpoint", "")})]
+    objective = m.objective
+    differ += [f for f in ("schedule", "prediction_type", "rescale_zero_terminal_snr")
+               if r.get(f, False if f.startswith("rescale") else None) != getattr(objective, f)]
+    if differ:
+        log.warning("U-Net initialised from %s, whose %s differ from this run's", path, ", ".join(differ))
+    return image_unet(r.unet.to_dict(), channels, size, dtype)

@@ -1,0 +1,75 @@
+"""The frozen parts of latent diffusion: the VAE that maps images (and every frame of a video) to scaled
+latents and back, and the text encoder; each loaded from a run or model folder, or randomly initialised."""
+from __future__ import annotations
+
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
+from jaxdiff.models.vae import sample_posterior
+from jaxdiff.training import sources
+from jaxdiff.training.recipes.clip import text_config_for
+from jaxdiff.training.task import init_boxed, rebox
+
+log = logging.getLogger(__name__)
+
+
+def vae_config(fields: dict) -> AutoencoderKLConfig:
+    return AutoencoderKLConfig(**{k: v for k, v in fields.items() if k != "checkpoint"})
+
+
+def frozen_params(module, example_args, checkpoint: str, part: str, what: str, key):
+    """`part`'s trained (EMA) weights from a run or model folder, boxed like `module`'s init; without a
+    checkpoint, a random init (warned)."""
+    abstract = jax.eval_shape(lambda k: init_boxed(module, k, *example_args), key)
+    if not checkpoint:
+        log.warning("%s: no checkpoint given, using a frozen random init", what)
+        return init_boxed(module, key, *example_args)
+    params = sources.ema_params(checkpoint, part)
+    shapes = jax.tree.map(lambda a: a.shape, (params, nn.meta.unbox(abstract)))
+    if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]) or shapes[0] != shapes[1]:
+        raise ValueError(f"{what}: the weights in {checkpoint!r} do not fit this run's config of it (other "
+                         f"sizes or layers); make the config's fields those of the run that trained them")
+    return rebox(params, abstract)
+
+
+def per_frame(fn, x):
+    """fn on images [N, H, W, C] applied to [..., H, W, C] (videos: every frame)."""
+    y = fn(x.reshape(-1, *x.shape[-3:]))
+    return y.reshape(*x.shape[:-3], *y.shape[1:])
+
+
+class Latents:
+    """A frozen VAE's scaled latent space: `encode(params, images, key=None)` -> (posterior samples, or means
+    without a key - shift) * scaling_factor; `decode(params, z)` its inverse through the decoder."""
+
+    def __init__(self, config: AutoencoderKLConfig, dtype):
+        self.config = config
+        self.vae = AutoencoderKL(config, dtype=dtype)
+
+    def encode(self, params, images, key=None):
+        def encode(x):
+            mean, logvar = self.vae.apply({"params": params}, x, method=self.vae.encode)
+            return mean if key is None else sample_posterior(key, mean, logvar)
+        c = self.config
+        return (per_frame(encode, images) - (c.shift_factor or 0.0)) * c.scaling_factor
+
+    def decode(self, params, z):
+        c = self.config
+        z = z / c.scaling_factor + (c.shift_factor or 0.0)
+        return per_frame(lambda x: self.vae.apply({"params": params}, x, method=self.vae.decode), z)
+
+    def frozen(self, fields: dict, image_size: int, what: str, key):
+        return frozen_params(self.vae, (jnp.zeros((1, image_size, image_size, self.config.in_channels)),),
+                             fields.get("checkpoint", ""), "vae", what, key)
+
+
+def text_encoder(fields: dict, spec, dtype, what: str, key) -> tuple[CLIPTextModel, object]:
+    """(the CLIP text encoder of `fields` over the data's vocabulary, its frozen params)."""
+    encoder = CLIPTextModel(text_config_for(fields, spec), dtype=dtype)
+    params = frozen_params(encoder, (jnp.zeros((1, spec.max_length), jnp.int32),), fields.get("checkpoint", ""),
+                           "text_encoder", what, key)
+    return encoder, params

@@ -1,0 +1,56 @@
+"""jaxdiff.training.export: a trained run -> a diffusers pipeline folder."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff.pipelines import TextToImage
+from jaxdiff.training import evaluate, export, load_params
+from jaxdiff.training.data import data_spec
+
+
+def test_export_loads_back_with_the_run_weights(runs, tmp_path):
+    out = str(tmp_path / "model")
+    export.export_text_to_image(runs["ld"], out)
+    pipe = TextToImage.from_pretrained(out)
+    c = evaluate.read_run_config(runs["ld"])
+    spec = data_spec(c.data)
+    # The U-Net, VAE and text encoder carry the runs' EMA weights; the tokenizer the run's ids.
+    unet_ema, vae_ema = load_params(runs["ld"], "ema"), load_params(runs["vae"], "ema")["vae"]
+    for got, want in ((pipe.unet_params, unet_ema), (pipe.vae_params, vae_ema),
+                      (pipe.text_params, load_params(runs["clip"], "ema")["text_model"])):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    prompts = ["a red circle", "two blue squares above"]
+    np.testing.assert_array_equal(pipe.tokenize(prompts), spec.tokenize(prompts))
+    assert pipe.vae.config.scaling_factor == 0.5
+    assert pipe.schedule.kind == "discrete" and pipe.sampler_defaults["method"] == "dpmpp_2m"
+    images = pipe.generate(["a red circle"], steps=2, seed=0)["images"]
+    assert np.asarray(images).shape == (1, 16, 16, 3)
+    info = json.load(open(os.path.join(out, "training.json")))
+    assert {k: v["step"] for k, v in info.items()} == {"diffusion": 2, "vae": 2, "clip": 2}
+    assert info["diffusion"]["weights"] == "ema"
+    assert os.path.isfile(os.path.join(out, "clip", "model.safetensors"))
+    # --weights params: the trained parameters instead of their EMA, and recorded so
+    raw = str(tmp_path / "raw")
+    assert export.main(["--workdir", runs["ld"], "--out", raw, "--weights", "params"]) == 0
+    trained = load_params(runs["ld"], "params")
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(unet_ema)))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(TextToImage.from_pretrained(raw).unet_params), trained)
+    assert json.load(open(os.path.join(raw, "training.json")))["diffusion"]["weights"] == "params"
+    with pytest.raises(ValueError, match="weights='best': choose one of: ema, params"):
+        export.export_text_to_image(runs["ld"], str(tmp_path / "best"), weights="best")
+
+
+def test_export_never_clobbers(runs, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export.main(["--workdir", runs["ld"], "--out", str(out)]) == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="not a latent text-to-image"):
+        export.export_text_to_image(runs["vae"], str(tmp_path / "other"))
+    assert export.main(["--workdir", runs["ld"], "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model_index.json").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
