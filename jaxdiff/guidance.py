@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 
@@ -27,12 +28,13 @@ def cfg(apply_fn: Callable, context, uncond_context, scale, rescale=0.0) -> Call
 
     Args:
       apply_fn: (x [2B, ...], t [2B], context [2B, ...]) -> output.
-      context: [B, ...] conditioning (e.g. CLIP hidden states of the prompt).
-      uncond_context: [B, ...] the negative prompt's (or the empty prompt's) conditioning.
+      context: [B, ...] conditioning (e.g. CLIP hidden states of the prompt), or a tuple of such arrays
+        (an MMDiT's text tokens and pooled embedding).
+      uncond_context: the negative prompt's (or the empty prompt's) conditioning, of the same structure.
       scale: guidance scale w (1 = plain conditional; diffusers' guidance_scale).
       rescale: guidance rescale phi in [0, 1].
     """
-    both = jnp.concatenate([uncond_context, context], axis=0)
+    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond_context, context)
 
     def model_fn(x, t):
         out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)

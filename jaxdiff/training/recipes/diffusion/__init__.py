@@ -1,5 +1,5 @@
 """Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a U-Net,
-a DiT or a video U-Net, optionally conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et
+a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video U-Net, optionally conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et
 al. 2022) with caption dropout for classifier-free guidance (Ho & Salimans 2022); text-to-video and
 image-to-video with a TemporalUNet (ModelScope, Wang et al. 2023) on videos batch["image"] [B, T, H, W, 3].
 
@@ -41,15 +41,26 @@ def build(c, spec) -> Task:
         encoder, frozen["text"] = text_encoder(m.text_encoder, spec, dtype, f"{m.space} diffusion's text", key(2))
         empty = jnp.asarray(spec.empty_tokens, jnp.int32)
     emphasized = emphasis_ids(m, spec)
-    net, initial = backbone(m, channels, size, dtype)
+    mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
+    net, initial = backbone(m, channels, size, dtype, encoder.config.hidden_size if m.text else None)
     # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
     example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
     cond_channels = net.config.conditioning_frame_channels if m.video else 0
-    encode_text = lambda frozen, tokens: encoder.apply({"params": frozen["text"]}, tokens)[0]
+
+    def encode_text(frozen, tokens):
+        states, pooled = encoder.apply({"params": frozen["text"]}, tokens)
+        return (states, pooled) if mmdit else states
+
+    def apply(params, x, t, ctx, **kwargs):
+        return net.apply({"params": params}, x, t, *(ctx if mmdit else (ctx,)), **kwargs)
 
     def init(key):
-        ctx = jnp.zeros((1, spec.max_length, encoder.config.hidden_size)) if m.text else None
-        params = init_boxed(net, key, jnp.zeros((1, *example)), jnp.zeros((1,)), ctx)
+        ctx = None
+        if m.text:
+            width = encoder.config.hidden_size
+            ctx = jnp.zeros((1, spec.max_length, width))
+            ctx = (ctx, jnp.zeros((1, width))) if mmdit else ctx
+        params = init_boxed(net, key, jnp.zeros((1, *example)), jnp.zeros((1,)), *(ctx if mmdit else (ctx,)))
         return params if initial is None else rebox(initial(key, nn.meta.unbox(params)), params)
 
     def loss(params, frozen, batch, key, step):
@@ -70,14 +81,14 @@ def build(c, spec) -> Task:
         if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
             hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
             weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
-        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx, **net_kwargs)
+        apply_fn = lambda x, t, ctx: apply(params, x, t, ctx, **net_kwargs)
         return m.objective.loss(apply_fn, x0, k_loss, schedule, context, weights), {}
 
     def sample(params, frozen, key):
         n = len(spec.preview_prompts) if m.text else 8
         correlation = m.objective.frame_noise_correlation
         noise = diffusion.frame_correlated_noise(key, (n, *example), correlation)
-        apply_fn = lambda x, t, ctx: net.apply({"params": params}, x, t, ctx)
+        apply_fn = lambda x, t, ctx: apply(params, x, t, ctx)
         if m.text:
             context = encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
             uncond = encode_text(frozen, jnp.broadcast_to(empty, (n, empty.size)))

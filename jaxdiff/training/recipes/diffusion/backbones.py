@@ -1,10 +1,11 @@
-"""The denoising network of a diffusion config: a U-Net, a DiT or a video U-Net, from scratch, fine-tuned
+"""The denoising network of a diffusion config: a U-Net, a DiT, an MMDiT or a video U-Net, from scratch, fine-tuned
 from a trained text-to-image U-Net (`init_from`), or inflated from one into a video U-Net."""
 from __future__ import annotations
 
 import logging
 
-from jaxdiff.models import DiT, DiTConfig, TemporalUNet, TemporalUNetConfig, UNet2DCondition, UNetConfig, inflate
+from jaxdiff.models import DiT, DiTConfig, SD3Config, SD3Transformer2D, TemporalUNet, TemporalUNetConfig, \
+    UNet2DCondition, UNetConfig, inflate
 from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.training import sources
 from jaxdiff.training.recipes.diffusion.config import ModelConfig
@@ -31,9 +32,14 @@ def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[Tempora
     return TemporalUNet(inflated_config(unet.config, **(m.temporal or {})), dtype=dtype), unet
 
 
-def backbone(m: ModelConfig, channels: int, size: int, dtype):
+def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
     """(the denoising network, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh
-    random init: the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet))."""
+    random init: the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet)). `text_width`: the
+    text encoder's state width (an MMDiT's joint_attention_dim and pooled_projection_dim)."""
+    if m.backbone == "mmdit":
+        return SD3Transformer2D(SD3Config(**{**m.mmdit, "in_channels": channels, "out_channels": channels,
+                                             "sample_size": size, "joint_attention_dim": text_width,
+                                             "pooled_projection_dim": text_width}), dtype=dtype), None
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit, "in_channels": channels, "out_channels": channels,
                                 "sample_size": size}), dtype=dtype), None

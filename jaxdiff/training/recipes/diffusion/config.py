@@ -11,16 +11,18 @@ import dataclasses
 from jaxdiff.training.config import choice
 from jaxdiff.training.recipes.diffusion.objective import Objective
 
-BACKBONES = ("unet", "dit", "temporal_unet")
+BACKBONES = ("unet", "dit", "mmdit", "temporal_unet")
 SPACES = ("pixel", "latent")
 # sub-configs: a dict of the module config's fields, or absent
-SUB_CONFIGS = ("unet", "dit", "temporal_unet", "temporal", "vae", "text_encoder")
+SUB_CONFIGS = ("unet", "dit", "mmdit", "temporal_unet", "temporal", "vae", "text_encoder")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """backbone: unet | dit | temporal_unet, whose fields are in `unet` / `dit` / `temporal_unet` (UNetConfig,
-    DiTConfig, TemporalUNetConfig; in/out channels and sample size come from the data and the VAE).
+    """backbone: unet | dit | mmdit | temporal_unet, whose fields are in `unet` / `dit` / `mmdit` / `temporal_unet`
+    (UNetConfig, DiTConfig, SD3Config, TemporalUNetConfig; in/out channels and sample size come from the data
+    and the VAE; an MMDiT's text widths from the text encoder, whose states are its text tokens and whose pooled
+    state its pooled embedding).
     space: pixel | latent; vae: AutoencoderKLConfig fields + `checkpoint` (a vae run's workdir or a model
     folder that jaxdiff.training.export wrote, such as jaxdiff/assets/shapes). text_encoder: CLIPTextConfig
     fields + `checkpoint` (a clip run or model folder); absent: unconditional. A frozen part without a
@@ -37,6 +39,7 @@ class ModelConfig:
     space: str = "latent"
     unet: dict | None = None
     dit: dict | None = None
+    mmdit: dict | None = None
     temporal_unet: dict | None = None
     temporal: dict | None = None
     init_from: str = ""
@@ -57,6 +60,8 @@ class ModelConfig:
         choice(self.space, SPACES, "model.space")
         if not self.video and getattr(self, self.backbone) is None:
             raise ValueError(f"config.model.backbone={self.backbone!r} needs config.model.{self.backbone} (its fields)")
+        if self.backbone == "mmdit" and not self.text:
+            raise ValueError("config.model.backbone='mmdit' needs config.model.text_encoder (its text stream)")
         if self.latent and self.vae is None:
             raise ValueError("config.model.space='latent' needs config.model.vae")
         for name in ("caption_dropout", "image_dropout"):
