@@ -9,6 +9,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.samplers.driver import check_model_output, check_number
+
 
 def rescale_guidance(guided, cond, rescale):
     """Guidance rescale (Lin et al. 2024, eq. 15-16): match the std of the conditional output.
@@ -34,10 +36,14 @@ def cfg(apply_fn: Callable, context, uncond_context, scale, rescale=0.0) -> Call
       scale: guidance scale w (1 = plain conditional; diffusers' guidance_scale).
       rescale: guidance rescale phi in [0, 1].
     """
+    check_number("guidance scale", scale)
+    check_number("guidance rescale", rescale, 0.0, 1.0)
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond_context, context)
 
     def model_fn(x, t):
-        out = apply_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
+        x2 = jnp.concatenate([x, x], axis=0)
+        out = apply_fn(x2, jnp.concatenate([t, t], axis=0), both)
+        check_model_output(out, x2, "apply_fn (on the unconditional and conditional halves)")
         uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
         guided = uncond + scale * (cond - uncond)
         return rescale_guidance(guided, cond, rescale)

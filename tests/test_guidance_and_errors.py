@@ -94,6 +94,10 @@ FLOW = jd.schedules.get("flow_matching")
     (dict(method="lcm", steps=60), "lcm takes 1..50 steps"),
     (dict(method="ddim", use_karras_sigmas=True), "use_karras_sigmas applies to"),
     (dict(steps=1000, steps_offset=1), "fall outside the schedule's 0..999"),
+    (dict(strength=float("nan"), x_init=NOISE), "strength must be in \\[0, 1\\], got nan"),
+    (dict(eta=float("nan")), "eta must be a finite number, got nan"),
+    (dict(eta=float("inf")), "eta must be a finite number, got inf"),
+    (dict(method="langevin_pc", snr=float("nan"), key=jax.random.key(0)), "snr must be a finite number"),
 ])
 def test_sample_rejects_bad_input(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -112,3 +116,34 @@ def test_prediction_type_the_schedule_cannot_use():
         jd.samplers.sample(FN, SD, [1.0, 2.0])
     with pytest.raises(TypeError, match="schedule tables must be concrete"):
         jax.jit(lambda s: jd.samplers.sample(FN, s, NOISE, steps=4))(SD)
+
+
+X = jnp.zeros((2, 4, 4, 3))
+
+
+@pytest.mark.parametrize("model_fn,got", [
+    (lambda x, t: x[:1], r"shape \(1, 4, 4, 3\) dtype float32"),                   # batch 1: would broadcast
+    (lambda x, t: x[..., :1], r"shape \(2, 4, 4, 1\) dtype float32"),              # fewer channels: would broadcast
+    (lambda x, t: x.astype(jnp.int32), r"shape \(2, 4, 4, 3\) dtype int32"),      # not floating
+])
+def test_model_output_must_match_x_t(model_fn, got):
+    """At trace time, naming both shapes: in the sampler, the inversion and the guidance wrapper."""
+    want = got + r" for x_t of shape \(2, 4, 4, 3\) dtype float32"
+    with pytest.raises(ValueError, match="model_fn returned " + want):
+        jd.samplers.sample(model_fn, SD, X, steps=2)
+    with pytest.raises(ValueError, match="model_fn returned " + want):
+        jd.samplers.ddim_invert(model_fn, SD, X, steps=2)
+    guided = jd.guidance.cfg(lambda x, t, c: model_fn(x[:2], t)[:1], jnp.ones((2, 3)), jnp.zeros((2, 3)), 7.5)
+    with pytest.raises(ValueError, match=r"apply_fn \(on the unconditional and conditional halves\) returned"):
+        guided(X, jnp.zeros(2))
+
+
+@pytest.mark.parametrize("scale,rescale,match", [
+    (float("nan"), 0.0, "guidance scale must be a finite number, got nan"),
+    (float("-inf"), 0.0, "guidance scale must be a finite number, got -inf"),
+    (7.5, float("nan"), r"guidance rescale must be in \[0, 1\], got nan"),
+    (7.5, 1.5, r"guidance rescale must be in \[0, 1\], got 1.5"),
+])
+def test_cfg_refuses_non_finite_scales(scale, rescale, match):
+    with pytest.raises(ValueError, match=match):
+        jd.guidance.cfg(apply_fn, jnp.ones((2, 3)), jnp.zeros((2, 3)), scale, rescale)

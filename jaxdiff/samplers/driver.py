@@ -8,6 +8,7 @@ recompiles; changing the step count or shapes does.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -62,11 +63,36 @@ def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacin
                             multistep=method.grid == "sigma_multistep", karras=use_karras_sigmas)
 
 
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> None:
+    """A scalar argument must be a finite number in [low, high]; traced values (unknown until run) pass."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    try:
+        ok = np.ndim(value) == 0 and not isinstance(value, (bool, str)) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not low <= float(value) <= high:
+        bounded = (low, high) != (-math.inf, math.inf)
+        raise ValueError(f"{name} must be {f'in [{low:g}, {high:g}]' if bounded else 'a finite number'}, got {value!r}")
+
+
+def check_model_output(out, x, who: str = "model_fn") -> None:
+    """At trace time: a model's output must have x_t's shape and a floating dtype (a batch of 1 or fewer
+    channels would otherwise broadcast silently through the sampler's arithmetic)."""
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != x.shape or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{who} returned shape {shape} dtype {dtype} for x_t of shape {x.shape} dtype {x.dtype}; "
+                         f"it must return x_t's shape in a floating dtype")
+
+
 def _options(method: Method, options: dict) -> dict:
     unknown = sorted(set(options) - set(method.options))
     if unknown:
         allowed = ", ".join(method.options) or "none"
         raise TypeError(f"sampler {method.name!r} does not take option(s) {', '.join(unknown)}; it takes: {allowed}")
+    for name, value in options.items():
+        if isinstance(method.options[name], (int, float)):  # numeric options (eta, snr, ...): no nan or inf
+            check_number(name, value)
     return {**method.options, **options}
 
 
@@ -132,8 +158,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
     _check_array("noise", noise)
     if x_init is not None:
         _check_array("x_init", x_init, noise)
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    check_number("strength", strength, 0.0, 1.0)
     grid = make_grid(m, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                      set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas)
     noise = jnp.asarray(noise, jnp.float32)
@@ -184,6 +209,7 @@ def denoiser(model_fn: ModelFn, prediction_type: str):
     """denoise(x, t, alpha, sigma) -> (x0_hat, eps_hat): the model at timestep t, read at (alpha, sigma)."""
     def denoise(x, t, alpha, sigma):
         out = model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
+        check_model_output(out, x)
         return diffusion.to_x0_eps(prediction_type, jnp.asarray(out, jnp.float32), x, alpha, sigma)
 
     return denoise
