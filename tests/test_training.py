@@ -1,4 +1,4 @@
-"""The training system on one device: exact resume, NaN stop, EMA and LR closed forms, gradient
+"""The training system on one device: exact resume, EMA and LR closed forms, gradient
 accumulation, config parsing and errors, TensorBoard framing, atomic checkpoints."""
 import json
 import math
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import toy2d as toy2d_config
-from jaxdiff.training import (Checkpoints, NonFiniteLossError, accumulate_grads, base_config, ema_update,
+from jaxdiff.training import (Checkpoints, accumulate_grads, base_config, ema_update,
                               lr_schedule, train, validate)
 from jaxdiff.training import tensorboard
 
@@ -50,20 +50,6 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     train(toy_config(steps=3), str(tmp_path))
     with pytest.raises(FileExistsError, match="latest step 3.*--resume"):
         train(toy_config(steps=3), str(tmp_path))
-
-
-def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
-    c = toy_config(steps=50, every=1)
-    c.optim.lr, c.optim.warmup_steps, c.optim.clip_norm = 1e38, 0, 0.0  # diverges within a few steps
-    with pytest.raises(NonFiniteLossError, match=r"at step (\d+).*last good checkpoint is step (\d+)") as e:
-        train(c, str(tmp_path))
-    import re
-    bad, good = map(int, re.search(r"at step (\d+).*step (\d+)", str(e.value)).groups())
-    assert good == bad - 1
-    ckpt = Checkpoints(str(tmp_path / "checkpoints"))
-    assert ckpt.latest_step() == good
-    from jaxdiff.training import load_params
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(load_params(str(tmp_path), "params")))
 
 
 def test_ema_closed_form():

@@ -3,7 +3,7 @@
     from jaxdiff.training import train
     result = train(config, "runs/clip", resume=True)   # config from configs/<recipe>.py
 """
-from jaxdiff.training.checkpoint import Checkpoints, load_params
+from jaxdiff.training.checkpoint import CheckpointError, Checkpoints, load_params
 from jaxdiff.training.config import base_config, validate
 from jaxdiff.training.ema import ema_update
 from jaxdiff.training.loop import NonFiniteLossError, TrainResult, train

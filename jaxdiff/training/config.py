@@ -6,6 +6,10 @@ and names the bad value and the allowed ones.
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import os
+
 import ml_collections
 
 from jaxdiff.parallel import DEFAULT_RULES, check_rules
@@ -84,3 +88,35 @@ def choice(value, allowed, name: str):
         shown = (repr(a) if a == "" else str(a) for a in allowed)   # '' (off) must show
         raise ValueError(f"config.{name}={value!r}: choose one of: {', '.join(shown)}")
     return value
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """get_config(variant) of the recipe file in `spec`, 'path/to/recipe.py[:variant]' (as ml_collections'
+    config flag reads it); FileNotFoundError naming the recipes beside a missing file."""
+    path, *variant = spec.split(":", 1)
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        there = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")) \
+            if os.path.isdir(folder) else []
+        raise FileNotFoundError(f"config file {path!r} does not exist" +
+                                (f"; {folder}/ has: {', '.join(there)}" if there else ""))
+    module_spec = importlib.util.spec_from_file_location("_recipe_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*variant)
+
+
+def unknown_field(c, path: str) -> str | None:
+    """None if the dotted `path` names a field of config `c`; else the error naming the first missing
+    part and the fields meant (close matches, or all of that level)."""
+    node, where = c, "config"
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"{where} is {type(node).__name__} {node!r}, it has no field {part!r}"
+        if part not in node:
+            fields = sorted(node.keys())
+            close = difflib.get_close_matches(part, fields, n=3)
+            return (f"{where} has no field {part!r}; " +
+                    (f"did you mean: {', '.join(close)}" if close else f"its fields: {', '.join(fields)}"))
+        node, where = node[part], f"{where}.{part}"
+    return None

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+    """The loss, or the state about to be saved, became NaN or infinite; the run stopped without saving it."""
 
 
 @dataclasses.dataclass
@@ -61,20 +61,22 @@ def _setup_state(config, task, optimizer, mesh, rules):
     return state, shardings
 
 
-def train(config, workdir: str, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+def train(config, workdir: str, *, resume: bool | str = False, stop_after: int | None = None) -> TrainResult:
     """Runs `config` up to `config.steps` updates, checkpointing into `workdir/checkpoints`.
 
-    resume: continue from the latest checkpoint in `workdir` (params, EMA, optimizer, step,
-      data position, RNG); without it a workdir that has checkpoints is an error.
+    resume: False: a new run (a workdir that has checkpoints is refused); True: continue the newest
+      intact checkpoint in `workdir` (params, EMA, optimizer, step, data position, RNG), an error when
+      there is none; "auto": continue one if there is one, else start. Both are checked before the setup.
     stop_after: stop after this many updates without the final save, as if killed (tests).
-    Raises NonFiniteLossError naming the step when the loss is NaN/inf; the checkpoints on disk
-    are the last good ones.
+    Raises NonFiniteLossError naming the step when the loss or the state to save is NaN/inf; the
+    checkpoints left on disk are the last good ones; CheckpointError when none can be resumed.
     """
     validate(config)
     parallel.initialize_distributed(**config.distributed)
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.check_rules(config.rules)
     check_batch_fits(config, mesh)
+    checkpoints = _open_checkpoints(workdir, config.keep_checkpoints, resume)
     main = jax.process_index() == 0
 
     batches, spec = make_batches(config.data, config.batch_size, config.seed)
@@ -86,15 +88,10 @@ def train(config, workdir: str, *, resume: bool = False, stop_after: int | None 
         frozen_shardings = parallel.shardings_for(task.frozen, mesh, rules)
         frozen = _put(nn.meta.unbox(task.frozen), frozen_shardings)
 
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is not None and not resume:
-        raise FileExistsError(f"{workdir!r} already has checkpoints (latest step {latest}); pass --resume to "
-                              f"continue that run, or choose a new --workdir")
-    if resume and latest is not None:
-        state, data_state = checkpoints.restore(latest, abstract_like(state, state_shardings))
+    if resume and checkpoints.latest_step() is not None:
+        step, state, data_state = checkpoints.restore_newest(abstract_like(state, state_shardings))
         batches.set_state(data_state)
-        log.info("resumed from step %d", latest)
+        log.info("resumed from step %d", step)
 
     step_fn = jit_train_step(make_train_step(task.loss, optimizer, ema_decay=config.ema_decay,
                                              accumulate=config.accumulate,
@@ -120,15 +117,13 @@ def train(config, workdir: str, *, resume: bool = False, stop_after: int | None 
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not math.isfinite(metrics["loss"]):
             progress.close()
-            raise NonFiniteLossError(
-                f"loss is {metrics['loss']} at step {done}; stopping without saving this state. The last good "
-                f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}")
+            raise NonFiniteLossError(_nonfinite_loss(metrics["loss"], done, checkpoints))
         losses.append(metrics["loss"])
         rates = progress.update(metrics["loss"])
         if main and config.log_every and (done % config.log_every == 0 or done == config.steps):
             writer.scalars(done, {**metrics, **rates})
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-            checkpoints.save(done, state, batches.get_state(), json.loads(config.to_json()))
+            _save(checkpoints, done, state, batches.get_state(), config, progress)
         if sample_fn is not None and (done % config.sample_every == 0 or done == config.steps):
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 images = sample_fn(state.ema, frozen, state.key(state_lib.SAMPLE_STREAM))
@@ -145,6 +140,51 @@ def train(config, workdir: str, *, resume: bool = False, stop_after: int | None 
         writer.close()
     checkpoints.close()
     return TrainResult(state=state, losses=losses, workdir=workdir, mesh=mesh)
+
+
+def _open_checkpoints(workdir: str, keep: int, resume: bool | str) -> Checkpoints:
+    """The run's checkpoints, once `workdir` and `resume` are known to fit each other."""
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume={resume!r}: choose one of: False (a new run), True (continue one), 'auto'")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"workdir {workdir!r} is a file; choose a folder (made if missing)")
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=keep)
+    latest = checkpoints.latest_step()
+    if latest is not None and resume is False:
+        raise FileExistsError(f"{workdir!r} already has checkpoints (latest step {latest}); pass --resume to "
+                              f"continue that run, or choose a new --workdir")
+    if latest is None and resume is True:
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {checkpoints.directory}; leave out --resume "
+                                f"to start the run, or pass --resume=auto (resume if there is one)")
+    return checkpoints
+
+
+def _save(checkpoints: Checkpoints, step: int, state, data_state: dict, config, progress) -> None:
+    """Saves the state of `step` unless part of it is NaN/inf (then NonFiniteLossError; nothing written)."""
+    bad = state_lib.nonfinite_parts(state)
+    if bad:
+        progress.close()
+        raise NonFiniteLossError(f"{', '.join(bad)} hold NaN or inf after step {step}; stopping without saving "
+                                 f"this state. {_last_good(checkpoints)}")
+    checkpoints.save(step, state, data_state, json.loads(config.to_json()))
+
+
+def _nonfinite_loss(loss: float, step: int, checkpoints: Checkpoints) -> str:
+    """The stop message. The loss of `step` is computed from the state after step - 1: if that state is
+    the newest checkpoint, its parameters gave this loss (e.g. weights of 1e29 after a huge learning rate,
+    finite but diverging), so resuming from it would fail again; it is set aside."""
+    message = f"loss is {loss} at step {step}; stopping without saving this state."
+    if checkpoints.latest_step() == step - 1:
+        moved = checkpoints.set_aside(step - 1, "nonfinite")
+        message += f" The step-{step - 1} checkpoint gave this loss; moved to {moved}."
+    return f"{message} {_last_good(checkpoints)}"
+
+
+def _last_good(checkpoints: Checkpoints) -> str:
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return f"No good checkpoint is left in {checkpoints.directory}."
+    return f"The last good checkpoint is step {latest} in {checkpoints.directory}."
 
 
 class _Progress:

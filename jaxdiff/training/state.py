@@ -36,3 +36,21 @@ def create(init: Callable[[jax.Array], Any], optimizer: optax.GradientTransforma
     params = init(k_init)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
                       opt_state=optimizer.init(params), rng=jax.random.key_data(k_train))
+
+
+def nonfinite_parts(state: TrainState) -> list[str]:
+    """The parts of `state` among params, ema and opt_state that hold a NaN or inf (checked before
+    every save: such a state is never written)."""
+    finite = jax.device_get(_finite_parts(state))
+    return [name for name, ok in zip(_CHECKED, finite) if not ok]
+
+
+_CHECKED = ("params", "ema", "opt_state")
+
+
+@jax.jit
+def _finite_parts(state: TrainState) -> list:
+    def finite(tree):
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    return [finite(getattr(state, name)) for name in _CHECKED]
