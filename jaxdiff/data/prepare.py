@@ -14,6 +14,7 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from jaxdiff import cli
 from jaxdiff.data.moving_shapes import moving_shapes_config
 from jaxdiff.data.shapes import shapes_config
 
@@ -27,9 +28,10 @@ def config_name(name: str, resolution: int | None = None, num_frames: int | None
     if name == "shapes":
         if num_frames is not None:
             raise ValueError("num_frames applies to moving_shapes, not shapes")
-        return "shapes/" + shapes_config(resolution or 64, **given).name
+        return "shapes/" + shapes_config(64 if resolution is None else resolution, **given).name
     if name == "moving_shapes":
-        return "moving_shapes/" + moving_shapes_config(resolution or 64, num_frames or 16, **given).name
+        return "moving_shapes/" + moving_shapes_config(64 if resolution is None else resolution,
+                                                       16 if num_frames is None else num_frames, **given).name
     raise ValueError(f"{name!r} is not a built-in dataset; choose shapes or moving_shapes")
 
 
@@ -40,14 +42,27 @@ def prepare(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def _count(minimum: int):
+    """argparse type: an int >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxdiff.data.prepare", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m jaxdiff.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="shapes, moving_shapes (optionally name/config) or a tfds catalog name")
     p.add_argument("--data_dir", default=None, help="the tfds data_dir to write into (default: tfds' own, ~/tensorflow_datasets or $TFDS_DATA_DIR)")
-    p.add_argument("--resolution", type=int, help="built-in: image side (default 64)")
-    p.add_argument("--num_frames", type=int, help="moving_shapes: frames per video (default 16)")
+    p.add_argument("--resolution", type=_count(1), help="built-in: image side (default 64)")
+    p.add_argument("--num_frames", type=_count(1), help="moving_shapes: frames per video (default 16)")
     for k in _SIZES:
-        p.add_argument(f"--{k}", type=int, help="built-in: examples per split / generator seed")
+        p.add_argument(f"--{k}", type=_count(0 if k == "seed" else 1), help="built-in: examples per split / generator seed")
     args = p.parse_args(argv)
     custom = {k: getattr(args, k) for k in ("resolution", "num_frames", *_SIZES)}
     name = args.name
@@ -73,4 +88,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, prog="python -m jaxdiff.data.prepare"))

@@ -14,7 +14,6 @@ which is exactly what the tfds `shapes` test split stores, so no prepared data i
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import cli
 from jaxdiff.data import render
 
 TEST_SPLIT = 2  # split id of `test` in jaxdiff.data.shapes
@@ -119,7 +119,7 @@ def evaluate_run(workdir: str, step: int | None = None, examples: int = 1000) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxdiff.training.evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m jaxdiff.training.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a clip or vae training run's folder")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--examples", type=int, default=1000, help="test-split examples to use (default: all 1000)")
@@ -127,13 +127,19 @@ def main(argv=None) -> int:
     if not 1 <= args.examples <= TEST_SIZE:
         p.error(f"--examples={args.examples}: choose 1..{TEST_SIZE}")
     try:
+        from jaxdiff.training.checkpoint import checkpoint_step
+
+        read_run_config(args.workdir)
+        checkpoint_step(args.workdir, args.step)  # both before the model and data load
         metrics = evaluate_run(args.workdir, args.step, args.examples)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if cli.debugging(argv):
+            raise
+        print(f"{p.prog}: error: {cli.one_line(e)}", file=sys.stderr)
         return 1
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, prog="python -m jaxdiff.training.evaluate"))

@@ -27,7 +27,6 @@ never leaves a half-written model, and an existing folder is replaced only with 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -38,6 +37,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from jaxdiff import cli
 from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.transformers import to_transformers
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
@@ -223,7 +223,7 @@ def _write_json(path: str, value) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxdiff.training.export", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m jaxdiff.training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the latent text-to-image or text-to-video diffusion run's folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -233,10 +233,12 @@ def main(argv=None) -> int:
     try:
         print(export_run(args.workdir, args.out, args.overwrite, args.weights))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if cli.debugging(argv):
+            raise
+        print(f"{p.prog}: error: {cli.one_line(e)}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, prog="python -m jaxdiff.training.export"))
