@@ -7,23 +7,30 @@ img2img (--strength), inpainting (--mask), outpainting (--outpaint T,R,B,L) or i
 editing (--edit "new caption", the prompt being the image's caption). Each PNG records the
 prompt, seed, sampler and model in its metadata. --grid-seeds/--grid-guidance write a grid
 of seeds x guidance scales; --trajectory a strip of x_t and predicted x_0 per step.
-Bad input ends with a message and exit status 2, never a traceback; existing files are kept
-unless --overwrite is given.
+Bad input ends with one line on stderr and exit status 2, any other failure with one line and status 1,
+never a traceback (unless --debug or JAXDIFF_DEBUG=1); whatever can be checked before the model loads
+is (prompts, seeds, images, the output folder). Existing files are kept unless --overwrite is given,
+and a batch that comes out NaN or inf is an error, not an image.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
 
+from jaxdiff import cli
+from jaxdiff.pipelines.runner import MAX_SEED, check_seed
 from jaxdiff.samplers import METHODS
+
+PROG = "python -m sample"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m sample", description="Generate and edit images from text prompts.")
+    p = cli.Parser(prog=PROG, description="Generate and edit images from text prompts.")
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line; writes NNNN.png into --out")
     p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json, unet/, ...); default: "
@@ -32,14 +39,16 @@ def parse_args(argv):
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--sampler", default=None, choices=list(METHODS), help="default: the model's scheduler")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance-rescale", type=cli.finite_float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help=f"0..{MAX_SEED} (jax's PRNG keeps 32 bits of a seed)")
     p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--width", type=int, help="image width (default: the model's)")
     p.add_argument("--batch", type=int, default=8, help="prompts per compiled batch with --prompts-file")
-    p.add_argument("--init-image", help="an RGB image to edit: img2img, or with --mask / --outpaint / --edit")
-    p.add_argument("--strength", type=float, default=0.6, help="img2img: how much of the way to re-noise (0..1)")
+    p.add_argument("--init-image", help="an RGB image to edit: img2img, or with --mask / --outpaint / --edit; "
+                                        "sides up to twice the model's working size (larger ones are refused)")
+    p.add_argument("--strength", type=cli.finite_float, default=0.6,
+                   help="img2img: how much of the way to re-noise (0..1)")
     p.add_argument("--mask", help="inpainting mask, same size as --init-image: white = repaint, black = keep")
     p.add_argument("--outpaint", help="extend --init-image by TOP,RIGHT,BOTTOM,LEFT pixels and paint the border")
     p.add_argument("--edit", metavar="CAPTION", help="inversion editing: regenerate --init-image under CAPTION")
@@ -65,7 +74,7 @@ def parse_args(argv):
             p.error(f"no --model given and the shipped shapes model is missing from this installation "
                     f"(expected {SHAPES_MODEL})")
         args.model = SHAPES_MODEL
-    for name in ("steps", "batch", "frames", "fps"):
+    for name in ("steps", "batch", "frames", "fps", "height", "width"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.guidance_rescale <= 1.0:
@@ -86,9 +95,9 @@ def parse_args(argv):
     if bool(args.grid_seeds) != bool(args.grid_guidance):
         p.error("--grid-seeds and --grid-guidance go together")
     try:
-        args.grid_scales = [float(g) for g in args.grid_guidance.split(",")] if args.grid_guidance else []
-    except ValueError:
-        p.error(f"--grid-guidance must be comma-separated numbers, got {args.grid_guidance!r}")
+        args.grid_scales = [cli.finite_float(g) for g in args.grid_guidance.split(",")] if args.grid_guidance else []
+    except argparse.ArgumentTypeError:
+        p.error(f"--grid-guidance must be comma-separated finite numbers, got {args.grid_guidance!r}")
     try:
         args.margins = [int(m) for m in args.outpaint.split(",")] if args.outpaint else None
     except ValueError:
@@ -102,10 +111,16 @@ def read_prompts(p, args) -> list[str]:
             p.error("the prompt is empty")
         return [args.prompt]
     try:
-        with open(args.prompts_file) as f:
-            prompts = [line.strip() for line in f]
+        with open(args.prompts_file, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         p.error(f"cannot read --prompts-file: {e}")
+    except UnicodeDecodeError as e:
+        p.error(f"--prompts-file {args.prompts_file!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                f"{e.start}); save it as UTF-8, one prompt per line")
+    if "\0" in text:
+        p.error(f"--prompts-file {args.prompts_file!r} holds NUL bytes: a binary file, not one prompt per line")
+    prompts = [line.strip() for line in text.split("\n")]
     while prompts and not prompts[-1]:
         prompts.pop()
     if not prompts:
@@ -113,6 +128,24 @@ def read_prompts(p, args) -> list[str]:
     if not all(prompts):
         p.error(f"{args.prompts_file!r} has an empty line (line {prompts.index('') + 1}); one prompt per line")
     return prompts
+
+
+def check_seeds(p, args, n: int) -> None:
+    """Every seed the run uses (--seed plus a batch's first index, or a grid row) must be in 0..MAX_SEED."""
+    count = (n - 1) // args.batch * args.batch + 1 if args.prompts_file else max(args.grid_seeds, 1)
+    try:
+        check_seed(args.seed, count, "--seed")
+    except ValueError as e:
+        p.error(str(e))
+
+
+def check_writable(p, folder: str) -> None:
+    """Writes (and removes) a probe file, so an unwritable --out fails now, not after the sampling."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sample-probe-"):
+            pass
+    except OSError as e:
+        p.error(f"cannot write to folder {folder!r}: {e.strerror or e}")
 
 
 def output_paths(p, args, n: int) -> list[str]:
@@ -128,11 +161,16 @@ def output_paths(p, args, n: int) -> list[str]:
         folder = args.out
         if os.path.exists(folder) and not os.path.isdir(folder):
             p.error(f"--out {folder!r} exists and is not a folder")
-        if os.path.isdir(os.path.dirname(os.path.abspath(folder))):
-            os.makedirs(folder, exist_ok=True)
+        try:
+            os.mkdir(folder)  # only the last level: a missing parent is likely a typo
+        except FileExistsError:
+            pass
+        except OSError as e:
+            p.error(f"cannot create folder --out {folder!r}: {e.strerror or e}")
         paths = [os.path.join(folder, f"{i:04d}{ext}") for i in range(n)]
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        p.error(f"cannot write to folder {folder!r}")
+    if not os.path.isdir(folder):
+        p.error(f"cannot write to folder {folder!r}: it does not exist (or is not a folder)")
+    check_writable(p, folder)
     existing = [q for q in paths if os.path.exists(q)]
     if existing and not args.overwrite:
         p.error(f"{existing[0]!r} exists ({len(existing)} of {n} outputs do); pass --overwrite to replace")
@@ -145,7 +183,7 @@ def load_image(p, path: str, what: str, modes: Sequence[str]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         p.error(f"cannot read {what} {path!r}: {e}")
     if img.mode not in modes:
         p.error(f"{what} {path!r} has mode {img.mode}; it must be {' or '.join(modes)} "
@@ -162,9 +200,13 @@ def save_png(path: str, image: np.ndarray, meta: dict) -> None:
     for k, v in meta.items():
         info.add_text(k, str(v))
     tmp = path + ".tmp"
-    Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG",
-                                                                                           pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG",
+                                                                                               pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def tile(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
@@ -177,19 +219,35 @@ def tile(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
     return out
 
 
-def run_edits(p, args, pipe, prompt: str, common: dict) -> np.ndarray:
+def read_images(p, args) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """--init-image [H, W, 3] and --mask [H, W] (None when not given), read and checked before the model loads."""
+    if not args.init_image:
+        return None, None
+    image = load_image(p, args.init_image, "--init-image", ("RGB",))
+    if not args.mask:
+        return image, None
+    mask = load_image(p, args.mask, "--mask", ("L", "1"))
+    if mask.shape != image.shape[:2]:
+        p.error(f"--mask is {mask.shape[1]}x{mask.shape[0]} but --init-image is {image.shape[1]}x{image.shape[0]}")
+    return image, mask
+
+
+def load_model(p, args, cls, what: str, **kwargs):
+    """cls.from_pretrained(--model); a folder that cannot be loaded (CheckpointError is a ValueError) is one line."""
+    try:
+        return cls.from_pretrained(args.model, **kwargs)
+    except (OSError, ValueError) as e:
+        p.error(f"cannot load {what} from {args.model!r}: {e}")
+
+
+def run_edits(p, args, pipe, prompt: str, image: np.ndarray, mask: np.ndarray | None, common: dict) -> np.ndarray:
     """The --init-image modes; returns one image [H, W, 3]."""
     from jaxdiff.pipelines import editing
 
-    image = load_image(p, args.init_image, "--init-image", ("RGB",))
-    f = pipe.size_multiple
-    if image.shape[0] % f or image.shape[1] % f:
-        p.error(f"--init-image is {image.shape[1]}x{image.shape[0]}; both sides must be multiples of {f}")
+    pipe.check_size(image.shape[0], image.shape[1], "--init-image")
     common = {k: v for k, v in common.items() if k not in ("height", "width")}
-    if args.mask:
-        mask = load_image(p, args.mask, "--mask", ("L", "1"))
-        if mask.shape != image.shape[:2]:
-            p.error(f"--mask is {mask.shape[1]}x{mask.shape[0]} but --init-image is {image.shape[1]}x{image.shape[0]}")
+    f = pipe.size_multiple
+    if mask is not None:
         out = editing.inpaint(pipe, [prompt], image, (mask > 127)[None].astype(np.float32), paste_back=True,
                               **common)
     elif args.margins is not None:
@@ -207,19 +265,17 @@ def run_edits(p, args, pipe, prompt: str, common: dict) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     p, args = parse_args(argv)
     prompts = read_prompts(p, args)
+    check_seeds(p, args, len(prompts))
+    image, mask = read_images(p, args)
     paths = output_paths(p, args, len(prompts))
 
     from jaxdiff import compilation_cache
-    from jaxdiff.convert.common import CheckpointError
     from jaxdiff.pipelines import TextToImage
 
     compilation_cache.enable()
     if args.video:
-        return run_video(p, args, prompts, paths)
-    try:
-        pipe = TextToImage.from_pretrained(args.model)
-    except (OSError, ValueError, CheckpointError) as e:
-        p.error(f"cannot load the model from {args.model!r}: {e}")
+        return run_video(p, args, prompts, paths, image)
+    pipe = load_model(p, args, TextToImage, "the model")
     sampler = {"method": args.sampler} if args.sampler else {}
     common = {"steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
               "seed": args.seed, "height": args.height, "width": args.width, "progress": not args.no_progress,
@@ -227,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"negative_prompt": args.negative, "sampler": sampler.get("method", pipe.sampler_defaults.get("method")),
             "steps": args.steps, "guidance_scale": args.guidance, "model": os.path.abspath(args.model)}
     try:
-        if args.init_image:
-            image = run_edits(p, args, pipe, prompts[0], common)
+        if image is not None:
+            image = run_edits(p, args, pipe, prompts[0], image, mask, common)
             mode = "inpaint" if args.mask else "outpaint" if args.margins else "edit" if args.edit else "img2img"
             save_png(paths[0], image, {"prompt": prompts[0], "seed": args.seed, "mode": mode,
                                        "init_image": os.path.abspath(args.init_image), **meta,
@@ -251,19 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_video(p, args, prompts: list[str], paths: list[str]) -> int:
+def run_video(p, args, prompts: list[str], paths: list[str], image: np.ndarray | None) -> int:
     """Text-to-video (image-to-video with --init-image): one GIF/MP4 per prompt."""
-    from jaxdiff.convert.common import CheckpointError
     from jaxdiff.pipelines import TextToVideo
     from jaxdiff.video_io import write_video
 
-    try:
-        pipe = TextToVideo.from_pretrained(args.model, num_frames=args.frames)
-    except (OSError, ValueError, CheckpointError) as e:
-        p.error(f"cannot load a video model from {args.model!r}: {e}")
-    init = None
-    if args.init_image:
-        init = load_image(p, args.init_image, "--init-image", ("RGB",)).astype(np.float32) / 255.0
+    pipe = load_model(p, args, TextToVideo, "a video model", num_frames=args.frames)
+    init = None if image is None else image.astype(np.float32) / 255.0
     sampler = {"method": args.sampler} if args.sampler else {}
     try:
         for start in range(0, len(prompts), args.batch):
@@ -294,4 +344,4 @@ def grid_or_trajectory(args, pipe, prompt: str, common: dict) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, prog=PROG))

@@ -13,6 +13,7 @@ names the key.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Callable, Mapping
@@ -24,6 +25,62 @@ from flax import traverse_util
 from jaxdiff.models.checks import CheckpointError
 
 TorchKeyOf = Callable[[tuple[str, ...]], str]
+
+# A model folder's record of its weights' sha256, written at export, verified when loading (`verify_checksums`).
+CHECKSUMS = "checksums.json"
+
+
+def inside(folder: str, name: str, what: str) -> str:
+    """folder/name, refusing a `name` (from an index or a listing in the folder) that points outside the folder."""
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise CheckpointError(f"{what} names {name!r}, which is outside the folder {folder!r}; a model folder's "
+                              f"files must lie inside it")
+    return os.path.join(folder, norm)
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The *.safetensors files under `folder`, as sorted '/'-separated relative paths."""
+    found = [os.path.relpath(os.path.join(root, f), folder) for root, _, files in os.walk(folder)
+             for f in files if f.endswith(".safetensors")]
+    return sorted(p.replace(os.sep, "/") for p in found)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: str) -> None:
+    """Records the sha256 of every *.safetensors file under `folder` in folder/checksums.json."""
+    sums = {rel: sha256_of(os.path.join(folder, rel)) for rel in _weight_files(folder)}
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        json.dump({"sha256": sums}, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def verify_checksums(folder: str) -> None:
+    """Checks the weights against folder/checksums.json (if the folder has one): a file that is missing or whose
+    sha256 differs from the recorded one is an error naming it."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            sums = json.load(f)["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path!r} is not a checksum listing ({{'sha256': {{file: digest}}}}): {e!r}") from e
+    for rel, digest in sorted(sums.items()):
+        file = inside(folder, rel, f"{CHECKSUMS} entry")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{rel!r} is listed in {path!r} but missing from the folder")
+        if sha256_of(file) != digest:
+            raise CheckpointError(f"{rel!r} in {folder!r} does not match the sha256 recorded in {CHECKSUMS}: the "
+                                  f"file changed or was damaged after export; re-export or re-download the folder "
+                                  f"(or delete {CHECKSUMS} to load it anyway)")
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -39,9 +96,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     elif os.path.isdir(path):
         indexes = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
         if indexes:
-            with open(os.path.join(path, indexes[0])) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+            files = [inside(path, f, f"{indexes[0]}'s weight_map") for f in _indexed_files(path, indexes[0])]
         else:
             files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
         if not files:
@@ -55,6 +110,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         except Exception as e:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"cannot read {file!r}: {e}") from e
     return tensors
+
+
+def _indexed_files(folder: str, index: str) -> list[str]:
+    """The distinct files a sharded checkpoint's index (`{'weight_map': {tensor: file}}`) names."""
+    try:
+        with open(os.path.join(folder, index)) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{os.path.join(folder, index)!r} is not a safetensors index "
+                              f"({{'weight_map': {{tensor: file}}}}): {e!r}") from e
 
 
 def save_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
@@ -109,14 +174,17 @@ def import_params(state_dict: Mapping[str, np.ndarray], template, torch_key_of: 
             problems.append(f"tensor {key!r} has shape {tuple(value.shape)} after layout change, "
                             f"but flax param {'/'.join(path)} needs {tuple(leaf.shape)}")
             continue
-        out[path] = value.astype(leaf.dtype)
         used.add(key)
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            problems.append(f"tensor {key!r} holds NaN or inf (damaged weights, or a training run that diverged)")
+            continue
+        out[path] = value.astype(leaf.dtype)
     unused = sorted(k for k in state_dict if k not in used and not ignore(k))
     problems += [f"unused tensor {k!r} {tuple(np.shape(state_dict[k]))}" for k in unused]
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointError(f"checkpoint does not match the module ({len(problems)} problems):\n  {shown}{more}")
+        raise CheckpointError(f"checkpoint does not fit the module ({len(problems)} problems):\n  {shown}{more}")
     return traverse_util.unflatten_dict(out)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
-    save_state_dict
+    save_state_dict, verify_checksums
 from jaxdiff.convert.transformers import from_transformers
 from jaxdiff.models.layers import param_shapes
 from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
@@ -148,26 +148,37 @@ class StableDiffusion:
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def _part(path: str, part: str, load, *args):
+    """load(path/part, *args), a checkpoint error naming the part (unet/, vae/, ...) it comes from."""
+    try:
+        return load(os.path.join(path, part), *args)
+    except CheckpointError as e:
+        raise CheckpointError(f"{part}/: {e}") from e
+
+
 def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                  unet_type: type = UNet2DCondition) -> StableDiffusion:
+                  unet_type: type = UNet2DCondition, verify: bool = True) -> StableDiffusion:
     """Loads a Stable Diffusion pipeline folder (`model_index.json`, unet/, vae/, text_encoder/,
     tokenizer/, scheduler/). Other components (safety_checker, feature_extractor) are not loaded.
     `unet_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
 
     The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
     `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, or a WordTokenizer for jaxdiff's caption-vocabulary
-    models); the scheduler's config is returned as a dict.
+    models); the scheduler's config is returned as a dict. With `verify` (the default) the weights are
+    checked against the folder's checksums.json, when it has one (`jaxdiff.convert.common.verify_checksums`).
     """
     index = read_config(path, "model_index.json")
     missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0] is not None)]
     if missing:
         raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) lacks components {missing}; "
                               f"a Stable Diffusion folder needs {', '.join(PIPELINE_COMPONENTS)}")
-    unet, unet_params = from_diffusers(os.path.join(path, "unet"), dtype, param_dtype)
-    vae, vae_params = from_diffusers(os.path.join(path, "vae"), dtype, param_dtype)
+    if verify:
+        verify_checksums(path)
+    unet, unet_params = _part(path, "unet", from_diffusers, dtype, param_dtype)
+    vae, vae_params = _part(path, "vae", from_diffusers, dtype, param_dtype)
     if not isinstance(unet, unet_type) or not isinstance(vae, AutoencoderKL):
         raise CheckpointError(f"pipeline {path!r}: unet/ holds a {type(unet).__name__}, vae/ a {type(vae).__name__}")
-    text_encoder, text_params = from_transformers(os.path.join(path, "text_encoder"), dtype, param_dtype)
+    text_encoder, text_params = _part(path, "text_encoder", from_transformers, dtype, param_dtype)
     width = text_encoder.config.hidden_size
     if width != unet.config.cross_attention_dim:
         raise CheckpointError(f"pipeline {path!r}: the text encoder's hidden_size={width} does not match the "

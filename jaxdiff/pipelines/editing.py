@@ -14,31 +14,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import samplers
+from jaxdiff.pipelines.latent import as_images
+from jaxdiff.pipelines.runner import check_guidance, check_seed
 from jaxdiff.pipelines.text_to_image import TextToImage
+from jaxdiff.samplers.driver import check_number
 
 
-def _check_pipe(pipe, what: str) -> None:
+def _pipe_images(pipe, images, what: str, kwargs: dict) -> jnp.ndarray:
+    """The images as float32 [B, H, W, 3], after checking, before any encoding, that `pipe` is a TextToImage
+    that takes their size and that the request's seed and guidance (in `kwargs`) are valid."""
     if not isinstance(pipe, TextToImage):
         raise TypeError(f"{what} edits images with a TextToImage pipeline, got a {type(pipe).__name__}")
-
-
-def as_images(images, name: str = "images") -> jnp.ndarray:
-    """uint8 or float [0, 1] images [B, H, W, 3] (or one [H, W, 3]) -> float32 [B, H, W, 3]."""
-    a = np.asarray(images)
-    if a.ndim == 3:
-        a = a[None]
-    if a.ndim != 4 or a.shape[-1] != 3:
-        raise ValueError(f"{name} must be RGB [B, H, W, 3] (or [H, W, 3]), got shape {a.shape}")
-    if a.dtype == np.uint8:
-        return jnp.asarray(a, jnp.float32) / 255.0
-    if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
-        raise ValueError(f"{name} must be uint8 or floats in [0, 1]")
-    return jnp.asarray(a, jnp.float32)
+    check_seed(kwargs.get("seed", 0))
+    check_guidance(kwargs.get("guidance_scale", 1.0), kwargs.get("guidance_rescale", 0.0))
+    images = as_images(images)
+    pipe.check_size(images.shape[1], images.shape[2], "the image")
+    return images
 
 
 def as_masks(masks, images) -> jnp.ndarray:
     """[B, H, W] or [B, H, W, 1] masks (1 = repaint) matching the images -> float32 [B, H, W, 1] in {0, 1}."""
     m = np.asarray(masks, np.float32)
+    if not np.isfinite(m).all():
+        raise ValueError("mask holds NaN or inf; it must be 1 (repaint) or 0 (keep)")
     if m.ndim == 2:
         m = m[None]
     if m.ndim == 3:
@@ -58,8 +56,8 @@ def latent_mask(masks, factor: int):
 def img2img(pipe: TextToImage, prompts, images, strength: float = 0.6, **kwargs):
     """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the way, then denoise
     under the prompt. strength 0 returns the input (through the VAE); 1 ignores it."""
-    _check_pipe(pipe, "img2img")
-    images = as_images(images)
+    images = _pipe_images(pipe, images, "img2img", kwargs)
+    check_number("strength", strength, 0.0, 1.0)
     init = pipe.encode_image(pipe.vae_params, images)
     return pipe.generate(prompts, height=images.shape[1], width=images.shape[2], init_latents=init,
                          strength=strength, **kwargs)["images"]
@@ -72,13 +70,9 @@ def inpaint(pipe: TextToImage, prompts, images, masks, *, paste_back: bool = Fal
     Outside the mask the result is the input through the VAE; with paste_back=True, outside the
     (pixel) mask the input pixels are returned exactly.
     """
-    _check_pipe(pipe, "inpaint")
-    images = as_images(images)
+    images = _pipe_images(pipe, images, "inpaint", kwargs)
     masks = as_masks(masks, images)
-    f, m = pipe.vae_scale_factor, pipe.size_multiple
-    if images.shape[1] % m or images.shape[2] % m:
-        raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} must be a multiple of {m}")
-    lmask = latent_mask(masks, f)
+    lmask = latent_mask(masks, pipe.vae_scale_factor)
     channels = pipe.unet.config.in_channels == 2 * pipe.latent_channels + 1
     known = images * (1.0 - masks) if channels else images
     init = pipe.encode_image(pipe.vae_params, known)
@@ -92,13 +86,14 @@ def outpaint(pipe: TextToImage, prompts, images, margins: Sequence[int], *, fill
 
     The original sits unchanged (paste_back) in the middle of the returned [B, H+t+b, W+l+r, 3] images.
     """
-    _check_pipe(pipe, "outpaint")
-    images = as_images(images)
+    images = _pipe_images(pipe, images, "outpaint", kwargs)
     if len(margins) != 4 or any(int(m) < 0 for m in margins) or not any(margins):
         raise ValueError(f"margins must be 4 non-negative pixel counts (top, right, bottom, left), not all 0; "
                          f"got {tuple(margins)}")
+    check_number("fill", fill, 0.0, 1.0)
     top, right, bottom, left = (int(m) for m in margins)
     b, h, w, _ = images.shape
+    pipe.check_size(h + top + bottom, w + left + right, "the outpainted canvas")
     canvas = jnp.full((b, h + top + bottom, w + left + right, 3), fill, jnp.float32)
     canvas = canvas.at[:, top:top + h, left:left + w].set(images)
     masks = jnp.ones(canvas.shape[:-1], jnp.float32).at[:, top:top + h, left:left + w].set(0.0)
@@ -108,8 +103,7 @@ def outpaint(pipe: TextToImage, prompts, images, margins: Sequence[int], *, fill
 def invert(pipe: TextToImage, prompts, images, *, steps: int = 50, guidance_scale: float = 1.0, **sampler_kwargs):
     """DDIM inversion of real images under their captions (`samplers.ddim_invert` in latent space): the
     latent noise [B, h, w, C] that regenerates them."""
-    _check_pipe(pipe, "invert")
-    images = as_images(images)
+    images = _pipe_images(pipe, images, "invert", {"guidance_scale": guidance_scale})
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one per image")
@@ -124,16 +118,16 @@ def invert(pipe: TextToImage, prompts, images, *, steps: int = 50, guidance_scal
         return samplers.ddim_invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
 
     program = pipe.runner.program(("invert", steps, tuple(sorted(options.items())), id(schedule)), lambda: run)
-    return program(pipe.params, pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), images,
-                   jnp.float32(guidance_scale))
+    return pipe.runner.run(program, pipe.params, [pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), images],
+                           jnp.float32(guidance_scale), steps=steps, progress=False)
 
 
 def edit(pipe: TextToImage, source_prompts, images, target_prompts, *, steps: int = 50,
          inversion_guidance: float = 1.0, guidance_scale: float = 3.0, **kwargs):
     """Inversion editing: DDIM-invert the images under `source_prompts` (their captions), then regenerate
     from that noise with DDIM under `target_prompts` ("a red circle" -> "a blue circle"), keeping the rest."""
-    _check_pipe(pipe, "edit")
+    images = _pipe_images(pipe, images, "edit", {**kwargs, "guidance_scale": guidance_scale})
+    check_number("inversion_guidance", inversion_guidance)
     x_t = invert(pipe, source_prompts, images, steps=steps, guidance_scale=inversion_guidance)
-    images = as_images(images)
     return pipe.generate(target_prompts, height=images.shape[1], width=images.shape[2], noise=x_t, steps=steps,
                          guidance_scale=guidance_scale, method="ddim", **kwargs)["images"]

@@ -17,6 +17,24 @@ from jaxdiff.convert.scheduler import schedule_from_config
 from jaxdiff.pipelines.runner import Runner
 from jaxdiff.schedules import Schedule
 
+# Image sides up to this many times a model's working size: memory grows with the pixel count squared
+# (attention over the latent's positions), so a 1000 px image on a 32 px model would need ~250 GB.
+MAX_SIZE_FACTOR = 2
+
+
+def as_images(images, name: str = "images") -> jnp.ndarray:
+    """uint8 or float [0, 1] images [B, H, W, 3] (or one [H, W, 3]) -> float32 [B, H, W, 3]."""
+    a = np.asarray(images)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"{name} must be RGB [B, H, W, 3] (or [H, W, 3]), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return jnp.asarray(a, jnp.float32) / 255.0
+    if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ValueError(f"{name} must be uint8 or floats in [0, 1], with no NaN or inf")
+    return jnp.asarray(a, jnp.float32)
+
 
 @dataclasses.dataclass
 class LatentDiffusion:
@@ -104,11 +122,22 @@ class LatentDiffusion:
         x = self.vae.apply({"params": vae_params}, z, method=self.vae.decode)
         return jnp.clip(x / 2.0 + 0.5, 0.0, 1.0)
 
+    @property
+    def max_size(self) -> int:
+        """The largest image side the pipelines accept: MAX_SIZE_FACTOR times the working size."""
+        return MAX_SIZE_FACTOR * self.default_size
+
+    def check_size(self, height: int, width: int, what: str = "height x width") -> None:
+        """Sides must be positive multiples of `size_multiple` up to `max_size`; checked before any allocation."""
+        m, top = self.size_multiple, self.max_size
+        if height % m or width % m or not (0 < height <= top and 0 < width <= top):
+            raise ValueError(f"{what} is {width}x{height}; this model takes positive multiples of {m} (the VAE's and "
+                             f"U-Net's downsampling) up to {top}x{top} ({MAX_SIZE_FACTOR}x its working size "
+                             f"{self.default_size}): resize it, e.g. to {self.default_size}x{self.default_size}")
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        m, f = self.size_multiple, self.vae_scale_factor
-        if height % m or width % m or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {m} (the VAE's and U-Net's "
-                             f"downsampling), got {height}x{width}")
+        self.check_size(height, width)
+        f = self.vae_scale_factor
         return (batch, height // f, width // f, self.latent_channels)
 
     @property

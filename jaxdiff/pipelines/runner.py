@@ -1,6 +1,6 @@
-"""What every pipeline does around its one jitted program: check the prompts, merge the sampler
-options, cache the compiled program per static setup, split the batch over a mesh's 'data' axis,
-and show a progress bar over the denoising steps.
+"""What every pipeline does around its one jitted program: check the prompts, seed and guidance, merge
+the sampler options, cache the compiled program per static setup, split the batch over a mesh's 'data'
+axis, show a progress bar over the denoising steps, and refuse a result that is not finite.
 
     runner = Runner()
     program = runner.program(key, build)          # jax.jit(build()) the first time `key` is seen
@@ -14,6 +14,17 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.samplers.driver import check_number
+
+# jax.random.key keeps 32 bits of a seed: a larger one would silently give a smaller one's images.
+MAX_SEED = 2**32 - 1
+
+
+class NonFiniteOutputError(ValueError):
+    """A generated batch holds NaN or inf: nothing is returned."""
 
 
 def prompt_lists(prompts, negative_prompts) -> tuple[list[str], list[str]]:
@@ -26,6 +37,32 @@ def prompt_lists(prompts, negative_prompts) -> tuple[list[str], list[str]]:
     if len(negative) != len(prompts):
         raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt")
     return prompts, negative
+
+
+def check_seed(seed, count: int = 1, name: str = "seed") -> None:
+    """Seeds seed .. seed+count-1 (a run that uses one per batch or grid row) must lie in 0..MAX_SEED."""
+    top = MAX_SEED - (count - 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= top:
+        used = f" (this run also uses {name} + 1 .. {name} + {count - 1})" if count > 1 else ""
+        raise ValueError(f"{name} must be an integer in 0..{top}{used}, got {seed!r}")
+
+
+def check_guidance(guidance_scale, guidance_rescale) -> None:
+    check_number("guidance_scale", guidance_scale)
+    check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+
+
+def check_finite_outputs(outputs) -> None:
+    """Refuses a result with NaN or inf in any array (images, latents, trajectory), naming the likely causes."""
+    for a in jax.tree.leaves(outputs):
+        if not jnp.issubdtype(a.dtype, jnp.inexact):
+            continue
+        bad = ~jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+        if bool(bad.any()):
+            raise NonFiniteOutputError(
+                f"the generated batch holds NaN or inf ({int(bad.sum())} of {a.shape[0]} examples), so nothing is "
+                f"returned: the model's weights or the inputs (guidance scale, noise, images) are not finite or too large; "
+                f"check the inputs, and the model folder against a fresh export or download")
 
 
 def sampler_options(defaults: dict, overrides: dict) -> tuple:
@@ -82,15 +119,17 @@ class Runner:
             self._bar.update(int(step) - self._bar.n)
 
     def run(self, program: Callable, params, batch: Sequence, *rest, steps: int, progress: bool, mesh=None):
-        """program(params, *batch, *rest), waited for. With a `mesh` (a `jax.sharding.Mesh` with a 'data'
-        axis) the batch arrays [B, ...] are split over that axis and the params replicated; `progress`
-        shows a bar over the `steps` denoising steps."""
+        """program(params, *batch, *rest), waited for and checked finite (`check_finite_outputs`). With a
+        `mesh` (a `jax.sharding.Mesh` with a 'data' axis) the batch arrays [B, ...] are split over that axis
+        and the params replicated; `progress` shows a bar over the `steps` denoising steps."""
         if mesh is not None:
             params, batch = shard_over_data(mesh, params, batch)
         self._bar = progress_bar(steps) if progress else None
         try:
-            return jax.block_until_ready(program(params, *batch, *rest))
+            out = jax.block_until_ready(program(params, *batch, *rest))
         finally:
             if self._bar is not None:
                 self._bar.close()
             self._bar = None
+        check_finite_outputs(out)
+        return out

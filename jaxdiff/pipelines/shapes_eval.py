@@ -6,16 +6,22 @@ prompts, or generate them with a model folder and score the result. The analysis
     python -m jaxdiff.pipelines.shapes_eval --images DIR                  # per-family table of a folder
     python -m jaxdiff.pipelines.shapes_eval --model FOLDER                # generate (TextToImage) and score
     python -m jaxdiff.pipelines.shapes_eval --model FOLDER --videos       # TextToVideo, motion family; --frames T
+
+A failure is one line on stderr and a non-zero exit (the traceback with --debug or JAXDIFF_DEBUG=1).
 """
-import argparse
 import json
 import os
 import sys
 
+from jaxdiff import cli
+
 from jaxdiff.data.eval import (evaluate, evaluate_model, folder_prompts, format_table, heldout_prompts,
                                heldout_video_prompts, load_media)
 from jaxdiff.pipelines.text_to_image import TextToImage
+from jaxdiff.pipelines.runner import MAX_SEED, check_seed
 from jaxdiff.pipelines.text_to_video import TextToVideo, default_frames
+
+PROG = "python -m jaxdiff.pipelines.shapes_eval"
 
 
 def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
@@ -31,8 +37,20 @@ def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, see
     return lambda prompts: pipe(prompts, **kwargs)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxdiff.pipelines.shapes_eval", description=__doc__.split("\n\n")[0])
+def write_prompts(p, args) -> int:
+    prompts = (heldout_video_prompts(args.per_family, args.frames or 16) if args.videos
+               else heldout_prompts(args.per_family))
+    try:
+        with open(args.write_prompts, "w", encoding="utf-8") as f:
+            f.write("\n".join(prompts) + "\n")
+    except OSError as e:
+        p.error(f"cannot write --write_prompts {args.write_prompts!r}: {e.strerror or e}")
+    print(f"wrote {len(prompts)} prompts to {args.write_prompts}")
+    return 0
+
+
+def parse_args(argv):
+    p = cli.Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", help="folder of PNGs (or GIF/.npy videos) and their prompts")
     g.add_argument("--write_prompts", help="write the held-out prompt set to this file and exit")
@@ -40,10 +58,11 @@ def main(argv=None) -> int:
                                    "held-out prompts and score them")
     p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family (videos: one family)")
     p.add_argument("--steps", type=int, default=25, help="with --model: DPM-Solver++ steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="with --model: classifier-free guidance scale")
-    p.add_argument("--guidance_rescale", type=float, default=0.0,
+    p.add_argument("--guidance", type=cli.finite_float, default=7.5,
+                   help="with --model: classifier-free guidance scale")
+    p.add_argument("--guidance_rescale", type=cli.finite_float, default=0.0,
                    help="with --model: guidance rescale (Lin et al. 2024), in [0, 1]")
-    p.add_argument("--seed", type=int, default=0, help="with --model: sampling seed")
+    p.add_argument("--seed", type=int, default=0, help=f"with --model: sampling seed, 0..{MAX_SEED}")
     p.add_argument("--videos", action="store_true",
                    help="with --write_prompts: video prompts; with --model: a text-to-video model, scored on them")
     p.add_argument("--frames", type=int, default=None,
@@ -56,13 +75,17 @@ def main(argv=None) -> int:
         p.error("--per_family, --steps and --frames must be >= 1")
     if not 0 <= args.guidance_rescale <= 1:
         p.error(f"--guidance_rescale={args.guidance_rescale}: must be in [0, 1]")
+    try:
+        check_seed(args.seed, name="--seed")
+    except ValueError as e:
+        p.error(str(e))
+    return p, args
+
+
+def main(argv=None) -> int:
+    p, args = parse_args(argv)
     if args.write_prompts:
-        prompts = (heldout_video_prompts(args.per_family, args.frames or 16) if args.videos
-                   else heldout_prompts(args.per_family))
-        with open(args.write_prompts, "w") as f:
-            f.write("\n".join(prompts) + "\n")
-        print(f"wrote {len(prompts)} prompts to {args.write_prompts}")
-        return 0
+        return write_prompts(p, args)
     try:
         if args.model:
             frames = (args.frames or default_frames(args.model)) if args.videos else None
@@ -73,7 +96,7 @@ def main(argv=None) -> int:
             pairs = folder_prompts(args.images)
             media = [load_media(os.path.join(args.images, f)) for f, _ in pairs]
             result = evaluate([q for _, q in pairs], media)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         p.error(str(e))
     print(format_table(result))
     print(json.dumps(result))
@@ -81,4 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, prog=PROG))

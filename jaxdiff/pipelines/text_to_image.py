@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from jaxdiff import samplers
 from jaxdiff.pipelines.latent import LatentDiffusion
-from jaxdiff.pipelines.runner import prompt_lists, sampler_options
+from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
+from jaxdiff.samplers.driver import check_number
 
 INPAINT_MODES = (None, "blend", "channels")
 
@@ -28,9 +29,10 @@ class TextToImage(LatentDiffusion):
     """A latent text-to-image model: a 2D U-Net, the image VAE and CLIP (see `LatentDiffusion`)."""
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "TextToImage":
-        """From a diffusers Stable Diffusion folder (see `jaxdiff.convert.load_pipeline`)."""
-        return cls(*cls._components(path))
+    def from_pretrained(cls, path: str, verify: bool = True) -> "TextToImage":
+        """From a diffusers Stable Diffusion folder (see `jaxdiff.convert.load_pipeline`); `verify` checks the
+        weights against the folder's checksums.json when it has one."""
+        return cls(*cls._components(path, verify=verify))
 
     def _build(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, trajectory: bool,
                progress: bool):
@@ -73,10 +75,12 @@ class TextToImage(LatentDiffusion):
         `sampler_kwargs` override `sampler_defaults` (diffusers' option names: see `samplers.sample`).
         """
         prompts, negative = prompt_lists(prompts, negative_prompts)
+        check_seed(seed)
+        check_guidance(guidance_scale, guidance_rescale)
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"unknown inpaint mode {inpaint!r}; choose one of: blend, channels")
-        if strength is not None and not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if strength is not None:
+            check_number("strength", strength, 0.0, 1.0)
         if (inpaint is not None or strength is not None) and init_latents is None:
             raise ValueError("img2img and inpainting need init_latents")
         if inpaint is not None and latent_mask is None:

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion, samplers
-from jaxdiff.pipelines.latent import LatentDiffusion
-from jaxdiff.pipelines.runner import prompt_lists, sampler_options
+from jaxdiff.pipelines.latent import LatentDiffusion, as_images
+from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
 
 
 DEFAULT_FRAMES = 8  # for a video model folder whose training.json does not say how many frames it learnt
@@ -82,13 +82,14 @@ class TextToVideo(LatentDiffusion):
     frame_noise_correlation: float = 0.0
 
     @classmethod
-    def from_pretrained(cls, path: str, num_frames: int | None = None) -> "TextToVideo":
+    def from_pretrained(cls, path: str, num_frames: int | None = None, verify: bool = True) -> "TextToVideo":
         """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel). The default video
         length is `num_frames`, else `default_frames(path)`; the frame noise correlation the one the
-        folder's training.json records (0 without one)."""
+        folder's training.json records (0 without one). `verify`: see `TextToImage.from_pretrained`."""
         from jaxdiff.models.temporal_unet import TemporalUNet
 
-        return cls(*cls._components(path, unet_type=TemporalUNet), num_frames=num_frames or default_frames(path),
+        return cls(*cls._components(path, unet_type=TemporalUNet, verify=verify),
+                   num_frames=num_frames or default_frames(path),
                    frame_noise_correlation=trained_noise_correlation(path))
 
     @property
@@ -144,14 +145,16 @@ class TextToVideo(LatentDiffusion):
         replicated.
         """
         prompts, negative = prompt_lists(prompts, negative_prompts)
+        check_seed(seed)
+        check_guidance(guidance_scale, guidance_rescale)
         frames = self.num_frames if num_frames is None else int(num_frames)
         shape = self.video_latent_shape(len(prompts), frames, height or self.default_size, width or self.default_size)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         if init_image is not None:
-            init_image = jnp.asarray(init_image, jnp.float32)
-            if init_image.ndim == 3:
-                init_image = jnp.broadcast_to(init_image, (len(prompts), *init_image.shape))
+            init_image = as_images(init_image, "init_image")
+            if init_image.shape[0] == 1:  # one image for every prompt
+                init_image = jnp.broadcast_to(init_image, (len(prompts), *init_image.shape[1:]))
             want = (len(prompts), shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor, 3)
             if tuple(init_image.shape) != want:
                 raise ValueError(f"init_image has shape {tuple(init_image.shape)}, expected {want} (one image in "
