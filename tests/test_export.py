@@ -32,6 +32,10 @@ def test_export_loads_back_with_the_run_weights(runs, tmp_path):
     assert {k: v["step"] for k, v in info.items()} == {"diffusion": 2, "vae": 2, "clip": 2}
     assert info["diffusion"]["weights"] == "ema"
     assert os.path.isfile(os.path.join(out, "clip", "model.safetensors"))
+    # every weights file's sha256, which from_pretrained above verified
+    assert sorted(json.load(open(os.path.join(out, "checksums.json")))["sha256"]) == [
+        "clip/model.safetensors", "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors"]
     # --weights params: the trained parameters instead of their EMA, and recorded so
     raw = str(tmp_path / "raw")
     assert export.main(["--workdir", runs["ld"], "--out", raw, "--weights", "params"]) == 0

@@ -9,8 +9,9 @@ folders such as the shipped one, whose parts and training.json records are carri
 writes diffusers' layout: model_index.json, unet/ and vae/ (diffusers format), text_encoder/
 (transformers' CLIPTextModel), tokenizer/ (the run's WordTokenizer), scheduler/ (a
 DPMSolverMultistepScheduler config for the run's noise schedule), plus clip/ (both CLIP towers,
-transformers' CLIPModel, for zero-shot use) and training.json (each run's config and step; for a fine-tune,
-also the record of the run or folder it started from, `config.model.init_from`, while that still exists).
+transformers' CLIPModel, for zero-shot use), training.json (each run's config and step; for a fine-tune,
+also the record of the run or folder it started from, `config.model.init_from`, while that still exists) and
+checksums.json (the sha256 of every weights file, which loading the folder verifies).
 
 The run's `config.model.backbone` picks the pipeline:
 - `unet`: StableDiffusionPipeline (unet/ a UNet2DConditionModel); `TextToImage.from_pretrained`
@@ -38,6 +39,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from jaxdiff import cli
+from jaxdiff.convert.common import write_checksums
 from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.transformers import to_transformers
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
@@ -179,6 +181,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
         _write_json(os.path.join(folder, "training.json"), relative_paths(records))
+        write_checksums(folder)
 
     return _write_atomically(out, write)
 
