@@ -1,4 +1,4 @@
-"""Subprocess helper for the sharding tests: trains the tiny latent-diffusion recipe on a simulated
+"""Subprocess helper for the sharding tests: trains a tiny recipe (latent diffusion by default) on a simulated
 device count (and optionally as one of several jax.distributed processes), then saves the losses
 and the final parameters as .npz for the parent test to compare.
 
@@ -11,8 +11,10 @@ import sys
 
 p = argparse.ArgumentParser()
 p.add_argument("--devices", type=int, default=1)
+p.add_argument("--config", default="latent_diffusion", help="a configs/ module whose :tiny variant trains")
 p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
 p.add_argument("--steps", type=int, default=10)
+p.add_argument("--adam-eps", type=float, default=None, help="config.optim.eps (default: the config's)")
 p.add_argument("--out", required=True)
 p.add_argument("--workdir", default="", help="shared by all processes of a run")
 p.add_argument("--restore", default="", help="instead of training, restore this workdir's latest checkpoint")
@@ -25,10 +27,11 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import importlib  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs.latent_diffusion import get_config  # noqa: E402
 from jaxdiff.training import loop  # noqa: E402
 
 
@@ -43,8 +46,10 @@ def save(path, result, **extra):
                     for k, v in jax.tree_util.tree_leaves_with_path(params)})
 
 
-c = get_config("tiny")
+c = importlib.import_module(f"configs.{args.config}").get_config("tiny")
 c.steps, c.log_every, c.checkpoint_every = args.steps, 0, args.steps
+if args.adam_eps is not None:
+    c.optim.eps = args.adam_eps
 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in args.mesh.split(","))
 c.distributed.coordinator, c.distributed.num_processes = args.coordinator, args.num_processes
 c.distributed.process_id = args.process_id
