@@ -3,11 +3,13 @@
 - `CLIPTokenizer`: CLIP's byte-level BPE, read from a checkpoint's tokenizer files and
   run by the `tokenizers` library, configured to give the ids of transformers'
   `CLIPTokenizer` (which 5.x also exports as `CLIPTokenizerFast`).
+- `T5Tokenizer`: T5's / UMT5's SentencePiece unigram model, read from a checkpoint's
+  `tokenizer.json` and run by the `tokenizers` library (ids of transformers' T5 tokenizer).
 - `WordTokenizer`: a whole-word vocabulary for the built-in caption datasets; saved
   next to a trained model so the model ships with its tokenizer.
 
-Both return int32 arrays [B, max_length]: BOS, the text, EOS, then padding; prompts
-that do not fit are cut (EOS kept last) with a warning naming what was dropped.
+All return int32 arrays [B, max_length]: (BOS,) the text, EOS, then padding (T5 has no
+BOS); prompts that do not fit are cut (EOS kept last) with a warning naming what was dropped.
 """
 from __future__ import annotations
 
@@ -187,6 +189,83 @@ class CLIPTokenizer:
         return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
 
 
+# --------------------------------------------------------------------------- T5 SentencePiece
+
+
+T5_DEFAULT_MAX_LENGTH = 512
+
+
+def _t5_tokenizer_folder(folder: str) -> str | None:
+    """The folder (or its `tokenizer/` subfolder) whose tokenizer.json holds a unigram model, if any."""
+    for candidate in (folder, os.path.join(folder, "tokenizer")):
+        model = _read_json(os.path.join(candidate, "tokenizer.json")).get("model") or {}
+        if model.get("type") == "Unigram":
+            return candidate
+    return None
+
+
+class T5Tokenizer:
+    """T5's SentencePiece tokenizer (unigram), as transformers' T5 tokenizer encodes with
+    `padding="max_length", truncation=True`: the text's pieces, EOS, then padding; no BOS.
+
+    The pipeline (normaliser, whitespace split, metaspace, unigram model, special tokens such as
+    `<extra_id_0>`) is the checkpoint's `tokenizer.json`, run by the `tokenizers` library. Folders
+    with only the SentencePiece `spiece.model` are not read: transformers writes tokenizer.json
+    when it saves the tokenizer (`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, eos_token: str = "</s>", pad_token: str = "<pad>",
+                 model_max_length: int = T5_DEFAULT_MAX_LENGTH):
+        missing = [t for t in (eos_token, pad_token) if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"special tokens {missing} are not in the vocabulary")
+        self._tokenizer = tokenizer
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.eos_token_id, self.pad_token_id = tokenizer.token_to_id(eos_token), tokenizer.token_to_id(pad_token)
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.model_max_length = model_max_length
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> "T5Tokenizer":
+        """From a transformers tokenizer folder with tokenizer.json (or a folder with `tokenizer/`).
+
+        EOS, pad and `model_max_length` come from tokenizer_config.json / special_tokens_map.json
+        (defaults `</s>`, `<pad>`, 512)."""
+        found = _t5_tokenizer_folder(folder)
+        if found is None:
+            extra = (" (it has only spiece.model: save the tokenizer with transformers to write tokenizer.json)"
+                     if os.path.isfile(os.path.join(folder, "spiece.model")) else "")
+            raise FileNotFoundError(f"no tokenizer.json with a unigram (SentencePiece) model in {folder!r}{extra}")
+        config = {**_read_json(os.path.join(found, "tokenizer_config.json")),
+                  **_read_json(os.path.join(found, "special_tokens_map.json"))}
+        token = lambda name, default: added_token(config.get(name) or default).content
+        max_length = config.get("model_max_length", T5_DEFAULT_MAX_LENGTH)
+        return cls(Tokenizer.from_file(os.path.join(found, "tokenizer.json")), eos_token=token("eos_token", "</s>"),
+                   pad_token=token("pad_token", "<pad>"),
+                   # tokenizer configs without a limit store a huge sentinel (int(1e30))
+                   model_max_length=max_length if max_length < 1e6 else T5_DEFAULT_MAX_LENGTH)
+
+    def __call__(self, texts: str | Sequence[str], max_length: int | None = None,
+                 return_attention_mask: bool = False):
+        """texts -> input_ids [B, max_length] int32: the text, EOS, padding (and the mask if asked).
+
+        max_length defaults to the folder's `model_max_length` (512 for T5; SD3 passes 256, Flux 512).
+        """
+        texts = _as_list(texts)
+        max_length = max_length or self.model_max_length
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for EOS")
+        rows = []
+        for text, encoding in zip(texts, self._tokenizer.encode_batch(texts, add_special_tokens=False)):
+            ids = encoding.ids
+            if len(ids) > max_length - 1:
+                _warn_truncated(text, text[encoding.offsets[max_length - 1][0]:], max_length, stacklevel=2)
+                ids = ids[:max_length - 1]
+            rows.append([*ids, self.eos_token_id])
+        return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
+
+
 # --------------------------------------------------------------------------- whole words
 
 
@@ -268,10 +347,13 @@ class WordTokenizer:
         return cls(data["words"], data["max_length"])
 
 
-def load_tokenizer(folder: str) -> CLIPTokenizer | WordTokenizer:
+def load_tokenizer(folder: str) -> CLIPTokenizer | T5Tokenizer | WordTokenizer:
     """The tokenizer stored in `folder` (or its `tokenizer/` subfolder): a WordTokenizer when
-    `word_tokenizer.json` is there (jaxdiff's own caption-vocabulary models), else CLIP's BPE."""
+    `word_tokenizer.json` is there (jaxdiff's own caption-vocabulary models), T5's when its
+    tokenizer.json holds a unigram model, else CLIP's BPE."""
     for candidate in (folder, os.path.join(folder, "tokenizer")):
         if os.path.isfile(os.path.join(candidate, WORD_TOKENIZER_FILE)):
             return WordTokenizer.load(candidate)
+    if _t5_tokenizer_folder(folder) is not None:
+        return T5Tokenizer.from_pretrained(folder)
     return CLIPTokenizer.from_pretrained(folder)

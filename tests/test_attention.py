@@ -43,3 +43,22 @@ def test_float64_stays_float64():
         out = dot_product_attention(q, k, v)
         assert out.dtype == jnp.float64
         np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_additive_bias_and_scale_match_the_formula(dtype):
+    """T5's call: an additive logit bias [1, H, Lq, Lk] shared by the batch, scale 1, and a padding mask."""
+    with jax.enable_x64(dtype == jnp.float64):
+        keys = jax.random.split(jax.random.key(3), 4)
+        q, k, v = (jax.random.normal(key, (2, 5, 3, 4), dtype) for key in keys[:3])
+        bias = jax.random.normal(keys[3], (1, 3, 5, 5), dtype)
+        mask = np.arange(5)[None, None, None, :] < np.array([5, 3])[:, None, None, None]
+        out = dot_product_attention(q, k, v, jnp.asarray(mask), bias=bias, scale=1.0)
+        assert out.dtype == dtype
+        q64, k64, bias64 = (np.asarray(a, np.float64) for a in (q, k, bias))
+        logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) + bias64
+        logits = np.where(mask, logits, -np.inf)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(v, np.float64))
+        np.testing.assert_allclose(out, expected, rtol=1e-12 if dtype == jnp.float64 else 2e-5,
+                                   atol=0 if dtype == jnp.float64 else 2e-6)

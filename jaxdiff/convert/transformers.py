@@ -1,4 +1,4 @@
-"""CLIP weights in and out as transformers folders (`config.json` + `*.safetensors`).
+"""CLIP, T5 and UMT5 weights in and out as transformers folders (`config.json` + `*.safetensors`).
 
 Our CLIP modules use transformers' own module names, so the Flax path of a parameter
 spells its torch key: `encoder/layers_3/self_attn/q_proj/kernel` <->
@@ -8,6 +8,9 @@ HWIO) are `convert.common`'s.
 Standalone towers come in two layouts: transformers 4.x writes `CLIPTextModel` keys
 under `text_model.` (every Stable Diffusion `text_encoder/` on the hub), 5.x without.
 Import accepts both; export writes the prefixed one, which both versions load.
+
+T5 / UMT5 encoders (`T5EncoderModel`, `UMT5EncoderModel`) tie `encoder.embed_tokens` to `shared`:
+transformers 5.x writes `shared.weight` only, older files both (equal); export writes `shared.weight`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from jaxdiff.convert.common import (CheckpointError, export_params, import_param
                                     save_state_dict)
 from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPVisionConfig, CLIPVisionModel)
+from jaxdiff.models.t5 import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Architecture:
     tower_prefix: str  # prefix transformers 4.x puts on a standalone tower's keys; "" if none
     buffers: frozenset[str]  # non-persistent buffers that older transformers versions saved anyway
     example_inputs: Callable  # config -> positional inputs for `init`
+    prepare_state: Callable[[dict], dict] | None = None  # state-dict fix-ups before import (tied keys)
 
 
 def _text_inputs(c: CLIPTextConfig):
@@ -45,6 +50,24 @@ def _text_inputs(c: CLIPTextConfig):
 
 def _image_inputs(c: CLIPVisionConfig):
     return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)
+
+
+def _token_inputs(c: T5Config):
+    return (jnp.zeros((1, 8), jnp.int32),)  # any length: T5's positions are relative
+
+
+def _tied_t5_embeddings(state: dict) -> dict:
+    """`encoder.embed_tokens.weight` is `shared.weight` (tied): dropped when equal, renamed when alone."""
+    if "encoder.embed_tokens.weight" not in state:
+        return state
+    state = dict(state)
+    tied = state.pop("encoder.embed_tokens.weight")
+    if "shared.weight" not in state:
+        state["shared.weight"] = tied
+    elif not np.array_equal(tied, state["shared.weight"]):
+        raise CheckpointError("tensors 'encoder.embed_tokens.weight' and 'shared.weight' differ, but the model "
+                              "ties them (T5's encoder embeds with `shared`)")
+    return state
 
 
 ARCHITECTURES = {
@@ -57,17 +80,23 @@ ARCHITECTURES = {
     "CLIPModel": Architecture(CLIPModel, CLIPConfig, "",
                               frozenset({"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}),
                               lambda c: _text_inputs(c.text) + _image_inputs(c.vision)),
+    "T5EncoderModel": Architecture(T5EncoderModel, T5Config, "", frozenset(), _token_inputs, _tied_t5_embeddings),
+    "UMT5EncoderModel": Architecture(UMT5EncoderModel, UMT5Config, "", frozenset(), _token_inputs,
+                                     _tied_t5_embeddings),
 }
-MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel"}
+MODEL_TYPES = {"clip": "CLIPModel", "clip_text_model": "CLIPTextModel", "clip_vision_model": "CLIPVisionModel",
+               "t5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}
 
-_LAYER = re.compile(r"^layers_(\d+)$")
+# Flax list members `layers_3` (CLIP), `block_0` / `layer_1` (T5) are torch's `layers.3`, `block.0`, `layer.1`.
+_LAYER = re.compile(r"^(layers|block|layer)_(\d+)$")
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 
 
 def torch_key(path: tuple[str, ...], prefix: str = "") -> str:
-    """Flax param path -> transformers state-dict key (`layers_3` -> `layers.3`, kernel/scale/embedding -> weight)."""
+    """Flax param path -> transformers state-dict key (`layers_3` -> `layers.3`, `block_0` -> `block.0`,
+    kernel/scale/embedding -> weight)."""
     *modules, leaf = path
-    return prefix + ".".join([_LAYER.sub(r"layers.\1", m) for m in modules] + [_TORCH_LEAF.get(leaf, leaf)])
+    return prefix + ".".join([_LAYER.sub(r"\1.\2", m) for m in modules] + [_TORCH_LEAF.get(leaf, leaf)])
 
 
 def architecture_of(config: dict) -> str:
@@ -100,7 +129,8 @@ def param_template(module: nn.Module, arch: Architecture):
 
 
 def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
-    """Loads a transformers CLIP folder (CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel).
+    """Loads a transformers folder: CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,
+    T5EncoderModel or UMT5EncoderModel.
 
     Args:
       path: folder with config.json and model.safetensors (or a sharded set).
@@ -114,6 +144,8 @@ def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
     module = arch.module_class(arch.config_class.from_transformers_config(config), dtype=dtype,
                                param_dtype=param_dtype)
     state = _strip_tower_prefix(load_state_dict(path), arch.tower_prefix)
+    if arch.prepare_state is not None:
+        state = arch.prepare_state(state)
     params = import_params(state, param_template(module, arch), torch_key, ignore=arch.buffers.__contains__)
     return module, jax.tree.map(jnp.asarray, params)
 
