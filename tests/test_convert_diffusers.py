@@ -199,7 +199,7 @@ def test_load_pipeline(tmp_path):
     pipe = jd.convert.load_pipeline(str(make_pipeline_folder(tmp_path)))
     assert pipe.scheduler_config["beta_schedule"] == "scaled_linear"
     _, unet_params = jd.convert.from_diffusers(str(FIXTURES / "unet_sd1"))
-    a, b = flat(pipe.unet_params), flat(unet_params)
+    a, b = flat(pipe.denoiser_params), flat(unet_params)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     ids = pipe.tokenizer(["a photo of a cat", ""], max_length=16)
     assert ids.shape == (2, 16) and ids[0, 0] == pipe.tokenizer.bos_token_id
@@ -209,7 +209,7 @@ def test_load_pipeline(tmp_path):
     @jax.jit
     def chain(ids, z):
         context, _ = pipe.text_encoder.apply({"params": pipe.text_params}, ids)
-        eps = pipe.unet.apply({"params": pipe.unet_params}, z, jnp.array([10, 10]), context)
+        eps = pipe.denoiser.apply({"params": pipe.denoiser_params}, z, jnp.array([10, 10]), context)
         return pipe.vae.apply({"params": pipe.vae_params}, eps[:, :8, :8], method=pipe.vae.decode)
 
     image = chain(ids, jax.random.normal(jax.random.key(0), (2, 16, 16, 4)))

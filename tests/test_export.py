@@ -19,7 +19,7 @@ def test_export_loads_back_with_the_run_weights(runs, tmp_path):
     spec = data_spec(c.data)
     # The U-Net, VAE and text encoder carry the runs' EMA weights; the tokenizer the run's ids.
     unet_ema, vae_ema = load_params(runs["ld"], "ema"), load_params(runs["vae"], "ema")["vae"]
-    for got, want in ((pipe.unet_params, unet_ema), (pipe.vae_params, vae_ema),
+    for got, want in ((pipe.denoiser_params, unet_ema), (pipe.vae_params, vae_ema),
                       (pipe.text_params, load_params(runs["clip"], "ema")["text_model"])):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
     prompts = ["a red circle", "two blue squares above"]
@@ -41,7 +41,7 @@ def test_export_loads_back_with_the_run_weights(runs, tmp_path):
     assert export.main(["--workdir", runs["ld"], "--out", raw, "--weights", "params"]) == 0
     trained = load_params(runs["ld"], "params")
     assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(unet_ema)))
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(TextToImage.from_pretrained(raw).unet_params), trained)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(TextToImage.from_pretrained(raw).denoiser_params), trained)
     assert json.load(open(os.path.join(raw, "training.json")))["diffusion"]["weights"] == "params"
     with pytest.raises(ValueError, match="weights='best': choose one of: ema, params"):
         export.export_text_to_image(runs["ld"], str(tmp_path / "best"), weights="best")
@@ -58,3 +58,42 @@ def test_export_never_clobbers(runs, tmp_path):
     assert export.main(["--workdir", runs["ld"], "--out", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model_index.json").exists()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
+
+
+def test_mmdit_run_exports_and_samples_as_its_own_transformer(runs, tmp_path):
+    """A flow-matching MMDiT run (configs/mmdit.py:tiny on the tiny CLIP and VAE runs) exports transformer/ (an
+    SD3Transformer2DModel) with a FlowMatchEulerDiscreteScheduler; TextToImage loads it, and its guided flow-Euler
+    sampling equals the sampler driven by hand with the run's EMA transformer on CLIP's states and pooled state."""
+    from configs import mmdit as mmdit_config
+    from jaxdiff import guidance, samplers
+    from jaxdiff.models import SD3Transformer2D
+    from jaxdiff.training import train
+
+    c = mmdit_config.get_config("tiny")
+    ld = evaluate.read_run_config(runs["ld"])
+    c.data, c.model.vae, c.model.text_encoder = ld.data, ld.model.vae, ld.model.text_encoder
+    c.model.mmdit.sample_size = 8
+    c.steps, c.checkpoint_every, c.sample_every = 2, 0, 0
+    workdir = str(tmp_path / "run")
+    train(c, workdir)
+    out = export.export_text_to_image(workdir, str(tmp_path / "model"))
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"] and "unet" not in index
+    scheduler = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+
+    pipe = TextToImage.from_pretrained(out)
+    assert isinstance(pipe.denoiser, SD3Transformer2D) and pipe.size_multiple == 4
+    ema = load_params(workdir, "ema")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.denoiser_params), ema)
+    prompts = ["a red circle", "two blue squares"]
+    got = pipe.generate(prompts, steps=4, guidance_scale=3.0, seed=1)["latents"]
+
+    ids, empty = pipe.tokenize(prompts), pipe.tokenize(["", ""])
+    encode = lambda ids: pipe.text_encoder.apply({"params": pipe.text_params}, ids)[:2]
+    apply_fn = lambda x, t, ctx: pipe.denoiser.apply({"params": ema}, x, t, *ctx)
+    model_fn = guidance.cfg(apply_fn, encode(ids), encode(empty), 3.0)
+    noise = jax.random.normal(jax.random.key(1), got.shape)
+    want = samplers.sample(model_fn, pipe.schedule, noise, key=jax.random.key(2), method="flow_euler", steps=4,
+                           prediction_type="flow")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ def test_checksum_mismatch_names_the_file(model):
     set_weight(model, "conv_in.weight", 0.5)
     with pytest.raises(CheckpointError, match=f"'{UNET_WEIGHTS}' in .* does not match the sha256 recorded"):
         TextToImage.from_pretrained(model)
-    assert TextToImage.from_pretrained(model, verify=False).unet_params is not None
+    assert TextToImage.from_pretrained(model, verify=False).denoiser_params is not None
     os.remove(os.path.join(model, UNET_WEIGHTS))
     with pytest.raises(CheckpointError, match=f"'{UNET_WEIGHTS}' is listed in .* but missing"):
         verify_checksums(model)

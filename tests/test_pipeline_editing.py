@@ -53,7 +53,7 @@ def test_outpaint_keeps_the_original_region(pipe):
 
 def test_nine_channel_unet_sees_the_masked_image(pipe):
     """A 9-channel inpainting U-Net takes [x_t | mask | masked-image latents]: the known region steers it."""
-    cfg = jd.models.UNetConfig(**{**pipe.unet.config.__dict__, "in_channels": 9})
+    cfg = jd.models.UNetConfig(**{**pipe.denoiser.config.__dict__, "in_channels": 9})
     unet = jd.models.UNet2DCondition(cfg)
     shapes = jax.eval_shape(lambda: unet.init(jax.random.key(0), jnp.zeros((1, 8, 8, 9)), jnp.zeros((1,)),
                                               jnp.zeros((1, 77, 32))))["params"]
@@ -85,7 +85,7 @@ def test_nine_channel_unet_sees_the_masked_image(pipe):
 def test_edit_is_inversion_then_ddim(pipe):
     x_t = editing.invert(pipe, ["a red circle"] * 2, IMG, steps=6)
     ctx = pipe.encode_text(pipe.text_params, pipe.tokenize(["a red circle"] * 2))
-    fn = lambda x, t: pipe.unet.apply({"params": pipe.unet_params}, x, t, ctx)
+    fn = lambda x, t: pipe.denoiser.apply({"params": pipe.denoiser_params}, x, t, ctx)
     kw = {k: pipe.sampler_defaults[k] for k in ("prediction_type", "timestep_spacing", "steps_offset",
                                                   "set_alpha_to_one")}
     ref = jd.samplers.ddim_invert(fn, pipe.schedule, pipe.encode_image(pipe.vae_params, jnp.asarray(IMG)), steps=6, **kw)

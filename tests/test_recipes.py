@@ -60,7 +60,7 @@ def test_fine_tune_from_a_model_folder(runs, tmp_path):
     assert records["diffusion"]["config"]["model"]["init_from"] == os.path.relpath(folder)   # provenance: relative
     assert records["diffusion"]["init_from"] == source["diffusion"]
     pipe, source_pipe = TextToImage.from_pretrained(out), TextToImage.from_pretrained(folder)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.unet_params), load_params(workdir, "ema"))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.denoiser_params), load_params(workdir, "ema"))
     for part in ("text_params", "vae_params"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(getattr(pipe, part)),
                      jax.device_get(getattr(source_pipe, part)))

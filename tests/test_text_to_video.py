@@ -57,7 +57,7 @@ def test_image_to_video_keeps_the_first_frame(sd):
     # An image U-Net inflated into a video U-Net with image-conditioning channels (the route from the
     # shipped image model); its conditioning weights start at zero, so the first frame is kept by the
     # per-step frame-0 blend alone.
-    unet, params = inflate(sd.unet, sd.unet_params, jax.random.key(0), conditioning_frame_channels=5)
+    unet, params = inflate(sd.denoiser, sd.denoiser_params, jax.random.key(0), conditioning_frame_channels=5)
     pipe = video_pipe(sd, unet, params)
     image = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
     videos = pipe(["a red circle moving left", "a blue square"], init_image=image, num_frames=3, steps=4,

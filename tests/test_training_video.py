@@ -99,15 +99,15 @@ def test_export_loads_back_as_text_to_video_and_shapes_eval_scores_it(video_run,
     out = str(tmp_path / "model")
     assert export.main(["--workdir", result.workdir, "--out", out]) == 0
     pipe = TextToVideo.from_pretrained(out)
-    for got, want in ((pipe.unet_params, load_params(result.workdir, "ema")),
+    for got, want in ((pipe.denoiser_params, load_params(result.workdir, "ema")),
                       (pipe.vae_params, load_params(frozen_runs["vae"], "ema")["vae"]),
                       (pipe.text_params, load_params(frozen_runs["clip"], "ema")["text_model"])):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
     # The run's video U-Net: its config fields, on 4-channel 8x8 latents (+ 5 conditioning channels),
     # with the jaxdiff-only settings (frame positions, per-block heads) that diffusers lacks.
-    assert pipe.unet.config == TemporalUNetConfig(**{**c.model.temporal_unet.to_dict(), "in_channels": 9,
+    assert pipe.denoiser.config == TemporalUNetConfig(**{**c.model.temporal_unet.to_dict(), "in_channels": 9,
                                                      "out_channels": 4, "sample_size": 8})
-    assert pipe.unet.config.frame_position_embedding == "sinusoidal"
+    assert pipe.denoiser.config.frame_position_embedding == "sinusoidal"
     assert pipe.frame_noise_correlation == c.model.frame_noise_correlation == vd_config.FRAME_NOISE_CORRELATION
     prompts = ["a red circle moving left", "a blue square moving up and a green circle moving down"]
     np.testing.assert_array_equal(pipe.tokenize(prompts), data_spec(c.data).tokenize(prompts))
@@ -159,7 +159,7 @@ def test_export_errors_name_the_run(tmp_path):
     dit = ld_config.get_config("tiny")
     dit.model.backbone = "dit"
     with pytest.raises(ValueError, match=r"backbone='dit', which has no pipeline export; exportable: diffusion "
-                                         r"runs with backbone 'unet' \(text-to-image\), 'temporal_unet'"):
+                                         r"runs with backbone 'unet' \(text-to-image\), 'mmdit' \(text-to-image\), 'temporal_unet'"):
         export.export_run(run_folder(dit, "dit"), out)
     with pytest.raises(ValueError, match=r"is a 'vae' run"):
         export.export_run(run_folder(vae_config.get_config("tiny"), "vae"), out)

@@ -134,9 +134,10 @@ def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = Fa
 
 @dataclasses.dataclass
 class StableDiffusion:
-    """The parts of a diffusers StableDiffusionPipeline folder, as jaxdiff modules and plain params."""
-    unet: UNet2DCondition
-    unet_params: Any
+    """The parts of a latent diffusion pipeline folder (its denoiser: a U-Net or an MMDiT), as jaxdiff modules and
+    plain params."""
+    denoiser: Any
+    denoiser_params: Any
     vae: AutoencoderKL
     vae_params: Any
     text_encoder: nn.Module
@@ -145,7 +146,10 @@ class StableDiffusion:
     scheduler_config: dict
 
 
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# The components every pipeline folder needs, beside its denoiser: unet/ (Stable Diffusion) or transformer/ (an
+# MMDiT, SD3's denoiser, as jaxdiff's own MMDiT text-to-image folders hold it with one CLIP text encoder).
+PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
+DENOISERS = ("unet", "transformer")
 
 
 def _part(path: str, part: str, load, *args):
@@ -157,10 +161,12 @@ def _part(path: str, part: str, load, *args):
 
 
 def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                  unet_type: type = UNet2DCondition, verify: bool = True) -> StableDiffusion:
-    """Loads a Stable Diffusion pipeline folder (`model_index.json`, unet/, vae/, text_encoder/,
-    tokenizer/, scheduler/). Other components (safety_checker, feature_extractor) are not loaded.
-    `unet_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
+                  denoiser_type: type | tuple = (UNet2DCondition, SD3Transformer2D), verify: bool = True) -> StableDiffusion:
+    """Loads a latent diffusion pipeline folder (`model_index.json`, unet/ or transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/): Stable Diffusion, or an MMDiT (SD3Transformer2DModel in transformer/) on one CLIP text
+    encoder whose states are its text tokens and whose pooled state its pooled embedding (jaxdiff's MMDiT folders;
+    SD3's own three-encoder folders are not supported yet). Other components (safety_checker, feature_extractor)
+    are not loaded. `denoiser_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
 
     The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
     `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, or a WordTokenizer for jaxdiff's caption-vocabulary
@@ -168,21 +174,32 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     checked against the folder's checksums.json, when it has one (`jaxdiff.convert.common.verify_checksums`).
     """
     index = read_config(path, "model_index.json")
-    missing = [c for c in PIPELINE_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0] is not None)]
+    given = lambda c: isinstance(index.get(c), list) and index[c][0] is not None
+    denoisers = [c for c in DENOISERS if given(c)]
+    missing = [c for c in PIPELINE_COMPONENTS if not given(c)] + ([] if len(denoisers) == 1 else ["unet or transformer"])
     if missing:
         raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) lacks components {missing}; "
-                              f"a Stable Diffusion folder needs {', '.join(PIPELINE_COMPONENTS)}")
+                              f"a latent diffusion folder needs unet or transformer, {', '.join(PIPELINE_COMPONENTS)}")
+    extra = [c for c in ("text_encoder_2", "text_encoder_3") if given(c)]
+    if extra:
+        raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) has {', '.join(extra)}: pipelines "
+                              f"with several text encoders (SDXL, SD3) are not supported yet")
     if verify:
         verify_checksums(path)
-    unet, unet_params = _part(path, "unet", from_diffusers, dtype, param_dtype)
+    part = denoisers[0]
+    denoiser, denoiser_params = _part(path, part, from_diffusers, dtype, param_dtype)
     vae, vae_params = _part(path, "vae", from_diffusers, dtype, param_dtype)
-    if not isinstance(unet, unet_type) or not isinstance(vae, AutoencoderKL):
-        raise CheckpointError(f"pipeline {path!r}: unet/ holds a {type(unet).__name__}, vae/ a {type(vae).__name__}")
+    if not isinstance(denoiser, denoiser_type) or not isinstance(vae, AutoencoderKL):
+        raise CheckpointError(f"pipeline {path!r}: {part}/ holds a {type(denoiser).__name__}, vae/ a "
+                              f"{type(vae).__name__}")
     text_encoder, text_params = _part(path, "text_encoder", from_transformers, dtype, param_dtype)
-    width = text_encoder.config.hidden_size
-    if width != unet.config.cross_attention_dim:
-        raise CheckpointError(f"pipeline {path!r}: the text encoder's hidden_size={width} does not match the "
-                              f"U-Net's cross_attention_dim={unet.config.cross_attention_dim}")
-    return StableDiffusion(unet, unet_params, vae, vae_params, text_encoder, text_params,
+    width, c = text_encoder.config.hidden_size, denoiser.config
+    wants = {"joint_attention_dim": c.joint_attention_dim, "pooled_projection_dim": c.pooled_projection_dim} \
+        if isinstance(denoiser, SD3Transformer2D) else {"cross_attention_dim": c.cross_attention_dim}
+    for field, value in wants.items():
+        if value != width:
+            raise CheckpointError(f"pipeline {path!r}: the text encoder's hidden_size={width} does not match the "
+                                  f"{'U-Net' if part == 'unet' else 'MMDiT'}'s {field}={value}")
+    return StableDiffusion(denoiser, denoiser_params, vae, vae_params, text_encoder, text_params,
                            load_tokenizer(os.path.join(path, "tokenizer")),
                            read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))

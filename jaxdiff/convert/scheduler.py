@@ -56,7 +56,8 @@ def schedule_from_config(config: dict) -> tuple[schedules.Schedule, dict[str, An
     if config.get("algorithm_type", "dpmsolver++") != "dpmsolver++" or config.get("solver_order", 2) != 2:
         raise CheckpointError(f"only DPM-Solver++ of order 2 is implemented, got algorithm_type="
                               f"{config.get('algorithm_type')!r}, solver_order={config.get('solver_order')!r}")
-    prediction = config.get("prediction_type", "epsilon")
+    # FlowMatchEulerDiscreteScheduler has no prediction_type: its models predict the flow velocity
+    prediction = config.get("prediction_type", "flow_prediction" if cls == "FlowMatchEulerDiscreteScheduler" else "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise CheckpointError(f"prediction_type {prediction!r} is not supported; supported: {', '.join(PREDICTION_TYPES)}")
     n = int(config.get("num_train_timesteps", 1000))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
-from jaxdiff.models.dit import patchify, unpatchify
+from jaxdiff.models.dit import unpatchify
 from jaxdiff.models.layers import AdaLayerNormZero, FeedForward, TimestepEmbedding, apply_rotary, conv, \
     constrain_tokens, dense, layer_norm, modulate, rms_norm, sincos_position_embedding_2d, timestep_embedding
 

@@ -73,7 +73,7 @@ def inpaint(pipe: TextToImage, prompts, images, masks, *, paste_back: bool = Fal
     images = _pipe_images(pipe, images, "inpaint", kwargs)
     masks = as_masks(masks, images)
     lmask = latent_mask(masks, pipe.vae_scale_factor)
-    channels = pipe.unet.config.in_channels == 2 * pipe.latent_channels + 1
+    channels = pipe.denoiser.config.in_channels == 2 * pipe.latent_channels + 1
     known = images * (1.0 - masks) if channels else images
     init = pipe.encode_image(pipe.vae_params, known)
     out = pipe.generate(prompts, height=images.shape[1], width=images.shape[2], init_latents=init,
@@ -113,8 +113,8 @@ def invert(pipe: TextToImage, prompts, images, *, steps: int = 50, guidance_scal
     schedule = pipe.schedule
 
     def run(params, ids, uncond_ids, images, scale):
-        unet_params, vae_params, text_params = params
-        model_fn = pipe.guided_model(unet_params, text_params, ids, uncond_ids, scale)
+        denoiser_params, vae_params, text_params = params
+        model_fn = pipe.guided_model(denoiser_params, text_params, ids, uncond_ids, scale)
         return samplers.ddim_invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
 
     program = pipe.runner.program(("invert", steps, tuple(sorted(options.items())), id(schedule)), lambda: run)

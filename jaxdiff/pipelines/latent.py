@@ -1,5 +1,6 @@
-"""The pieces text-to-image and text-to-video share: a U-Net under classifier-free guidance on CLIP
-text, and the VAE between pixels and latents, as pure jittable functions of their params.
+"""The pieces text-to-image and text-to-video share: a denoiser (a U-Net, or an MMDiT whose text stream is
+CLIP's states and whose pooled embedding CLIP's pooled state) under classifier-free guidance on CLIP text,
+and the VAE between pixels and latents, as pure jittable functions of their params.
 
 `TextToImage` and `TextToVideo` are both `LatentDiffusion`s, each with its own `generate`; neither
 extends the other. Each owns a `Runner` (`jaxdiff.pipelines.runner`) that compiles and runs its programs.
@@ -14,6 +15,7 @@ import numpy as np
 
 from jaxdiff import guidance
 from jaxdiff.convert.scheduler import schedule_from_config
+from jaxdiff.models import SD3Transformer2D
 from jaxdiff.pipelines.runner import Runner
 from jaxdiff.schedules import Schedule
 
@@ -38,14 +40,15 @@ def as_images(images, name: str = "images") -> jnp.ndarray:
 
 @dataclasses.dataclass
 class LatentDiffusion:
-    """Modules, their params, tokenizer, schedule and sampler defaults of a latent diffusion model.
+    """Modules, their params, tokenizer, schedule and sampler defaults of a latent diffusion model. The
+    denoiser is a U-Net (UNet2DCondition, TemporalUNet) or an MMDiT (SD3Transformer2D).
 
     `sampler_defaults` are `samplers.sample` keyword arguments (method, prediction_type,
     timestep_spacing, steps_offset, set_alpha_to_one, ...) that each call may override.
     """
 
-    unet: Any
-    unet_params: Any
+    denoiser: Any
+    denoiser_params: Any
     vae: Any
     vae_params: Any
     text_encoder: Any
@@ -63,7 +66,7 @@ class LatentDiffusion:
 
         sd = load_pipeline(path, **load_kwargs)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
-        return (sd.unet, sd.unet_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
+        return (sd.denoiser, sd.denoiser_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
                 schedule, {"method": "ddim", **defaults})
 
     @property
@@ -71,9 +74,15 @@ class LatentDiffusion:
         return self.vae.config.downsample_factor
 
     @property
+    def mmdit(self) -> bool:
+        """Whether the denoiser is an MMDiT (its text: the states and the pooled state)."""
+        return isinstance(self.denoiser, SD3Transformer2D)
+
+    @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's and the U-Net's downsampling together."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Image sides must be multiples of this: the VAE's downsampling times the U-Net's (or the MMDiT's patch)."""
+        c = self.denoiser.config
+        return self.vae_scale_factor * (c.patch_size if self.mmdit else 2 ** (len(c.block_out_channels) - 1))
 
     @property
     def latent_channels(self) -> int:
@@ -81,31 +90,34 @@ class LatentDiffusion:
 
     @property
     def default_size(self) -> int:
-        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+        return (self.denoiser.config.sample_size or 64) * self.vae_scale_factor
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return np.asarray(self.tokenizer(list(prompts)), np.int32)
 
     def encode_text(self, text_params, ids):
-        """Token ids [B, L] -> the U-Net's context [B, L, D] (CLIP's last hidden state)."""
-        return self.text_encoder.apply({"params": text_params}, ids)[0]
+        """Token ids [B, L] -> the denoiser's context: CLIP's last hidden state [B, L, D], and for an MMDiT also
+        its pooled state [B, D]."""
+        states, pooled = self.text_encoder.apply({"params": text_params}, ids)[:2]
+        return (states, pooled) if self.mmdit else states
 
-    def guided_model(self, unet_params, text_params, ids, uncond_ids, scale, rescale=0.0, extra_channels=None,
-                     **unet_kwargs):
-        """The U-Net under classifier-free guidance as a sampler's model_fn(x, t).
+    def guided_model(self, denoiser_params, text_params, ids, uncond_ids, scale, rescale=0.0, extra_channels=None,
+                     **denoiser_kwargs):
+        """The denoiser under classifier-free guidance as a sampler's model_fn(x, t).
 
         extra_channels [B, h, w, K] are appended to x's channels (9-channel inpainting U-Nets);
-        unet_kwargs hold per-example inputs [B, ...] such as a video U-Net's `cond_frames`. Both are
+        denoiser_kwargs hold per-example inputs [B, ...] such as a video U-Net's `cond_frames`. Both are
         repeated for the unconditional and conditional halves of the guided batch.
         """
         context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
         twice = lambda a: jnp.concatenate([a, a], axis=0)
-        unet_kwargs = {k: twice(v) for k, v in unet_kwargs.items()}
+        denoiser_kwargs = {k: twice(v) for k, v in denoiser_kwargs.items()}
         extra = None if extra_channels is None else twice(extra_channels)
 
         def apply_fn(x, t, ctx):
             x = x if extra is None else jnp.concatenate([x, extra], axis=-1)
-            return self.unet.apply({"params": unet_params}, x, t, ctx, **unet_kwargs)
+            return self.denoiser.apply({"params": denoiser_params}, x, t, *(ctx if self.mmdit else (ctx,)),
+                                       **denoiser_kwargs)
 
         return guidance.cfg(apply_fn, context, uncond, scale, rescale)
 
@@ -143,4 +155,4 @@ class LatentDiffusion:
     @property
     def params(self) -> tuple:
         """(unet, vae, text) params: every program's first argument."""
-        return (self.unet_params, self.vae_params, self.text_params)
+        return (self.denoiser_params, self.vae_params, self.text_params)

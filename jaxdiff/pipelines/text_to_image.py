@@ -40,10 +40,10 @@ class TextToImage(LatentDiffusion):
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
 
         def generate(params, ids, uncond_ids, noise, init_latents, latent_mask, rng, scale, rescale):
-            unet_params, vae_params, text_params = params
+            denoiser_params, vae_params, text_params = params
             # a 9-channel inpainting U-Net sees [x_t | mask | masked image latents]
             extra = jnp.concatenate([latent_mask, init_latents], axis=-1) if inpaint == "channels" else None
-            model_fn = self.guided_model(unet_params, text_params, ids, uncond_ids, scale, rescale, extra)
+            model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, extra)
             extra_kwargs = {}
             if strength is not None:
                 extra_kwargs.update(x_init=init_latents, strength=strength)
@@ -91,8 +91,8 @@ class TextToImage(LatentDiffusion):
             if a is not None and tuple(a.shape) != want:
                 raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {want}")
         expected_in = self.latent_channels * (2 if inpaint == "channels" else 1) + (inpaint == "channels")
-        if self.unet.config.in_channels != expected_in:
-            raise ValueError(f"the U-Net takes {self.unet.config.in_channels} input channels; inpaint={inpaint!r} "
+        if self.denoiser.config.in_channels != expected_in:
+            raise ValueError(f"the U-Net takes {self.denoiser.config.in_channels} input channels; inpaint={inpaint!r} "
                              f"feeds {expected_in} (use inpaint='channels' only with 9-channel inpainting U-Nets)")
         if noise is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)

@@ -88,14 +88,14 @@ class TextToVideo(LatentDiffusion):
         folder's training.json records (0 without one). `verify`: see `TextToImage.from_pretrained`."""
         from jaxdiff.models.temporal_unet import TemporalUNet
 
-        return cls(*cls._components(path, unet_type=TemporalUNet, verify=verify),
+        return cls(*cls._components(path, denoiser_type=TemporalUNet, verify=verify),
                    num_frames=num_frames or default_frames(path),
                    frame_noise_correlation=trained_noise_correlation(path))
 
     @property
     def latent_channels(self) -> int:
         """The video U-Net's latent channels (its in_channels also count the conditioning frame's)."""
-        return self.unet.config.latent_channels
+        return self.denoiser.config.latent_channels
 
     def decode_video(self, vae_params, latents):
         """Latent videos [B, T, h, w, C] -> videos in [0, 1], [B, T, H, W, 3]: the VAE decodes each frame."""
@@ -114,13 +114,13 @@ class TextToVideo(LatentDiffusion):
         """The whole generation as one function of traced inputs, for `runner.program`."""
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
         kwargs["noise_fn"] = functools.partial(diffusion.frame_correlated_noise, correlation=correlation, axis=2)
-        conditioned = bool(self.unet.config.conditioning_frame_channels)
+        conditioned = bool(self.denoiser.config.conditioning_frame_channels)
 
         def generate(params, ids, uncond_ids, noise, init_image, rng, scale, rescale):
-            unet_params, vae_params, text_params = params
+            denoiser_params, vae_params, text_params = params
             first = self.encode_image(vae_params, init_image) if image else None   # [B, h, w, C]
             extra = {"cond_frames": first} if conditioned and image else {}
-            model_fn = self.guided_model(unet_params, text_params, ids, uncond_ids, scale, rescale, **extra)
+            model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, **extra)
             blend = {}
             if image and keep_first_frame:
                 known = jnp.broadcast_to(first[:, None], noise.shape)

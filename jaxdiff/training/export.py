@@ -16,6 +16,9 @@ checksums.json (the sha256 of every weights file, which loading the folder verif
 The run's `config.model.backbone` picks the pipeline:
 - `unet`: StableDiffusionPipeline (unet/ a UNet2DConditionModel); `TextToImage.from_pretrained`
   and `python -m sample --model` load it.
+- `mmdit`: transformer/ an SD3Transformer2DModel on the one CLIP text encoder (its states the text tokens, its
+  pooled state the pooled embedding) and a FlowMatchEulerDiscreteScheduler config; model_index.json names the
+  class MMDiTPipeline (diffusers' StableDiffusion3Pipeline takes three text encoders); `TextToImage` loads it.
 - `temporal_unet`: TextToVideoSDPipeline (unet/ a UNet3DConditionModel, from scratch or inflated
   from the image run `config.model.init_from`, whose config.json must still be there);
   `TextToVideo.from_pretrained` loads it. The video U-Net's jaxdiff-only settings (frame position
@@ -85,35 +88,44 @@ class _Pipeline:
 
     task: str            # in messages: "text-to-image"
     class_name: str      # model_index.json's _class_name
-    unet_class: str      # diffusers' class of unet/
+    denoiser: str        # the denoiser's sub-folder: unet or transformer
+    denoiser_class: str  # its diffusers class
     model_index: dict    # further model_index.json entries
 
 
 PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
-    "unet": _Pipeline("text-to-image", "StableDiffusionPipeline", "UNet2DConditionModel",
+    "unet": _Pipeline("text-to-image", "StableDiffusionPipeline", "unet", "UNet2DConditionModel",
                       {"safety_checker": [None, None], "feature_extractor": [None, None],
                        "requires_safety_checker": False}),
-    "temporal_unet": _Pipeline("text-to-video", "TextToVideoSDPipeline", "UNet3DConditionModel", {}),
+    # an MMDiT on one CLIP text encoder: diffusers has no pipeline class for it (SD3's takes three encoders)
+    "mmdit": _Pipeline("text-to-image", "MMDiTPipeline", "transformer", "SD3Transformer2DModel", {}),
+    "temporal_unet": _Pipeline("text-to-video", "TextToVideoSDPipeline", "unet", "UNet3DConditionModel", {}),
 }
 
 
 def export_text_to_image(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
-    """Writes the StableDiffusionPipeline folder of latent text-to-image run `workdir` (backbone unet) to
-    `out`; returns `out`. `weights`: the checkpoint's 'ema' or trained 'params'."""
-    return _export(workdir, out, overwrite, "unet", weights)
+    """Writes the pipeline folder of latent text-to-image run `workdir` (backbone unet: a StableDiffusionPipeline;
+    mmdit: transformer/ an SD3Transformer2DModel) to `out`; returns `out`. `weights`: the checkpoint's 'ema' or
+    trained 'params'."""
+    return export_run(workdir, out, overwrite, weights, task="text-to-image")
 
 
 def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str:
     """Writes the TextToVideoSDPipeline folder of latent text-to-video run `workdir` (backbone
     temporal_unet) to `out`; returns `out`."""
-    return _export(workdir, out, overwrite, "temporal_unet")
+    return export_run(workdir, out, overwrite, task="text-to-video")
 
 
-def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
+def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema", task: str | None = None) -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
-    config.model.backbone; returns `out`. `weights`: the checkpoint's 'ema' (default) or trained 'params'."""
+    config.model.backbone (`task`, if given, must be that one); returns `out`. `weights`: the checkpoint's 'ema'
+    (default) or trained 'params'."""
     config = read_run_config(workdir)
     backbone = config.model.get("backbone")
+    if task is not None and (backbone not in PIPELINES or PIPELINES[backbone].task != task):
+        raise ValueError(f"{workdir!r} is not a latent {task} run (recipe {config.get('recipe')!r}, backbone "
+                         f"{backbone!r}; {task}: backbone "
+                         + " or ".join(repr(b) for b, p in PIPELINES.items() if p.task == task) + ")")
     if config.get("recipe") != "diffusion" or backbone not in PIPELINES:
         raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
@@ -125,7 +137,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
-    from jaxdiff.training.recipes.diffusion.backbones import image_unet, video_unet
+    from jaxdiff.training.recipes.diffusion.backbones import network
     from jaxdiff.training.recipes.diffusion.config import ModelConfig
 
     pipeline, video = PIPELINES[backbone], backbone == "temporal_unet"
@@ -157,18 +169,18 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
                                      "sample_size": spec.image_size})
     latent_size = spec.image_size // vae_cfg.downsample_factor
-    # The recipe's own builders: an inflated video U-Net's architecture comes from its image run.
-    unet = video_unet(ModelConfig.of(m), vae_cfg.latent_channels, latent_size, jnp.float32)[0] if video else \
-        image_unet(m.unet.to_dict(), vae_cfg.latent_channels, latent_size, jnp.float32)
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
+    # The recipe's own builder: an inflated video U-Net's architecture comes from its image run.
+    denoiser = network(ModelConfig.of(m), vae_cfg.latent_channels, latent_size, jnp.float32,
+                       text_encoder.config.hidden_size)
     clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
     clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
-    unet_params = load_params(workdir, weights, records["diffusion"]["step"])
+    denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
     text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
 
     def write(folder: str) -> None:
-        to_diffusers(unet, unet_params, os.path.join(folder, "unet"), jaxdiff_fields=video)
+        to_diffusers(denoiser, denoiser_params, os.path.join(folder, pipeline.denoiser), jaxdiff_fields=video)
         to_diffusers(AutoencoderKL(vae_cfg), vae_params, os.path.join(folder, "vae"))
         to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))
@@ -177,7 +189,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
         _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(folder, "model_index.json"), {
             "_class_name": pipeline.class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-            "unet": ["diffusers", pipeline.unet_class], "vae": ["diffusers", "AutoencoderKL"],
+            pipeline.denoiser: ["diffusers", pipeline.denoiser_class], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
         _write_json(os.path.join(folder, "training.json"), relative_paths(records))

@@ -1,11 +1,12 @@
 """Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a U-Net,
-a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video U-Net, optionally conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et
-al. 2022) with caption dropout for classifier-free guidance (Ho & Salimans 2022); text-to-video and
-image-to-video with a TemporalUNet (ModelScope, Wang et al. 2023) on videos batch["image"] [B, T, H, W, 3].
+a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video U-Net, optionally
+conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et al. 2022) with caption dropout for
+classifier-free guidance (Ho & Salimans 2022); text-to-video and image-to-video with a TemporalUNet
+(ModelScope, Wang et al. 2023) on videos batch["image"] [B, T, H, W, 3].
 
 The recipe by concept: `config` (the typed `config.model`), `objective` (schedule, prediction type,
 weighting, timesteps), `backbones` (the network, fine-tuned or inflated), `latents` (the frozen VAE and
-text encoder); this module puts them together into the trainer's `Task`.
+text encoder); `Diffusion` here puts them together into the trainer's `Task`.
 """
 from __future__ import annotations
 
@@ -24,87 +25,99 @@ from jaxdiff.training.task import Task, init_boxed, rebox
 
 
 def build(c, spec) -> Task:
-    m = ModelConfig.of(c.model)
-    dtype = jnp.dtype(c.dtype)
-    schedule = m.objective.make_schedule()
-    if m.video and spec.source != "shapes":
-        raise ValueError(f"config.model.backbone='temporal_unet' trains on videos: config.data.source="
-                         f"{spec.source!r} has none; use 'shapes' with a video dataset name such as "
-                         f"'moving_shapes/32px-8f'")
-    size, channels, frozen = spec.image_size, 3, {}
-    key = lambda i: jax.random.fold_in(jax.random.key(c.seed), i)
-    latents = Latents(vae_config(m.vae), dtype) if m.latent else None
-    if latents:
-        frozen["vae"] = latents.frozen(m.vae, size, f"{m.space} diffusion's vae", key(1))
-        size, channels = size // latents.config.downsample_factor, latents.config.latent_channels
-    if m.text:
-        encoder, frozen["text"] = text_encoder(m.text_encoder, spec, dtype, f"{m.space} diffusion's text", key(2))
-        empty = jnp.asarray(spec.empty_tokens, jnp.int32)
-    emphasized = emphasis_ids(m, spec)
-    mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
-    net, initial = backbone(m, channels, size, dtype, encoder.config.hidden_size if m.text else None)
-    # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
-    example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
-    cond_channels = net.config.conditioning_frame_channels if m.video else 0
+    d = Diffusion(c, spec)
+    return Task(init=d.init, loss=d.loss, frozen=d.frozen or None, sample=d.sample)
 
-    def encode_text(frozen, tokens):
-        states, pooled = encoder.apply({"params": frozen["text"]}, tokens)
-        return (states, pooled) if mmdit else states
 
-    def apply(params, x, t, ctx, **kwargs):
-        return net.apply({"params": params}, x, t, *(ctx if mmdit else (ctx,)), **kwargs)
+class Diffusion:
+    """The parts of one diffusion run (network, frozen VAE and text encoder, schedule) and its pure functions."""
 
-    def init(key):
-        ctx = None
+    def __init__(self, c, spec):
+        m = self.m = ModelConfig.of(c.model)
+        self.c, self.spec, dtype = c, spec, jnp.dtype(c.dtype)
+        self.schedule = m.objective.make_schedule()
+        if m.video and spec.source != "shapes":
+            raise ValueError(f"config.model.backbone='temporal_unet' trains on videos: config.data.source="
+                             f"{spec.source!r} has none; use 'shapes' with a video dataset name such as "
+                             f"'moving_shapes/32px-8f'")
+        size, channels, self.frozen = spec.image_size, 3, {}
+        key = lambda i: jax.random.fold_in(jax.random.key(c.seed), i)
+        self.latents = Latents(vae_config(m.vae), dtype) if m.latent else None
+        if self.latents:
+            self.frozen["vae"] = self.latents.frozen(m.vae, size, f"{m.space} diffusion's vae", key(1))
+            size, channels = size // self.latents.config.downsample_factor, self.latents.config.latent_channels
+        self.encoder = None
         if m.text:
-            width = encoder.config.hidden_size
-            ctx = jnp.zeros((1, spec.max_length, width))
-            ctx = (ctx, jnp.zeros((1, width))) if mmdit else ctx
-        params = init_boxed(net, key, jnp.zeros((1, *example)), jnp.zeros((1,)), *(ctx if mmdit else (ctx,)))
-        return params if initial is None else rebox(initial(key, nn.meta.unbox(params)), params)
+            self.encoder, self.frozen["text"] = text_encoder(m.text_encoder, spec, dtype,
+                                                             f"{m.space} diffusion's text", key(2))
+            self.empty = jnp.asarray(spec.empty_tokens, jnp.int32)
+        self.emphasized = emphasis_ids(m, spec)
+        self.mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
+        self.net, self.initial = backbone(m, channels, size, dtype, self.encoder.config.hidden_size if m.text else None)
+        # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
+        self.example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
+        self.cond_channels = self.net.config.conditioning_frame_channels if m.video else 0
 
-    def loss(params, frozen, batch, key, step):
+    def encode_text(self, frozen, tokens):
+        states, pooled = self.encoder.apply({"params": frozen["text"]}, tokens)
+        return (states, pooled) if self.mmdit else states
+
+    def apply(self, params, x, t, ctx, **kwargs):
+        return self.net.apply({"params": params}, x, t, *(ctx if self.mmdit else (ctx,)), **kwargs)
+
+    def init(self, key):
+        ctx = None
+        if self.m.text:
+            width = self.encoder.config.hidden_size
+            ctx = jnp.zeros((1, self.spec.max_length, width))
+            ctx = (ctx, jnp.zeros((1, width))) if self.mmdit else ctx
+        params = init_boxed(self.net, key, jnp.zeros((1, *self.example)), jnp.zeros((1,)),
+                            *(ctx if self.mmdit else (ctx,)))
+        return params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
+
+    def loss(self, params, frozen, batch, key, step):
+        m = self.m
         k_post, k_drop, k_loss = jax.random.split(key, 3)
         x0 = batch["image"]
         if m.video and x0.ndim != 5:
             raise ValueError(f"config.model.backbone='temporal_unet' trains on videos [B, T, H, W, 3], but "
-                             f"config.data (name={c.data.get('name')!r}) gives images of shape {x0.shape}")
-        if latents:
-            x0 = latents.encode(frozen["vae"], x0, k_post)
+                             f"config.data (name={self.c.data.get('name')!r}) gives images of shape {x0.shape}")
+        if self.latents:
+            x0 = self.latents.encode(frozen["vae"], x0, k_post)
         context, net_kwargs, weights = None, {}, None
         if m.text:
             drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
-            context = encode_text(frozen, jnp.where(drop[:, None], empty[None], batch["tokens"]))
-        if cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
+            context = self.encode_text(frozen, jnp.where(drop[:, None], self.empty[None], batch["tokens"]))
+        if self.cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
             keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.image_dropout, (x0.shape[0],))
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
-        if emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
-            hit = jnp.isin(batch["tokens"], emphasized).any(axis=-1)
+        if self.emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
+            hit = jnp.isin(batch["tokens"], self.emphasized).any(axis=-1)
             weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
-        apply_fn = lambda x, t, ctx: apply(params, x, t, ctx, **net_kwargs)
-        return m.objective.loss(apply_fn, x0, k_loss, schedule, context, weights), {}
+        apply_fn = lambda x, t, ctx: self.apply(params, x, t, ctx, **net_kwargs)
+        return m.objective.loss(apply_fn, x0, k_loss, self.schedule, context, weights), {}
 
-    def sample(params, frozen, key):
+    def sample(self, params, frozen, key):
+        """The preview grid: images [N, H, W, 3] in [0, 1] (videos: each one's frames side by side)."""
+        m, spec = self.m, self.spec
         n = len(spec.preview_prompts) if m.text else 8
         correlation = m.objective.frame_noise_correlation
-        noise = diffusion.frame_correlated_noise(key, (n, *example), correlation)
-        apply_fn = lambda x, t, ctx: apply(params, x, t, ctx)
+        noise = diffusion.frame_correlated_noise(key, (n, *self.example), correlation)
+        apply_fn = lambda x, t, ctx: self.apply(params, x, t, ctx)
         if m.text:
-            context = encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
-            uncond = encode_text(frozen, jnp.broadcast_to(empty, (n, empty.size)))
+            context = self.encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
+            uncond = self.encode_text(frozen, jnp.broadcast_to(self.empty, (n, self.empty.size)))
             model_fn = guidance.cfg(apply_fn, context, uncond, m.guidance_scale)
         else:
             model_fn = lambda x, t: apply_fn(x, t, None)
-        x = samplers.sample(model_fn, schedule, noise, key=jax.random.fold_in(key, 1), method=m.sample_method,
+        x = samplers.sample(model_fn, self.schedule, noise, key=jax.random.fold_in(key, 1), method=m.sample_method,
                             steps=m.sample_steps, prediction_type=m.objective.prediction_type,
                             noise_fn=functools.partial(diffusion.frame_correlated_noise, correlation=correlation,
                                                        axis=2))
-        x = jnp.clip((latents.decode(frozen["vae"], x) if latents else x) / 2 + 0.5, 0.0, 1.0)
-        if m.video:   # [N, T, H, W, 3] -> [N, H, T*W, 3]: each video's frames side by side
+        x = jnp.clip((self.latents.decode(frozen["vae"], x) if self.latents else x) / 2 + 0.5, 0.0, 1.0)
+        if m.video:   # [N, T, H, W, 3] -> [N, H, T*W, 3]
             x = x.transpose(0, 2, 1, 3, 4).reshape(n, x.shape[2], -1, x.shape[-1])
         return x
-
-    return Task(init=init, loss=loss, frozen=frozen or None, sample=sample)
 
 
 def emphasis_ids(m: ModelConfig, spec) -> jax.Array | None:

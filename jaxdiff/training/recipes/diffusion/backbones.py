@@ -32,22 +32,28 @@ def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[Tempora
     return TemporalUNet(inflated_config(unet.config, **(m.temporal or {})), dtype=dtype), unet
 
 
-def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
-    """(the denoising network, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh
-    random init: the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet)). `text_width`: the
-    text encoder's state width (an MMDiT's joint_attention_dim and pooled_projection_dim)."""
+def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
+    """The denoising network of `m` on `channels` x size x size latents (no weights: an inflated video U-Net's
+    architecture is read from its image run's config). `text_width`: the text encoder's state width (an MMDiT's
+    joint_attention_dim and pooled_projection_dim)."""
+    fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "mmdit":
-        return SD3Transformer2D(SD3Config(**{**m.mmdit, "in_channels": channels, "out_channels": channels,
-                                             "sample_size": size, "joint_attention_dim": text_width,
-                                             "pooled_projection_dim": text_width}), dtype=dtype), None
+        return SD3Transformer2D(SD3Config(**{**m.mmdit, **fields, "joint_attention_dim": text_width,
+                                             "pooled_projection_dim": text_width}), dtype=dtype)
     if m.backbone == "dit":
-        return DiT(DiTConfig(**{**m.dit, "in_channels": channels, "out_channels": channels,
-                                "sample_size": size}), dtype=dtype), None
+        return DiT(DiTConfig(**{**m.dit, **fields}), dtype=dtype)
     if m.backbone == "unet":
-        net = image_unet(m.unet, channels, size, dtype)
-        if not m.init_from:
-            return net, None
-        source = source_unet(m, size, dtype)
+        return image_unet(m.unet, channels, size, dtype)
+    return video_unet(m, channels, size, dtype)[0]
+
+
+def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
+    """(`network(...)`, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh random init:
+    the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet))."""
+    if not m.init_from:
+        return network(m, channels, size, dtype, text_width), None
+    if m.backbone == "unet":
+        net, source = image_unet(m.unet, channels, size, dtype), source_unet(m, size, dtype)
         if source.config != net.config:
             differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
             raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
@@ -55,8 +61,6 @@ def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | 
         weights = sources.ema_params(m.init_from, "unet")
         return net, lambda key, fresh: weights
     net, unet = video_unet(m, channels, size, dtype)
-    if unet is None:
-        return net, None
     weights = sources.ema_params(m.init_from, "unet")   # host arrays (init runs under a trace, where orbax cannot load)
     return net, lambda key, fresh: inflate(unet, weights, key, **(m.temporal or {}))[1]
 
