@@ -116,7 +116,7 @@ def test_wrong_shape_is_named(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("resnet_time_scale_shift", "ada_group", "resnet_time_scale_shift='ada_group'.*'default', 'scale_shift'"),
     ("attention_type", "gated", "attention_type='gated'"),
-    ("addition_embed_type", "text_time", "addition_embed_type='text_time'.*None"),
+    ("addition_embed_type", "image", "addition_embed_type='image' is not supported.*text_time"),
     ("act_fn", "gelu", "act_fn='gelu'.*'silu'"),
     ("only_cross_attention", [True, False, False], r"only_cross_attention=\[True, False, False\]"),
     ("down_block_types", ["AttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],

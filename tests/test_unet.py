@@ -1,5 +1,6 @@
 """UNet2DCondition against diffusers' UNet2DConditionModel (golden files) and closed forms."""
 import functools
+import json
 from pathlib import Path
 
 import flax.linen as nn
@@ -33,12 +34,12 @@ def jitted(unet):
 
 
 def run(unet, params, io, **overrides):
-    kwargs = {"class_labels": io["class_labels"]} if "class_labels" in io else {}
+    kwargs = {k: io[k] for k in ("class_labels", "text_embeds", "time_ids") if k in io}
     args = {"x": io["x"], "t": io["t"], "context": io["context"], **kwargs, **overrides}
     return jitted(unet)({"params": params}, **args)
 
 
-@pytest.mark.parametrize("name", ["unet_sd1", "unet_sd2", "unet_class_inpaint"])
+@pytest.mark.parametrize("name", ["unet_sd1", "unet_sd2", "unet_class_inpaint", "unet_sdxl"])
 def test_matches_diffusers(name):
     unet, params, io = load(name)
     out = run(unet, params, io)
@@ -147,3 +148,57 @@ def test_config_validation_names_the_field(field, value, match):
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, num_attention_heads=4)
     with pytest.raises(ValueError, match=match):
         UNetConfig(**{**base, field: value})
+
+
+def test_sdxl_config_and_added_conditions_are_used():
+    unet, params, io = load("unet_sdxl")
+    c = unet.config
+    assert (c.addition_embed_type, c.addition_time_embed_dim, c.projection_class_embeddings_input_dim) == \
+        ("text_time", 4, 28)
+    assert c.transformer_layers_per_block == (1, 2, 3) and c.use_linear_projection
+    # per-block depth: down block 2 and the mid block have 3 layers, up block 0 (level 2) too, up block 1 has 2
+    assert len([k for k in params["down_blocks_2"]["attentions_0"] if k.startswith("transformer_blocks")]) == 3
+    assert len([k for k in params["mid_block"]["attentions_0"] if k.startswith("transformer_blocks")]) == 3
+    assert len([k for k in params["up_blocks_1"]["attentions_0"] if k.startswith("transformer_blocks")]) == 2
+    for key, other in (("text_embeds", io["text_embeds"][::-1]), ("time_ids", io["time_ids"][::-1])):
+        assert rel_err(run(unet, params, io, **{key: other}), io["sample"]) > 1e-3, key
+
+
+@pytest.mark.parametrize("missing", ["text_embeds", "time_ids"])
+def test_sdxl_missing_added_conditions_is_one_line_error(missing):
+    unet, params, io = load("unet_sdxl")
+    kwargs = {k: io[k] for k in ("text_embeds", "time_ids") if k != missing}
+    with pytest.raises(ValueError, match=r"addition_embed_type='text_time'.*pass text_embeds=\[B, D\] and time_ids") as e:
+        jax.eval_shape(lambda: unet.apply({"params": params}, io["x"], io["t"], io["context"], **kwargs))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"projection_class_embeddings_input_dim\(28\)"):
+        jax.eval_shape(lambda: unet.apply({"params": params}, io["x"], io["t"], io["context"],
+                                          text_embeds=io["text_embeds"], time_ids=io["time_ids"][:, :5]))
+
+
+def test_sdxl_export_round_trip_is_bit_identical(tmp_path):
+    from safetensors.numpy import load_file
+    unet, params, io = load("unet_sdxl")
+    jd.convert.to_diffusers(unet, params, str(tmp_path))
+    ours = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    theirs = load_file(str(FIXTURES / "unet_sdxl" / "diffusion_pytorch_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    config = json.loads((tmp_path / "config.json").read_text())
+    want = json.loads((FIXTURES / "unet_sdxl" / "config.json").read_text())
+    for field in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                  "transformer_layers_per_block", "attention_head_dim", "cross_attention_dim", "use_linear_projection"):
+        assert config[field] == want[field], field
+    again, params2 = jd.convert.from_diffusers(str(tmp_path))
+    assert again.config == unet.config
+    np.testing.assert_array_equal(run(again, params2, io), run(unet, params, io))
+
+
+def test_addition_embed_type_validation():
+    base = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, num_attention_heads=4)
+    with pytest.raises(ValueError, match="addition_embed_type='text' is not supported; supported: .*'text_time'"):
+        UNetConfig(**base, addition_embed_type="text")
+    with pytest.raises(ValueError, match="needs ints 0 < addition_time_embed_dim"):
+        UNetConfig(**base, addition_embed_type="text_time")

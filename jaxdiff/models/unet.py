@@ -1,10 +1,13 @@
 """The text-conditional U-Net of latent diffusion (Rombach et al. 2022), as diffusers'
-UNet2DConditionModel builds it: enough of it to express Stable Diffusion 1.x / 2.x,
+UNet2DConditionModel builds it: enough of it to express Stable Diffusion 1.x / 2.x, SDXL
+(Podell et al. 2023: micro-conditioning on pooled text and size/crop "time ids"),
 inpainting (extra input channels) and class-conditional U-Nets.
 
-Call convention: `unet.apply({'params': p}, x, t, context, class_labels=None)` with
-x [B, H, W, in_channels] (NHWC), t [B] (or a scalar) timesteps on the training scale,
-context [B, L, cross_attention_dim]; returns [B, H, W, out_channels].
+Call convention: `unet.apply({'params': p}, x, t, context, class_labels=None, text_embeds=None,
+time_ids=None)` with x [B, H, W, in_channels] (NHWC), t [B] (or a scalar) timesteps on the
+training scale, context [B, L, cross_attention_dim]; returns [B, H, W, out_channels].
+An SDXL U-Net (`addition_embed_type="text_time"`) also needs text_embeds [B, D] (the pooled
+text embedding) and time_ids [B, N] (SDXL: original size, crop top-left, target size; N = 6).
 """
 from __future__ import annotations
 
@@ -23,14 +26,13 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 TIME_EMBEDDING_NORMS = ("default", "scale_shift")
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # diffusers config fields that name features we do not implement -> the values we accept
 # (their defaults, i.e. the feature switched off). Anything else is an error naming the field.
 _UNSUPPORTED_DIFFUSERS_FIELDS = {
     "act_fn": {"silu", "swish"},
     "attention_type": {"default"},
-    "addition_embed_type": {None},
-    "addition_time_embed_dim": {None},
     "class_embed_type": {None},
     "class_embeddings_concat": {False},
     "cross_attention_norm": {None},
@@ -39,7 +41,6 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
     "encoder_hid_dim": {None},
     "encoder_hid_dim_type": {None},
     "mid_block_only_cross_attention": {None, False},
-    "projection_class_embeddings_input_dim": {None},
     "resnet_out_scale_factor": {1.0},
     "resnet_skip_time_act": {False},
     "reverse_transformer_layers_per_block": {None},
@@ -85,6 +86,12 @@ class UNetConfig:
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
     num_class_embeds: int | None = None
+    # SDXL's micro-conditioning ("text_time"): the sinusoidal embedding (width addition_time_embed_dim) of each
+    # time id, concatenated after the pooled text embedding (projection_class_embeddings_input_dim in all), goes
+    # through its own TimestepEmbedding MLP and is added to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     center_input_sample: bool = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
@@ -118,6 +125,14 @@ class UNetConfig:
         if not isinstance(self.cross_attention_dim, (int, np.integer)):
             raise ValueError(f"UNetConfig.cross_attention_dim={self.cross_attention_dim!r}: only one int "
                              f"(the same context width for every block) is supported")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"UNetConfig.addition_embed_type={self.addition_embed_type!r} is not supported; "
+                             f"supported: {ADDITION_EMBED_TYPES}")
+        if self.addition_embed_type == "text_time":
+            d, total = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+            if not (isinstance(d, (int, np.integer)) and isinstance(total, (int, np.integer)) and 0 < d < total):
+                raise ValueError(f"UNetConfig: addition_embed_type='text_time' needs ints 0 < addition_time_embed_dim "
+                                 f"< projection_class_embeddings_input_dim; got {d!r}, {total!r}")
         for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
             if ch % self.norm_num_groups:
                 raise ValueError(f"UNetConfig: block channels {ch} not divisible by norm_num_groups={self.norm_num_groups}")
@@ -187,7 +202,12 @@ class UNet2DCondition(nn.Module):
         c = self.config
         size = 2 ** (len(c.block_out_channels) - 1)
         args = (jnp.zeros((1, size, size, c.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, c.cross_attention_dim)))
-        return args, ({"class_labels": jnp.zeros((1,), jnp.int32)} if c.num_class_embeds is not None else {})
+        kwargs = {"class_labels": jnp.zeros((1,), jnp.int32)} if c.num_class_embeds is not None else {}
+        if c.addition_embed_type == "text_time":
+            # any split of projection_class_embeddings_input_dim gives the same params; one time id is the smallest
+            kwargs.update(text_embeds=jnp.zeros((1, c.projection_class_embeddings_input_dim - c.addition_time_embed_dim)),
+                          time_ids=jnp.zeros((1, 1)))
+        return args, kwargs
 
     def _transformer(self, i: int) -> TransformerSpec:
         c = self.config
@@ -195,8 +215,23 @@ class UNet2DCondition(nn.Module):
                                use_linear_projection=c.use_linear_projection,
                                group_norm_eps=c.attention_norm_eps, layer_norm_eps=c.transformer_norm_eps)
 
+    def _text_time_input(self, text_embeds, time_ids):
+        """SDXL's added conditioning, before its MLP: [text_embeds | sinusoid of each time id]. -> [B, D + N * d]."""
+        c = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this U-Net has addition_embed_type='text_time' (SDXL): pass text_embeds=[B, D] and "
+                             "time_ids=[B, N] (pooled text embedding and size/crop ids)")
+        d, total = c.addition_time_embed_dim, c.projection_class_embeddings_input_dim
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or text_embeds.shape[-1] + time_ids.shape[-1] * d != total:
+            raise ValueError(f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} must be [B, D] and [B, N] "
+                             f"with D + N * addition_time_embed_dim({d}) = projection_class_embeddings_input_dim({total})")
+        n_ids = time_ids.shape[-1]
+        time_embeds = timestep_embedding(jnp.reshape(time_ids, (-1,)), d, c.flip_sin_to_cos, c.freq_shift)
+        time_embeds = jnp.reshape(time_embeds, (time_ids.shape[0], n_ids * d))
+        return jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), time_embeds], axis=-1).astype(self.dtype)
+
     @nn.compact
-    def __call__(self, x, t, context=None, class_labels=None):
+    def __call__(self, x, t, context=None, class_labels=None, text_embeds=None, time_ids=None):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(groups=c.norm_num_groups, eps=c.norm_eps, time_embedding_norm=c.resnet_time_scale_shift, **kw)
@@ -218,6 +253,9 @@ class UNet2DCondition(nn.Module):
             temb = temb + nn.Embed(c.num_class_embeds, c.time_embed_dim, name="class_embedding",
                                    embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                                                ("vocab", "embed")), **kw)(class_labels)
+        if c.addition_embed_type == "text_time":
+            added = self._text_time_input(text_embeds, time_ids)
+            temb = temb + TimestepEmbedding(c.time_embed_dim, name="add_embedding", **kw)(added)
 
         x = x.astype(self.dtype)
         if c.center_input_sample:
