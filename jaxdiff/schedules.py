@@ -190,12 +190,35 @@ def shift_sigmas(s: np.ndarray, shift: float) -> np.ndarray:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent mu: linear in the number of latent tokens (diffusers' `calculate_shift`).
+
+    The scheduler config holds the four constants (`base_image_seq_len`, `max_image_seq_len`, `base_shift`,
+    `max_shift`; `jaxdiff.convert.scheduler.dynamic_shift_mu` reads them); pass the result as `mu=`.
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def dynamic_shift(mu: float, time_shift_type: str = "exponential") -> float:
+    """The time shift that diffusers' `time_shift(mu, 1, s)` applies: exp(mu) ('exponential') or mu ('linear').
+
+    exp(mu) / (exp(mu) + (1/s - 1)) is `shift_sigmas(s, exp(mu))` rewritten.
+    """
+    if time_shift_type not in TIME_SHIFT_TYPES:
+        raise ValueError(f"unknown time_shift_type {time_shift_type!r}; choose one of: {', '.join(TIME_SHIFT_TYPES)}")
+    return math.exp(mu) if time_shift_type == "exponential" else float(mu)
+
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
 def resolution_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
                      base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """Flow shift for a resolution (Flux/SD3 'dynamic shifting'): exp(mu), mu linear in token count."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    mu = base_shift + m * (image_seq_len - base_seq_len)
-    return math.exp(mu)
+    return math.exp(calculate_shift(image_seq_len, base_seq_len, max_seq_len, base_shift, max_shift))
 
 
 _BETAS: dict[str, tuple[Callable, dict]] = {

@@ -3,7 +3,7 @@
     x0 = jd.samplers.sample(model_fn, schedule, noise, key=key, method="dpmpp_2m", steps=20)
 
 Methods: ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, unipc, lcm, flow_euler,
-langevin_pc; `ddim_invert` runs DDIM inversion (x_0 -> x_T); `mask_blend` is the inpainting hook.
+flow_heun, langevin_pc; `ddim_invert` runs DDIM inversion (x_0 -> x_T); `mask_blend` is the inpainting hook.
 """
 from jaxdiff.samplers.base import Method
 from jaxdiff.samplers.driver import METHODS, ddim_invert, get_method, make_grid, mask_blend, sample

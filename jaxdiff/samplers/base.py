@@ -38,6 +38,8 @@ class Method:
     noises: (options) -> number of standard normal draws per step.
     options: the keyword options this method takes, with defaults.
     step_options: options that shape the step's program (passed to `step` as keywords).
+    flow_spacing: where its steps fall on a flow schedule, after the diffusers scheduler it mirrors
+      (see `grids.flow_grid`): 'table' (FlowMatch*), 'dpm' or 'unipc' (their `use_flow_sigmas`).
     ve_start: whether diffusers starts this sampler at noise std sigma_max (its
       `init_noise_sigma` for Euler-type samplers with linspace/trailing spacing).
     needs_finite_ve: the method integrates in sigma/alpha and cannot start at alpha = 0.
@@ -52,6 +54,7 @@ class Method:
     noises: Callable[[dict], int] = lambda options: 0
     options: dict = dataclasses.field(default_factory=dict)
     step_options: tuple[str, ...] = ()
+    flow_spacing: str = "table"
     ve_start: bool = False
     needs_finite_ve: bool = False
 

@@ -40,4 +40,4 @@ def dpmpp_2m_step(state, c, denoise, noise):
 
 
 DPMPP_2M = Method("dpmpp_2m", "DPM-Solver++(2M) (Lu et al. 2022)", "sigma_multistep", dpmpp_2m_coefficients,
-                  dpmpp_2m_step, init=dpmpp_2m_init)
+                  dpmpp_2m_step, init=dpmpp_2m_init, flow_spacing="dpm")

@@ -20,13 +20,13 @@ from jaxdiff.samplers import grids
 from jaxdiff.samplers.base import Method
 from jaxdiff.samplers.dpm_solver import DPMPP_2M
 from jaxdiff.samplers.first_order import DDIM, DDPM, EULER, EULER_ANCESTRAL, FLOW_EULER, LCM, linear_step
-from jaxdiff.samplers.heun import HEUN
+from jaxdiff.samplers.heun import FLOW_HEUN, HEUN
 from jaxdiff.samplers.langevin import LANGEVIN_PC
 from jaxdiff.samplers.unipc import UNIPC
 from jaxdiff.schedules import FLOW, Schedule
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    DDPM, DDIM, EULER, EULER_ANCESTRAL, HEUN, DPMPP_2M, UNIPC, LCM, FLOW_EULER, LANGEVIN_PC)}
+    DDPM, DDIM, EULER, EULER_ANCESTRAL, HEUN, DPMPP_2M, UNIPC, LCM, FLOW_EULER, FLOW_HEUN, LANGEVIN_PC)}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -38,8 +38,10 @@ def get_method(name: str) -> Method:
 
 
 def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacing: str = "leading",
-              steps_offset: int = 0, set_alpha_to_one: bool = True, use_karras_sigmas: bool = False) -> grids.Grid:
-    """The grid a method walks on a schedule (see `grids`)."""
+              steps_offset: int = 0, set_alpha_to_one: bool = True, use_karras_sigmas: bool = False,
+              mu: float | None = None, use_dynamic_shifting: bool = False,
+              time_shift_type: str = "exponential") -> grids.Grid:
+    """The grid a method walks on a schedule (see `grids`; `sample` for the options)."""
     schedule = schedules.concrete(schedule)
     n_train = schedule.num_train_timesteps
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= n_train:
@@ -49,10 +51,11 @@ def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacin
     if use_karras_sigmas and (schedule.kind == FLOW or method.grid not in ("sigma", "sigma_multistep")):
         raise ValueError(f"use_karras_sigmas applies to euler, euler_ancestral, heun, dpmpp_2m and unipc on a discrete "
                          f"schedule, not to {method.name!r} on a {schedule.kind!r} schedule")
+    shift = _dynamic_shift(schedule, mu, use_dynamic_shifting, time_shift_type)
     if schedule.kind == FLOW:
         if method.grid == "lcm":
             raise ValueError("lcm needs a discrete schedule (its boundary scalings are defined on timesteps)")
-        return grids.flow_grid(schedule, steps)
+        return grids.flow_grid(schedule, steps, method.flow_spacing, shift)
     if method.grid == "flow":
         raise ValueError(f"{method.name!r} needs a flow_matching schedule; use 'euler' on a {schedule.kind!r} one")
     if method.grid == "discrete":
@@ -61,6 +64,22 @@ def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacin
         return grids.lcm_grid(schedule, steps)
     return grids.sigma_grid(schedule, steps, timestep_spacing, steps_offset,
                             multistep=method.grid == "sigma_multistep", karras=use_karras_sigmas)
+
+
+def _dynamic_shift(schedule: Schedule, mu, use_dynamic_shifting: bool, time_shift_type: str) -> float | None:
+    """The time shift that dynamic shifting (mu) puts in place of the schedule's; None without mu."""
+    if time_shift_type not in schedules.TIME_SHIFT_TYPES:
+        raise ValueError(f"unknown time_shift_type {time_shift_type!r}; choose one of: "
+                         f"{', '.join(schedules.TIME_SHIFT_TYPES)}")
+    if use_dynamic_shifting and mu is None:
+        raise ValueError("use_dynamic_shifting needs mu (e.g. jaxdiff.schedules.calculate_shift(image_seq_len))")
+    if mu is None:
+        return None
+    check_number("mu", mu)
+    if schedule.kind != FLOW or schedule.shift != 1.0:
+        raise ValueError(f"mu (dynamic shifting) applies to an unshifted flow_matching schedule (shift=1), not to a "
+                         f"{schedule.kind!r} schedule with shift {schedule.shift:g}: mu replaces the shift")
+    return schedules.dynamic_shift(float(mu), time_shift_type)
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> None:
@@ -115,7 +134,8 @@ def _check_array(name, a, like=None):
 
 def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: str = "ddim", steps: int = 50,
            prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
-           set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, x_init=None, strength: float = 1.0,
+           set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, mu: float | None = None,
+           use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", x_init=None, strength: float = 1.0,
            hook: Callable | None = None, step_noise=None, noise_fn: Callable | None = None,
            return_trajectory: bool = False,
            callback: Callable[[Any], None] | None = None, **options):
@@ -138,6 +158,11 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
       use_karras_sigmas: Karras sigma spacing for the sigma-grid samplers.
         These options and `prediction_type` carry diffusers' scheduler-config names and values
         (`jaxdiff.convert.scheduler` maps a whole config), except prediction_type 'flow' for 'flow_prediction'.
+      mu: dynamic shifting on a flow schedule of shift 1 (Flux's resolution-dependent shift, what diffusers'
+        `set_timesteps(mu=...)` takes; `jaxdiff.schedules.calculate_shift` computes it from the token count):
+        the steps are shifted by exp(mu), or by mu with time_shift_type='linear'. A Python number: it
+        shapes the grid, so a new mu recompiles (as a new step count does).
+      use_dynamic_shifting: the config says so; then mu must be given (as diffusers requires).
       x_init, strength: img2img; start from x_init noised to the step where `strength` of the
         steps remain (diffusers' rule); strength 0 returns x_init.
       hook: (x_next, point) -> x_next after every step, `point` a dict of the next grid
@@ -160,7 +185,8 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
         _check_array("x_init", x_init, noise)
     check_number("strength", strength, 0.0, 1.0)
     grid = make_grid(m, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                     set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas)
+                     set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas, mu=mu,
+                     use_dynamic_shifting=use_dynamic_shifting, time_shift_type=time_shift_type)
     noise = jnp.asarray(noise, jnp.float32)
     if x_init is None:
         ve_start = m.ve_start and timestep_spacing in ("linspace", "trailing") and schedule.kind != FLOW

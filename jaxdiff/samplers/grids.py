@@ -115,13 +115,36 @@ def lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> Grid:
     return Grid(t.astype(np.float64), alpha, sigma)
 
 
-def flow_grid(schedule: Schedule, steps: int) -> Grid:
-    """Rectified-flow sigmas as diffusers' FlowMatchEulerDiscreteScheduler spaces them.
+FLOW_SPACINGS = ("table", "dpm", "unipc")
 
-    linspace between the table's largest and smallest sigma, then the time shift (which diffusers
-    applies on top of the already shifted smallest sigma); the model sees s * N.
+
+def flow_grid(schedule: Schedule, steps: int, spacing: str = "table", shift: float | None = None) -> Grid:
+    """Rectified-flow sigmas as the diffusers scheduler a method mirrors spaces them.
+
+    spacing 'table' (FlowMatchEuler/HeunDiscreteScheduler): linspace between the table's largest and
+    smallest sigma, then the time shift (which diffusers applies on top of the already shifted smallest
+    sigma); the model sees s * N.
+    'dpm' (DPMSolverMultistepScheduler, use_flow_sigmas): n + 1 points on [0, 1 - 1/N] shifted, the 0
+    dropped; 'unipc' (UniPCMultistepScheduler, use_flow_sigmas): n + 1 points on [1/N, 1] shifted, the
+    last dropped, and s = 1 moved to 1 - 1e-6. diffusers spaces these two differently (by 1/N); we match
+    each. Both feed the model int(s * N), as diffusers casts their timesteps to int64.
+    shift: the time shift, the schedule's own unless dynamic shifting gives one (`dynamic_shift`).
+    Sigmas are rounded to float32 as diffusers stores them (alpha = 1 - s then matches its alpha_t,
+    which matters at s = 1 - 1e-6).
     """
     n_train = schedule.num_train_timesteps
-    s_max, s_min = float(schedule.sigma[-1]), float(schedule.sigma[0])
-    s = schedules.shift_sigmas(np.linspace(s_max, s_min, steps), schedule.shift)
-    return Grid(s * n_train, np.append(1.0 - s, 1.0), np.append(s, 0.0))
+    shift = schedule.shift if shift is None else shift
+    if spacing == "table":
+        u = np.linspace(float(schedule.sigma[-1]), float(schedule.sigma[0]), steps)
+    elif spacing == "dpm":
+        u = (1.0 - np.linspace(1.0, 1.0 / n_train, steps + 1))[::-1][:-1]
+    elif spacing == "unipc":
+        u = np.linspace(1.0, 1.0 / n_train, steps + 1)[:-1]
+    else:
+        raise ValueError(f"unknown flow spacing {spacing!r}; choose one of: {', '.join(FLOW_SPACINGS)}")
+    s = schedules.shift_sigmas(u, shift)
+    if spacing == "unipc" and abs(s[0] - 1.0) < 1e-6:
+        s[0] -= 1e-6  # diffusers: keeps log(alpha) finite at the first step
+    s32 = s.astype(np.float32).astype(np.float64)
+    t = s32 * n_train if spacing == "table" else np.trunc(s * n_train)
+    return Grid(t, np.append(1.0 - s32, 1.0), np.append(s32, 0.0))

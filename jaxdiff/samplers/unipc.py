@@ -84,4 +84,4 @@ def unipc_step(state, c, denoise, noise):
 
 
 UNIPC = Method("unipc", "UniPC-bh2, order 2 (Zhao et al. 2023)", "sigma_multistep", unipc_coefficients, unipc_step,
-               init=unipc_init)
+               init=unipc_init, flow_spacing="unipc")
