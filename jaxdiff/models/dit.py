@@ -20,8 +20,9 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import TimestepEmbedding, TransformerBlock, constrain_tokens, dense, layer_norm, \
-    sincos_position_embedding_2d, timestep_embedding
+from jaxdiff.models.layers import (TimestepEmbedding, TransformerBlock, constrain_tokens, dense, layer_norm,
+                                   timestep_embedding)
+from jaxdiff.models.transformer_layers import sincos_position_embedding_2d
 
 
 @dataclasses.dataclass(frozen=True)

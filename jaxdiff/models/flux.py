@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.layers import AdaLayerNormZero, constrain_tokens, dense, modulate, rotary_table
+from jaxdiff.models.layers import constrain_tokens, dense
+from jaxdiff.models.transformer_layers import AdaLayerNormZero, modulate, rotary_table
 from jaxdiff.models.mmdit import JointAttention, JointTransformerBlock, TimestepTextEmbedding, ada_norm_continuous
 
 

@@ -29,8 +29,10 @@ import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.dit import unpatchify
-from jaxdiff.models.layers import AdaLayerNormZero, FeedForward, TimestepEmbedding, apply_rotary, conv, \
-    constrain_tokens, dense, layer_norm, modulate, rms_norm, sincos_position_embedding_2d, timestep_embedding
+from jaxdiff.models.layers import (FeedForward, TimestepEmbedding, conv, constrain_tokens, dense, layer_norm,
+                                   timestep_embedding)
+from jaxdiff.models.transformer_layers import (AdaLayerNormZero, apply_rotary, modulate, rms_norm,
+                                               sincos_position_embedding_2d)
 
 QK_NORMS = (None, "layer_norm", "rms_norm")
 NORM_EPS = 1e-6   # diffusers fixes every norm of SD3 to 1e-6

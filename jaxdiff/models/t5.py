@@ -32,7 +32,8 @@ import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.checks import CheckpointError, check_supported
-from jaxdiff.models.layers import constrain_tokens, dense, rms_norm
+from jaxdiff.models.layers import constrain_tokens, dense
+from jaxdiff.models.transformer_layers import rms_norm
 
 Dtype = Any
 

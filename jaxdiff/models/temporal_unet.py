@@ -53,9 +53,9 @@ import numpy as np
 from flax import traverse_util
 
 from jaxdiff.models.checks import CheckpointError, check_supported
-from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerBlock, TransformerSpec,
-                                   UpBlock, conv, constrain_image, dense, group_norm, param_shapes,
-                                   timestep_embedding)
+from jaxdiff.models.layers import (TimestepEmbedding, TransformerBlock, TransformerSpec, conv, constrain_image, dense,
+                                   group_norm, param_shapes, timestep_embedding)
+from jaxdiff.models.resolution_blocks import DownBlock, MidBlock, UpBlock
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock3D", "UpBlock3D")

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.checks import CheckpointError, check_supported
-from jaxdiff.models.layers import (DownBlock, MidBlock, TimestepEmbedding, TransformerSpec, UpBlock, conv,
-                                   constrain_image, group_norm, timestep_embedding)
+from jaxdiff.models.layers import (TimestepEmbedding, TransformerSpec, conv, constrain_image, group_norm,
+                                   timestep_embedding)
+from jaxdiff.models.resolution_blocks import DownBlock, MidBlock, UpBlock
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.checks import CheckpointError, check_supported
-from jaxdiff.models.layers import DownBlock, MidBlock, UpBlock, conv, constrain_image, group_norm
+from jaxdiff.models.layers import conv, constrain_image, group_norm
+from jaxdiff.models.resolution_blocks import DownBlock, MidBlock, UpBlock
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
