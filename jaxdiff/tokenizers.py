@@ -45,6 +45,20 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
+def _wrapped_rows(tokenizer, texts: list[str], max_length: int, prefix: list[int], suffix: list[int]) -> list[list[int]]:
+    """Each text's ids (a `tokenizers.Tokenizer`, no special tokens) between `prefix` and `suffix`, cut to fit
+    max_length with a warning naming what was dropped."""
+    room = max_length - len(prefix) - len(suffix)
+    rows = []
+    for text, encoding in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
+        ids = encoding.ids
+        if len(ids) > room:
+            _warn_truncated(text, text[encoding.offsets[room][0]:], max_length, stacklevel=3)
+            ids = ids[:room]
+        rows.append([*prefix, *ids, *suffix])
+    return rows
+
+
 def _warn_truncated(text: str, dropped: str, max_length: int, stacklevel: int) -> None:
     """stacklevel: of the caller's frame, so that the warning points at the user's call."""
     warnings.warn(f"prompt {text!r} is longer than {max_length} tokens and was truncated; "
@@ -179,13 +193,7 @@ class CLIPTokenizer:
         max_length = max_length or self.model_max_length
         if max_length < 2:
             raise ValueError(f"max_length={max_length} leaves no room for BOS and EOS")
-        rows = []
-        for text, encoding in zip(texts, self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-            ids = encoding.ids
-            if len(ids) > max_length - 2:
-                _warn_truncated(text, text[encoding.offsets[max_length - 2][0]:], max_length, stacklevel=2)
-                ids = ids[:max_length - 2]
-            rows.append([self.bos_token_id, *ids, self.eos_token_id])
+        rows = _wrapped_rows(self._tokenizer, texts, max_length, [self.bos_token_id], [self.eos_token_id])
         return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
 
 
@@ -256,13 +264,7 @@ class T5Tokenizer:
         max_length = max_length or self.model_max_length
         if max_length < 1:
             raise ValueError(f"max_length={max_length} leaves no room for EOS")
-        rows = []
-        for text, encoding in zip(texts, self._tokenizer.encode_batch(texts, add_special_tokens=False)):
-            ids = encoding.ids
-            if len(ids) > max_length - 1:
-                _warn_truncated(text, text[encoding.offsets[max_length - 1][0]:], max_length, stacklevel=2)
-                ids = ids[:max_length - 1]
-            rows.append([*ids, self.eos_token_id])
+        rows = _wrapped_rows(self._tokenizer, texts, max_length, [], [self.eos_token_id])
         return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
 
 
