@@ -10,6 +10,7 @@
 
 All return int32 arrays [B, max_length]: (BOS,) the text, EOS, then padding (T5 has no
 BOS); prompts that do not fit are cut (EOS kept last) with a warning naming what was dropped.
+`MultiTokenizer` runs several (SD3's CLIP-L, CLIP-G and T5), each to its own length.
 """
 from __future__ import annotations
 
@@ -347,6 +348,19 @@ class WordTokenizer:
         if data.get("type") != "WordTokenizer":
             raise FileNotFoundError(f"no {WORD_TOKENIZER_FILE} describing a WordTokenizer in {folder!r}")
         return cls(data["words"], data["max_length"])
+
+
+class MultiTokenizer:
+    """Several tokenizers, each to its own length: prompts -> a tuple of input_ids arrays [B, length_i], the
+    ids of a pipeline with several text encoders (`jaxdiff.models.text_encoders`)."""
+
+    def __init__(self, tokenizers: Sequence, lengths: Sequence[int]):
+        if len(tokenizers) != len(lengths):
+            raise ValueError(f"{len(tokenizers)} tokenizers but {len(lengths)} lengths")
+        self.tokenizers, self.lengths = tuple(tokenizers), tuple(lengths)
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, ...]:
+        return tuple(t(texts, max_length=n) for t, n in zip(self.tokenizers, self.lengths))
 
 
 def load_tokenizer(folder: str) -> CLIPTokenizer | T5Tokenizer | WordTokenizer:

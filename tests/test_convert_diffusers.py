@@ -218,7 +218,7 @@ def test_load_pipeline(tmp_path):
 
 def test_load_pipeline_checks_components(tmp_path):
     folder = make_pipeline_folder(tmp_path / "a", unet="unet_sd2")
-    with pytest.raises(CheckpointError, match="hidden_size=32 does not match the U-Net's cross_attention_dim=20"):
+    with pytest.raises(CheckpointError, match="hidden_size is 32 wide but the denoiser's cross_attention_dim takes 20"):
         jd.convert.load_pipeline(str(folder))
     folder = make_pipeline_folder(tmp_path / "b")
     index = json.loads((folder / "model_index.json").read_text())

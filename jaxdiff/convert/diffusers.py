@@ -6,7 +6,7 @@
     mmdit, params = from_diffusers("sd3/transformer")   # SD3Transformer2DModel -> SD3Transformer2D
     flux, params = from_diffusers("flux/transformer")   # FluxTransformer2DModel -> FluxTransformer2D
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
-    pipe = load_pipeline("sd")                          # a whole StableDiffusionPipeline folder
+    pipe = load_pipeline("sd")                          # a whole pipeline folder (SD 1/2, SD3, Flux)
 
 Params are returned as plain (unboxed) arrays; `to_diffusers` accepts boxed or plain trees.
 Flax submodules carry diffusers' attribute names, so a Flax path spells its torch key once
@@ -28,13 +28,16 @@ import numpy as np
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
     save_state_dict, verify_checksums
 from jaxdiff.convert.transformers import from_transformers
+from jaxdiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from jaxdiff.models.layers import param_shapes
 from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
 from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D, position_table
+from jaxdiff.models.t5 import T5EncoderModel
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
+from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
-from jaxdiff.tokenizers import load_tokenizer
+from jaxdiff.tokenizers import MultiTokenizer, load_tokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Written as `_diffusers_version`: the config layout we emit is the one of this release.
@@ -134,8 +137,8 @@ def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = Fa
 
 @dataclasses.dataclass
 class StableDiffusion:
-    """The parts of a latent diffusion pipeline folder (its denoiser: a U-Net or an MMDiT), as jaxdiff modules and
-    plain params."""
+    """The parts of a latent diffusion pipeline folder (its denoiser: a U-Net, an MMDiT or Flux), as jaxdiff modules
+    and plain params; several text encoders are one module (`jaxdiff.models.text_encoders`)."""
     denoiser: Any
     denoiser_params: Any
     vae: AutoencoderKL
@@ -146,10 +149,12 @@ class StableDiffusion:
     scheduler_config: dict
 
 
-# The components every pipeline folder needs, beside its denoiser: unet/ (Stable Diffusion) or transformer/ (an
-# MMDiT, SD3's denoiser, as jaxdiff's own MMDiT text-to-image folders hold it with one CLIP text encoder).
+# The components every pipeline folder needs, beside its denoiser: unet/ (Stable Diffusion) or transformer/ (SD3's
+# MMDiT, Flux, or jaxdiff's own MMDiT folders with one CLIP text encoder).
 PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 DENOISERS = ("unet", "transformer")
+# T5's tokens in the reference pipelines (their `max_sequence_length` default)
+T5_LENGTH = {SD3Transformer2D: 256, FluxTransformer2D: 512}
 
 
 def _part(path: str, part: str, load, *args):
@@ -160,18 +165,82 @@ def _part(path: str, part: str, load, *args):
         raise CheckpointError(f"{part}/: {e}") from e
 
 
-def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                  denoiser_type: type | tuple = (UNet2DCondition, SD3Transformer2D), verify: bool = True) -> StableDiffusion:
-    """Loads a latent diffusion pipeline folder (`model_index.json`, unet/ or transformer/, vae/, text_encoder/,
-    tokenizer/, scheduler/): Stable Diffusion, or an MMDiT (SD3Transformer2DModel in transformer/) on one CLIP text
-    encoder whose states are its text tokens and whose pooled state its pooled embedding (jaxdiff's MMDiT folders;
-    SD3's own three-encoder folders are not supported yet). Other components (safety_checker, feature_extractor)
-    are not loaded. `denoiser_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
+def _need(path: str, what: str, pairs) -> None:
+    """Each (component, its loaded module, the module classes allowed) must hold one of those classes."""
+    for part, module, allowed in pairs:
+        if not isinstance(module, allowed):
+            names = " or ".join(c.__name__ for c in (allowed if isinstance(allowed, tuple) else (allowed,)))
+            raise CheckpointError(f"pipeline {path!r}: {part}/ holds a {type(module).__name__}; {what} needs {names}")
 
-    The text encoder goes through `jaxdiff.convert.from_transformers`, the tokenizer through
-    `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, or a WordTokenizer for jaxdiff's caption-vocabulary
-    models); the scheduler's config is returned as a dict. With `verify` (the default) the weights are
-    checked against the folder's checksums.json, when it has one (`jaxdiff.convert.common.verify_checksums`).
+
+def _widths(path: str, pairs) -> None:
+    """Each (what gives it, its width, what takes it, the width it takes) must agree."""
+    for giver, width, taker, wanted in pairs:
+        if width != wanted:
+            raise CheckpointError(f"pipeline {path!r}: {giver} is {width} wide but {taker} takes {wanted}")
+
+
+def _text_conditioning(path: str, given, denoiser, dtype, param_dtype) -> tuple:
+    """(text module, its params, tokenizer) for the folder's text encoders, as its denoiser reads them."""
+    names = ["text_encoder"] + [c for c in ("text_encoder_2", "text_encoder_3") if given(c)]
+    missing = [f"tokenizer{n[len('text_encoder'):]}" for n in names if not given(f"tokenizer{n[len('text_encoder'):]}")]
+    if missing:
+        raise CheckpointError(f"pipeline {path!r} lacks {', '.join(missing)} for its text encoders")
+    loaded = {n: _part(path, n, from_transformers, dtype, param_dtype) for n in names}
+    modules, params = {n: m for n, (m, _) in loaded.items()}, {n: p for n, (_, p) in loaded.items()}
+    tokenizers = {n: load_tokenizer(os.path.join(path, "tokenizer" + n[len("text_encoder"):])) for n in names}
+    c = denoiser.config
+    if len(names) == 1:  # Stable Diffusion 1/2, jaxdiff's MMDiT folders: one CLIP, its last states (and pooled)
+        _need(path, "a one-encoder pipeline", [("text_encoder", modules["text_encoder"], CLIPTextModel)])
+        width = modules["text_encoder"].config.hidden_size
+        _widths(path, [("the text encoder's hidden_size", width, f"the denoiser's {field}", getattr(c, field))
+                       for field in (("joint_attention_dim", "pooled_projection_dim")
+                                     if isinstance(denoiser, SD3Transformer2D) else ("cross_attention_dim",))])
+        return modules["text_encoder"], params["text_encoder"], tokenizers["text_encoder"]
+    t5 = modules.get("text_encoder_3" if isinstance(denoiser, SD3Transformer2D) else "text_encoder_2")
+    clips = [tokenizers[n] for n in names if isinstance(modules[n], (CLIPTextModel, CLIPTextModelWithProjection))]
+    lengths = [t.model_max_length for t in clips] + ([T5_LENGTH[type(denoiser)]] if t5 is not None else [])
+    tokenizer = MultiTokenizer([tokenizers[n] for n in names], lengths)
+    if isinstance(denoiser, SD3Transformer2D):  # CLIP-L, CLIP-G (and T5)
+        _need(path, "SD3", [(n, modules[n], CLIPTextModelWithProjection) for n in ("text_encoder", "text_encoder_2")]
+              + ([("text_encoder_3", t5, T5EncoderModel)] if t5 is not None else []))
+        l, g = modules["text_encoder"].config, modules["text_encoder_2"].config
+        _widths(path, [("CLIP-L's + CLIP-G's projection_dim", l.projection_dim + g.projection_dim,
+                        "the transformer's pooled_projection_dim", c.pooled_projection_dim)]
+                + ([("T5's d_model", t5.config.d_model, "the transformer's joint_attention_dim",
+                     c.joint_attention_dim)] if t5 is not None else []))
+        module = SD3TextEncoders(modules["text_encoder"], modules["text_encoder_2"], t5, c.joint_attention_dim,
+                                 T5_LENGTH[SD3Transformer2D])
+    elif isinstance(denoiser, FluxTransformer2D):  # CLIP-L's pooled state, T5's states
+        _need(path, "Flux", [("text_encoder", modules["text_encoder"], CLIPTextModel),
+                             ("text_encoder_2", t5, T5EncoderModel)])
+        _widths(path, [("CLIP's hidden_size", modules["text_encoder"].config.hidden_size,
+                        "the transformer's pooled_projection_dim", c.pooled_projection_dim),
+                       ("T5's d_model", t5.config.d_model, "the transformer's joint_attention_dim",
+                        c.joint_attention_dim)])
+        module = FluxTextEncoders(modules["text_encoder"], t5)
+    else:
+        raise CheckpointError(f"pipeline {path!r}: a {type(denoiser).__name__} with {', '.join(names)} is not "
+                              f"supported (SDXL's two encoders are not yet); supported: SD3 and Flux folders")
+    return module, params, tokenizer
+
+
+def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                  denoiser_type: type | tuple = (UNet2DCondition, SD3Transformer2D, FluxTransformer2D),
+                  verify: bool = True) -> StableDiffusion:
+    """Loads a latent diffusion pipeline folder (`model_index.json`, unet/ or transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/, and text_encoder_2/, tokenizer_2/, ... where the pipeline has several encoders):
+    Stable Diffusion 1/2 (one CLIP); SD3 / SD3.5 (StableDiffusion3Pipeline: CLIP-L, CLIP-G and T5, or no T5 when
+    the folder has none, as diffusers runs it); Flux (FluxPipeline: CLIP-L and T5); jaxdiff's own MMDiT folders
+    (SD3Transformer2DModel on one CLIP whose states are its text tokens and whose pooled state its pooled
+    embedding). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
+    `denoiser_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
+
+    Several encoders become one module (`jaxdiff.models.text_encoders`) whose params are keyed by component
+    name, with a `MultiTokenizer`. The text encoders go through `jaxdiff.convert.from_transformers`, the
+    tokenizers through `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, T5's unigram, or a WordTokenizer for
+    jaxdiff's caption-vocabulary models); the scheduler's config is returned as a dict. With `verify` (the
+    default) the weights are checked against the folder's checksums.json, when it has one.
     """
     index = read_config(path, "model_index.json")
     given = lambda c: isinstance(index.get(c), list) and index[c][0] is not None
@@ -180,26 +249,12 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     if missing:
         raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) lacks components {missing}; "
                               f"a latent diffusion folder needs unet or transformer, {', '.join(PIPELINE_COMPONENTS)}")
-    extra = [c for c in ("text_encoder_2", "text_encoder_3") if given(c)]
-    if extra:
-        raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) has {', '.join(extra)}: pipelines "
-                              f"with several text encoders (SDXL, SD3) are not supported yet")
     if verify:
         verify_checksums(path)
     part = denoisers[0]
     denoiser, denoiser_params = _part(path, part, from_diffusers, dtype, param_dtype)
     vae, vae_params = _part(path, "vae", from_diffusers, dtype, param_dtype)
-    if not isinstance(denoiser, denoiser_type) or not isinstance(vae, AutoencoderKL):
-        raise CheckpointError(f"pipeline {path!r}: {part}/ holds a {type(denoiser).__name__}, vae/ a "
-                              f"{type(vae).__name__}")
-    text_encoder, text_params = _part(path, "text_encoder", from_transformers, dtype, param_dtype)
-    width, c = text_encoder.config.hidden_size, denoiser.config
-    wants = {"joint_attention_dim": c.joint_attention_dim, "pooled_projection_dim": c.pooled_projection_dim} \
-        if isinstance(denoiser, SD3Transformer2D) else {"cross_attention_dim": c.cross_attention_dim}
-    for field, value in wants.items():
-        if value != width:
-            raise CheckpointError(f"pipeline {path!r}: the text encoder's hidden_size={width} does not match the "
-                                  f"{'U-Net' if part == 'unet' else 'MMDiT'}'s {field}={value}")
-    return StableDiffusion(denoiser, denoiser_params, vae, vae_params, text_encoder, text_params,
-                           load_tokenizer(os.path.join(path, "tokenizer")),
+    _need(path, "this pipeline", [(part, denoiser, denoiser_type), ("vae", vae, AutoencoderKL)])
+    text_encoder, text_params, tokenizer = _text_conditioning(path, given, denoiser, dtype, param_dtype)
+    return StableDiffusion(denoiser, denoiser_params, vae, vae_params, text_encoder, text_params, tokenizer,
                            read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))

@@ -273,10 +273,14 @@ class Encoder(nn.Module):
         self.layers = [EncoderLayer(self.config, self.dtype, self.param_dtype)
                        for _ in range(self.config.num_hidden_layers)]
 
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, output_hidden_states: bool = False):
+        """x [B, L, D] -> the last layer's output, or with `output_hidden_states` every layer's input and output
+        (transformers' `hidden_states`: the embeddings first, num_hidden_layers + 1 arrays)."""
+        states = [x]
         for layer in self.layers:
             x = layer(x, mask)
-        return x
+            states.append(x)
+        return tuple(states) if output_hidden_states else x
 
 
 # --------------------------------------------------------------------------- text tower
@@ -341,16 +345,18 @@ class CLIPTextModel(nn.Module):
         self.encoder = Encoder(self.config, **kw)
         self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, name="final_layer_norm", **kw)
 
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False):
         """input_ids: [B, L] int; attention_mask: optional [B, L], 1 = real token, 0 = padding.
 
-        Returns (last_hidden_state [B, L, D], pooled [B, D]: the final state at the EOS token).
+        Returns (last_hidden_state [B, L, D], pooled [B, D]: the final state at the EOS token), and with
+        `output_hidden_states` a third item: the embeddings and every layer's output, before the final
+        LayerNorm (transformers' `hidden_states`; SDXL and SD3 read `[-2]`, the penultimate layer's).
         """
         x = _constrain(self.embeddings(input_ids))
-        x = self.encoder(x, text_attention_mask(input_ids.shape[-1], attention_mask))
-        x = self.final_layer_norm(x)
+        states = self.encoder(x, text_attention_mask(input_ids.shape[-1], attention_mask), output_hidden_states=True)
+        x = self.final_layer_norm(states[-1])
         pooled = jnp.take_along_axis(x, eos_positions(input_ids, self.config.eos_token_id)[:, None, None], axis=1)
-        return x, pooled[:, 0]
+        return (x, pooled[:, 0], states) if output_hidden_states else (x, pooled[:, 0])
 
 
 class CLIPTextModelWithProjection(nn.Module):
@@ -365,10 +371,11 @@ class CLIPTextModelWithProjection(nn.Module):
         self.text_projection = _dense(self.config.projection_dim, ("embed", "embed_proj"), self.dtype,
                                       self.param_dtype, "text_projection", use_bias=False)
 
-    def __call__(self, input_ids, attention_mask=None):
-        """Returns (last_hidden_state [B, L, D], pooled [B, D], text_embeds [B, P])."""
-        hidden, pooled = self.text_model(input_ids, attention_mask)
-        return hidden, pooled, self.text_projection(pooled)
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False):
+        """Returns (last_hidden_state [B, L, D], pooled [B, D], text_embeds [B, P]), and with
+        `output_hidden_states` the hidden states as a fourth item (see `CLIPTextModel`)."""
+        hidden, pooled, *states = self.text_model(input_ids, attention_mask, output_hidden_states)
+        return (hidden, pooled, self.text_projection(pooled), *states)
 
 
 # --------------------------------------------------------------------------- vision tower

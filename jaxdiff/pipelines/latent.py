@@ -1,6 +1,6 @@
-"""The pieces text-to-image and text-to-video share: a denoiser (a U-Net, or an MMDiT whose text stream is
-CLIP's states and whose pooled embedding CLIP's pooled state) under classifier-free guidance on CLIP text,
-and the VAE between pixels and latents, as pure jittable functions of their params.
+"""The pieces text-to-image and text-to-video share: a denoiser (a U-Net on CLIP's states, or a transformer over
+patch tokens -- SD3's MMDiT, Flux -- on text states and a pooled embedding) under classifier-free guidance,
+the text encoders, and the VAE between pixels and latents, as pure jittable functions of their params.
 
 `TextToImage` and `TextToVideo` are both `LatentDiffusion`s, each with its own `generate`; neither
 extends the other. Each owns a `Runner` (`jaxdiff.pipelines.runner`) that compiles and runs its programs.
@@ -10,18 +10,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance
-from jaxdiff.convert.scheduler import schedule_from_config
-from jaxdiff.models import SD3Transformer2D
-from jaxdiff.pipelines.runner import Runner
+from jaxdiff.convert.scheduler import dynamic_shift_mu, schedule_from_config
+from jaxdiff.models import FluxTransformer2D, SD3Transformer2D
+from jaxdiff.pipelines.runner import Runner, sampler_options
 from jaxdiff.schedules import Schedule
 
 # Image sides up to this many times a model's working size: memory grows with the pixel count squared
 # (attention over the latent's positions), so a 1000 px image on a 32 px model would need ~250 GB.
 MAX_SIZE_FACTOR = 2
+# Transformers over patch tokens: their text inputs are (states, pooled).
+PATCH_TRANSFORMERS = (SD3Transformer2D, FluxTransformer2D)
+# The reference pipelines' default working size in latent pixels where the denoiser's config has none (Flux's)
+FLUX_SAMPLE_SIZE = 128
 
 
 def as_images(images, name: str = "images") -> jnp.ndarray:
@@ -41,10 +46,13 @@ def as_images(images, name: str = "images") -> jnp.ndarray:
 @dataclasses.dataclass
 class LatentDiffusion:
     """Modules, their params, tokenizer, schedule and sampler defaults of a latent diffusion model. The
-    denoiser is a U-Net (UNet2DCondition, TemporalUNet) or an MMDiT (SD3Transformer2D).
+    denoiser is a U-Net (UNet2DCondition, TemporalUNet) or a patch transformer (SD3Transformer2D,
+    FluxTransformer2D); the text encoder is one CLIP or several encoders as one module
+    (`jaxdiff.models.text_encoders`) with a `MultiTokenizer`.
 
     `sampler_defaults` are `samplers.sample` keyword arguments (method, prediction_type,
-    timestep_spacing, steps_offset, set_alpha_to_one, ...) that each call may override.
+    timestep_spacing, steps_offset, set_alpha_to_one, ...) that each call may override;
+    `scheduler_config` is the folder's scheduler config (dynamic shifting's constants).
     """
 
     denoiser: Any
@@ -56,6 +64,7 @@ class LatentDiffusion:
     tokenizer: Any
     schedule: Schedule
     sampler_defaults: dict = dataclasses.field(default_factory=dict)
+    scheduler_config: dict = dataclasses.field(default_factory=dict)
     runner: Runner = dataclasses.field(default_factory=Runner, init=False, repr=False, compare=False)
 
     @classmethod
@@ -67,22 +76,29 @@ class LatentDiffusion:
         sd = load_pipeline(path, **load_kwargs)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
         return (sd.denoiser, sd.denoiser_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                schedule, {"method": "ddim", **defaults})
+                schedule, {"method": "ddim", **defaults}, sd.scheduler_config)
 
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.config.downsample_factor
 
     @property
-    def mmdit(self) -> bool:
-        """Whether the denoiser is an MMDiT (its text: the states and the pooled state)."""
-        return isinstance(self.denoiser, SD3Transformer2D)
+    def patch_transformer(self) -> bool:
+        """Whether the denoiser is a transformer over patch tokens (its text: the states and a pooled embedding)."""
+        return isinstance(self.denoiser, PATCH_TRANSFORMERS)
+
+    @property
+    def flux(self) -> bool:
+        return isinstance(self.denoiser, FluxTransformer2D)
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's downsampling times the U-Net's (or the MMDiT's patch)."""
+        """Image sides must be multiples of this: the VAE's downsampling times the U-Net's (or the patch side:
+        SD3's `patch_size`, Flux's 2x2 packing)."""
         c = self.denoiser.config
-        return self.vae_scale_factor * (c.patch_size if self.mmdit else 2 ** (len(c.block_out_channels) - 1))
+        if self.patch_transformer:
+            return self.vae_scale_factor * (2 if self.flux else c.patch_size)
+        return self.vae_scale_factor * 2 ** (len(c.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
@@ -90,33 +106,58 @@ class LatentDiffusion:
 
     @property
     def default_size(self) -> int:
-        return (self.denoiser.config.sample_size or 64) * self.vae_scale_factor
+        size = getattr(self.denoiser.config, "sample_size", None) or (FLUX_SAMPLE_SIZE if self.flux else 64)
+        return size * self.vae_scale_factor
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.tokenizer(list(prompts)), np.int32)
+    def tokenize(self, prompts: Sequence[str]):
+        """Prompts -> token ids [B, L] int32 (a tuple of such arrays for several text encoders)."""
+        return jax.tree.map(lambda a: np.asarray(a, np.int32), self.tokenizer(list(prompts)))
 
     def encode_text(self, text_params, ids):
-        """Token ids [B, L] -> the denoiser's context: CLIP's last hidden state [B, L, D], and for an MMDiT also
-        its pooled state [B, D]."""
+        """Token ids -> the denoiser's text inputs: CLIP's last hidden state [B, L, D] for a U-Net; for a patch
+        transformer (states [B, L, D], pooled [B, P]) as its text encoders give them."""
         states, pooled = self.text_encoder.apply({"params": text_params}, ids)[:2]
-        return (states, pooled) if self.mmdit else states
+        return (states, pooled) if self.patch_transformer else states
+
+    def sampler_setup(self, steps: int, height: int, width: int, overrides: dict) -> tuple:
+        """The sampler defaults with one call's overrides (`runner.sampler_options`), plus what depends on the
+        image as the reference pipelines set it: mu for dynamic shifting from the latent's token count (SD3's
+        constants default to max_shift 1.16, Flux's to 1.15: diffusers' two pipelines differ), and Flux's
+        sigmas linspace(1, 1/steps, steps) for the FlowMatch samplers."""
+        options, extra = {**self.sampler_defaults, **overrides}, {}
+        if options.get("use_dynamic_shifting") and options.get("mu") is None:
+            side = self.size_multiple
+            config = self.scheduler_config if self.flux else {"max_shift": 1.16, **self.scheduler_config}
+            extra["mu"] = dynamic_shift_mu(config, (height // side) * (width // side))
+        if self.flux and options.get("method") in ("flow_euler", "flow_heun") and options.get("sigmas") is None:
+            extra["sigmas"] = tuple(np.linspace(1.0, 1.0 / steps, steps).tolist())
+        return sampler_options(self.sampler_defaults, {**overrides, **extra})
 
     def guided_model(self, denoiser_params, text_params, ids, uncond_ids, scale, rescale=0.0, extra_channels=None,
-                     **denoiser_kwargs):
+                     true_cfg_scale=None, **denoiser_kwargs):
         """The denoiser under classifier-free guidance as a sampler's model_fn(x, t).
 
         extra_channels [B, h, w, K] are appended to x's channels (9-channel inpainting U-Nets);
         denoiser_kwargs hold per-example inputs [B, ...] such as a video U-Net's `cond_frames`. Both are
         repeated for the unconditional and conditional halves of the guided batch.
+        Flux: `scale` is the guidance its embedding reads (a model without one ignores it, as diffusers does);
+        it runs unguided unless `true_cfg_scale` is given (diffusers' true CFG against the negative prompts).
         """
-        context, uncond = self.encode_text(text_params, ids), self.encode_text(text_params, uncond_ids)
+        context = self.encode_text(text_params, ids)
+        if self.flux:
+            guidance_kwargs = {"guidance": scale} if self.denoiser.config.guidance_embeds else {}
+            apply = lambda x, t, ctx: self.denoiser.apply({"params": denoiser_params}, x, t, *ctx, **guidance_kwargs)
+            if true_cfg_scale is None:
+                return lambda x, t: apply(x, t, context)
+            return guidance.cfg(apply, context, self.encode_text(text_params, uncond_ids), true_cfg_scale, rescale)
+        uncond = self.encode_text(text_params, uncond_ids)
         twice = lambda a: jnp.concatenate([a, a], axis=0)
         denoiser_kwargs = {k: twice(v) for k, v in denoiser_kwargs.items()}
         extra = None if extra_channels is None else twice(extra_channels)
 
         def apply_fn(x, t, ctx):
             x = x if extra is None else jnp.concatenate([x, extra], axis=-1)
-            return self.denoiser.apply({"params": denoiser_params}, x, t, *(ctx if self.mmdit else (ctx,)),
+            return self.denoiser.apply({"params": denoiser_params}, x, t, *(ctx if self.patch_transformer else (ctx,)),
                                        **denoiser_kwargs)
 
         return guidance.cfg(apply_fn, context, uncond, scale, rescale)

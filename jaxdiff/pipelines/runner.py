@@ -72,13 +72,14 @@ def sampler_options(defaults: dict, overrides: dict) -> tuple:
 
 
 def shard_over_data(mesh, params, batch: Sequence):
-    """Batch arrays [B, ...] (None kept) split over the mesh's 'data' axis, params replicated on every device."""
+    """Batch arrays [B, ...] (or tuples of them; None kept) split over the mesh's 'data' axis, params replicated
+    on every device."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     if "data" not in mesh.axis_names:
         raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
     n = mesh.shape["data"]
-    size = batch[0].shape[0]
+    size = jax.tree.leaves(batch[0])[0].shape[0]
     if size % n:
         raise ValueError(f"batch {size} is not divisible by the mesh's data axis ({n}); pad the prompts")
     data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())

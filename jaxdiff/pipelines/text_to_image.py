@@ -1,7 +1,8 @@
-"""Text-to-image latent diffusion: CLIP text encoder -> cross-attention U-Net in VAE latent space
--> VAE decoder, with classifier-free guidance (negative prompts, guidance rescale).
+"""Text-to-image latent diffusion: text encoders -> a denoiser in VAE latent space (a cross-attention U-Net, or a
+patch transformer: SD3's MMDiT, Flux) -> VAE decoder, with classifier-free guidance (negative prompts, guidance
+rescale; Flux: its guidance embedding, and true CFG on request).
 
-    pipe = TextToImage.from_pretrained("path/to/stable-diffusion-folder")
+    pipe = TextToImage.from_pretrained("path/to/stable-diffusion-folder")     # SD 1/2, SD3, Flux folders
     images = pipe(["a red circle"], negative_prompts=["blurry"], steps=25, guidance_scale=7.5, seed=0)
 
 Every request -- text-to-image here, img2img / inpainting / outpainting / editing in
@@ -19,31 +20,33 @@ import jax.numpy as jnp
 
 from jaxdiff import samplers
 from jaxdiff.pipelines.latent import LatentDiffusion
-from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
+from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists
 from jaxdiff.samplers.driver import check_number
 
 INPAINT_MODES = (None, "blend", "channels")
 
 
 class TextToImage(LatentDiffusion):
-    """A latent text-to-image model: a 2D U-Net, the image VAE and CLIP (see `LatentDiffusion`)."""
+    """A latent text-to-image model: a 2D U-Net or a patch transformer, the image VAE and the text encoders (see
+    `LatentDiffusion`)."""
 
     @classmethod
     def from_pretrained(cls, path: str, verify: bool = True) -> "TextToImage":
-        """From a diffusers Stable Diffusion folder (see `jaxdiff.convert.load_pipeline`); `verify` checks the
-        weights against the folder's checksums.json when it has one."""
+        """From a diffusers pipeline folder: Stable Diffusion 1/2, SD3, Flux (see `jaxdiff.convert.load_pipeline`);
+        `verify` checks the weights against the folder's checksums.json when it has one."""
         return cls(*cls._components(path, verify=verify))
 
-    def _build(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, trajectory: bool,
-               progress: bool):
+    def _build(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, true_cfg: bool,
+               trajectory: bool, progress: bool):
         """The whole generation as one function of traced inputs, for `runner.program`."""
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
 
-        def generate(params, ids, uncond_ids, noise, init_latents, latent_mask, rng, scale, rescale):
+        def generate(params, ids, uncond_ids, noise, init_latents, latent_mask, rng, scale, rescale, true_cfg_scale):
             denoiser_params, vae_params, text_params = params
             # a 9-channel inpainting U-Net sees [x_t | mask | masked image latents]
             extra = jnp.concatenate([latent_mask, init_latents], axis=-1) if inpaint == "channels" else None
-            model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, extra)
+            model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, extra,
+                                         true_cfg_scale if true_cfg else None)
             extra_kwargs = {}
             if strength is not None:
                 extra_kwargs.update(x_init=init_latents, strength=strength)
@@ -61,7 +64,7 @@ class TextToImage(LatentDiffusion):
         return generate
 
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, steps: int = 25,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, seed: int = 0,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, seed: int = 0,
                  height: int | None = None, width: int | None = None, noise=None, init_latents=None,
                  strength: float | None = None, latent_mask=None, inpaint: str | None = None,
                  return_trajectory: bool = False, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
@@ -69,7 +72,10 @@ class TextToImage(LatentDiffusion):
 
         init_latents [B, h, w, C] with `strength` is img2img; with `latent_mask` [B, h, w, 1]
         (1 = generate) and inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is
-        inpainting. `noise` [B, h, w, C] overrides the seed's initial latents. `progress` shows
+        inpainting. Flux: `guidance_scale` is what its guidance embedding reads (diffusers' default 3.5; a model
+        without the embedding ignores it), and with negative prompts a `true_cfg_scale` > 1 runs CFG against
+        them (diffusers' true CFG); other models take `true_cfg_scale` 1 only.
+        `noise` [B, h, w, C] overrides the seed's initial latents. `progress` shows
         a progress bar over the denoising steps. With a `mesh` (a `jax.sharding.Mesh` with a
         'data' axis) the batch is split over that axis and the params are replicated.
         `sampler_kwargs` override `sampler_defaults` (diffusers' option names: see `samplers.sample`).
@@ -77,6 +83,11 @@ class TextToImage(LatentDiffusion):
         prompts, negative = prompt_lists(prompts, negative_prompts)
         check_seed(seed)
         check_guidance(guidance_scale, guidance_rescale)
+        check_number("true_cfg_scale", true_cfg_scale)
+        if true_cfg_scale != 1.0 and not self.flux:
+            raise ValueError(f"true_cfg_scale={true_cfg_scale!r} applies to Flux; this model's classifier-free "
+                             f"guidance is guidance_scale")
+        true_cfg = self.flux and true_cfg_scale > 1.0 and negative_prompts is not None
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"unknown inpaint mode {inpaint!r}; choose one of: blend, channels")
         if strength is not None:
@@ -85,26 +96,28 @@ class TextToImage(LatentDiffusion):
             raise ValueError("img2img and inpainting need init_latents")
         if inpaint is not None and latent_mask is None:
             raise ValueError("inpainting needs latent_mask")
-        shape = self.latent_shape(len(prompts), height or self.default_size, width or self.default_size)
+        height, width = height or self.default_size, width or self.default_size
+        shape = self.latent_shape(len(prompts), height, width)
         for name, a, want in (("noise", noise, shape), ("init_latents", init_latents, shape),
                               ("latent_mask", latent_mask, shape[:-1] + (1,))):
             if a is not None and tuple(a.shape) != want:
                 raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {want}")
         expected_in = self.latent_channels * (2 if inpaint == "channels" else 1) + (inpaint == "channels")
-        if self.denoiser.config.in_channels != expected_in:
-            raise ValueError(f"the U-Net takes {self.denoiser.config.in_channels} input channels; inpaint={inpaint!r} "
-                             f"feeds {expected_in} (use inpaint='channels' only with 9-channel inpainting U-Nets)")
+        takes = self.denoiser.config.in_channels // (4 if self.flux else 1)  # Flux counts 2x2-packed channels
+        if takes != expected_in:
+            raise ValueError(f"the denoiser takes {takes} latent channels; inpaint={inpaint!r} feeds {expected_in} "
+                             f"(use inpaint='channels' only with 9-channel inpainting U-Nets)")
         if noise is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        sampler = sampler_options(self.sampler_defaults, sampler_kwargs)
-        setup = (steps, sampler, strength, inpaint, return_trajectory, progress)
+        sampler = self.sampler_setup(steps, height, width, sampler_kwargs)
+        setup = (steps, sampler, strength, inpaint, true_cfg, return_trajectory, progress)
         program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
         batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
                  None if init_latents is None else jnp.asarray(init_latents, jnp.float32),
                  None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32)]
         images, latents, traj = self.runner.run(program, self.params, batch, jax.random.key(seed + 1),
                                                 jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
-                                                steps=steps, progress=progress, mesh=mesh)
+                                                jnp.float32(true_cfg_scale), steps=steps, progress=progress, mesh=mesh)
         out = {"images": images, "latents": latents}
         if return_trajectory:
             out["trajectory"] = traj

@@ -40,7 +40,7 @@ def get_method(name: str) -> Method:
 def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacing: str = "leading",
               steps_offset: int = 0, set_alpha_to_one: bool = True, use_karras_sigmas: bool = False,
               mu: float | None = None, use_dynamic_shifting: bool = False,
-              time_shift_type: str = "exponential") -> grids.Grid:
+              time_shift_type: str = "exponential", sigmas=None) -> grids.Grid:
     """The grid a method walks on a schedule (see `grids`; `sample` for the options)."""
     schedule = schedules.concrete(schedule)
     n_train = schedule.num_train_timesteps
@@ -52,10 +52,12 @@ def make_grid(method: Method, schedule: Schedule, steps: int, *, timestep_spacin
         raise ValueError(f"use_karras_sigmas applies to euler, euler_ancestral, heun, dpmpp_2m and unipc on a discrete "
                          f"schedule, not to {method.name!r} on a {schedule.kind!r} schedule")
     shift = _dynamic_shift(schedule, mu, use_dynamic_shifting, time_shift_type)
+    if sigmas is not None:
+        _check_sigmas(sigmas, steps, method, schedule)
     if schedule.kind == FLOW:
         if method.grid == "lcm":
             raise ValueError("lcm needs a discrete schedule (its boundary scalings are defined on timesteps)")
-        return grids.flow_grid(schedule, steps, method.flow_spacing, shift)
+        return grids.flow_grid(schedule, steps, method.flow_spacing, shift, sigmas)
     if method.grid == "flow":
         raise ValueError(f"{method.name!r} needs a flow_matching schedule; use 'euler' on a {schedule.kind!r} one")
     if method.grid == "discrete":
@@ -80,6 +82,17 @@ def _dynamic_shift(schedule: Schedule, mu, use_dynamic_shifting: bool, time_shif
         raise ValueError(f"mu (dynamic shifting) applies to an unshifted flow_matching schedule (shift=1), not to a "
                          f"{schedule.kind!r} schedule with shift {schedule.shift:g}: mu replaces the shift")
     return schedules.dynamic_shift(float(mu), time_shift_type)
+
+
+def _check_sigmas(sigmas, steps: int, method: Method, schedule: Schedule) -> None:
+    """Custom sigmas (diffusers' `set_timesteps(sigmas=...)`): one per step, in (0, 1], for the flow samplers
+    that walk a FlowMatch scheduler's table."""
+    if schedule.kind != FLOW or method.flow_spacing != "table":
+        raise ValueError(f"sigmas= applies to flow_euler and flow_heun on a flow_matching schedule, not to "
+                         f"{method.name!r} on a {schedule.kind!r} schedule")
+    s = np.asarray(sigmas, np.float64)
+    if s.shape != (steps,) or not np.isfinite(s).all() or s.min() <= 0 or s.max() > 1:
+        raise ValueError(f"sigmas must be {steps} numbers in (0, 1] (one per step), got {sigmas!r}")
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> None:
@@ -135,7 +148,8 @@ def _check_array(name, a, like=None):
 def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: str = "ddim", steps: int = 50,
            prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
            set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, mu: float | None = None,
-           use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", x_init=None, strength: float = 1.0,
+           use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigmas=None, x_init=None,
+           strength: float = 1.0,
            hook: Callable | None = None, step_noise=None, noise_fn: Callable | None = None,
            return_trajectory: bool = False,
            callback: Callable[[Any], None] | None = None, **options):
@@ -163,6 +177,9 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
         the steps are shifted by exp(mu), or by mu with time_shift_type='linear'. A Python number: it
         shapes the grid, so a new mu recompiles (as a new step count does).
       use_dynamic_shifting: the config says so; then mu must be given (as diffusers requires).
+      sigmas: flow_euler / flow_heun only: the steps' unshifted sigmas (one per step, e.g. the Flux pipeline's
+        linspace(1, 1/steps, steps)) in place of the scheduler's spacing; the shift (or mu) still applies.
+        A tuple of Python numbers: it shapes the grid.
       x_init, strength: img2img; start from x_init noised to the step where `strength` of the
         steps remain (diffusers' rule); strength 0 returns x_init.
       hook: (x_next, point) -> x_next after every step, `point` a dict of the next grid
@@ -186,7 +203,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
     check_number("strength", strength, 0.0, 1.0)
     grid = make_grid(m, schedule, steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                      set_alpha_to_one=set_alpha_to_one, use_karras_sigmas=use_karras_sigmas, mu=mu,
-                     use_dynamic_shifting=use_dynamic_shifting, time_shift_type=time_shift_type)
+                     use_dynamic_shifting=use_dynamic_shifting, time_shift_type=time_shift_type, sigmas=sigmas)
     noise = jnp.asarray(noise, jnp.float32)
     if x_init is None:
         ve_start = m.ve_start and timestep_spacing in ("linspace", "trailing") and schedule.kind != FLOW

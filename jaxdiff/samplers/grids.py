@@ -118,7 +118,8 @@ def lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> Grid:
 FLOW_SPACINGS = ("table", "dpm", "unipc")
 
 
-def flow_grid(schedule: Schedule, steps: int, spacing: str = "table", shift: float | None = None) -> Grid:
+def flow_grid(schedule: Schedule, steps: int, spacing: str = "table", shift: float | None = None,
+              sigmas=None) -> Grid:
     """Rectified-flow sigmas as the diffusers scheduler a method mirrors spaces them.
 
     spacing 'table' (FlowMatchEuler/HeunDiscreteScheduler): linspace between the table's largest and
@@ -129,12 +130,16 @@ def flow_grid(schedule: Schedule, steps: int, spacing: str = "table", shift: flo
     last dropped, and s = 1 moved to 1 - 1e-6. diffusers spaces these two differently (by 1/N); we match
     each. Both feed the model int(s * N), as diffusers casts their timesteps to int64.
     shift: the time shift, the schedule's own unless dynamic shifting gives one (`dynamic_shift`).
+    sigmas: ('table' only) the unshifted sigmas given (diffusers' `set_timesteps(sigmas=...)`, which reads them
+    as float32) in place of the linspace.
     Sigmas are rounded to float32 as diffusers stores them (alpha = 1 - s then matches its alpha_t,
     which matters at s = 1 - 1e-6).
     """
     n_train = schedule.num_train_timesteps
     shift = schedule.shift if shift is None else shift
-    if spacing == "table":
+    if spacing == "table" and sigmas is not None:
+        u = np.asarray(sigmas, np.float32).astype(np.float64)
+    elif spacing == "table":
         u = np.linspace(float(schedule.sigma[-1]), float(schedule.sigma[0]), steps)
     elif spacing == "dpm":
         u = (1.0 - np.linspace(1.0, 1.0 / n_train, steps + 1))[::-1][:-1]
