@@ -5,6 +5,7 @@
     vae, params = from_diffusers("sd/vae")              # AutoencoderKL -> AutoencoderKL
     mmdit, params = from_diffusers("sd3/transformer")   # SD3Transformer2DModel -> SD3Transformer2D
     flux, params = from_diffusers("flux/transformer")   # FluxTransformer2DModel -> FluxTransformer2D
+    wan, params = from_diffusers("wan/transformer")     # WanTransformer3DModel -> WanTransformer3D
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
     pipe = load_pipeline("sd")                          # a whole pipeline folder (SD 1/2, SD3, Flux)
 
@@ -37,6 +38,7 @@ from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
 from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from jaxdiff.models.wan import WanConfig, WanTransformer3D
 from jaxdiff.tokenizers import MultiTokenizer, load_tokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -47,8 +49,10 @@ DIFFUSERS_FORMAT_VERSION = "0.35.0"
 _MODULE_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
                  "upsamplers", "to_out", "net", "temp_convs", "temp_attentions", "single_transformer_blocks",
                  # TemporalConvLayer's nn.Sequential items (`conv1.0` GroupNorm, `conv1.2` Conv3d, ...)
-                 "conv1", "conv2", "conv3", "conv4")
+                 "conv1", "conv2", "conv3", "conv4",
+                 "blocks")   # Wan's transformer blocks
 _LIST_ITEM = re.compile(rf"^({'|'.join(_MODULE_LISTS)})_(\d+)$")
+# Flax leaf -> torch leaf; other leaves are raw parameters named alike (Wan's `scale_shift_table`).
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 # diffusers `_class_name` -> (config class, module class)
@@ -58,13 +62,14 @@ _MODELS = {
     "UNet3DConditionModel": (TemporalUNetConfig, TemporalUNet),
     "SD3Transformer2DModel": (SD3Config, SD3Transformer2D),
     "FluxTransformer2DModel": (FluxConfig, FluxTransformer2D),
+    "WanTransformer3DModel": (WanConfig, WanTransformer3D),
 }
 
 
 def torch_key_of(path: tuple[str, ...]) -> str:
     """Flax param path -> diffusers state-dict key."""
     *modules, leaf = path
-    return ".".join([_LIST_ITEM.sub(r"\1.\2", m) for m in modules] + [_LEAF_NAMES[leaf]])
+    return ".".join([_LIST_ITEM.sub(r"\1.\2", m) for m in modules] + [_LEAF_NAMES.get(leaf, leaf)])
 
 
 def fixed_buffers(module: nn.Module) -> dict:

@@ -1,4 +1,4 @@
-"""Flax Linen models (channels-last): U-Net, video U-Net, VAE, DiT, MMDiT (SD3), Flux, CLIP, T5 and their building blocks."""
+"""Flax Linen models (channels-last): U-Net, video U-Net, VAE, DiT, MMDiT (SD3), Flux, Wan, CLIP, T5 and their building blocks."""
 from jaxdiff.models.dit import DiT, DiTConfig
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig, frame_conditioning, inflate
@@ -8,4 +8,5 @@ from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPOutput, CLIPTextConf
                                  zero_shot_classify)
 from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D
 from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
+from jaxdiff.models.wan import WanConfig, WanTransformer3D
 from jaxdiff.models.t5 import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
