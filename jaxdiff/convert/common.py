@@ -13,11 +13,13 @@ names the key.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from typing import Callable, Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
@@ -83,12 +85,32 @@ def verify_checksums(folder: str) -> None:
                                   f"(or delete {CHECKSUMS} to load it anyway)")
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
+class LazyTensor:
+    """One tensor of an open .safetensors file, read only when asked: whole (`np.asarray(t)`) or a slice
+    (`t.read(index)`, reading just those bytes). `shape` and `dtype` come from the file's header."""
+
+    def __init__(self, handle, key: str):
+        self._handle, self._key = handle, key
+        self._slice = handle.get_slice(key)
+        self.shape = tuple(self._slice.get_shape())
+        self.ndim = len(self.shape)
+
+    def read(self, index: tuple) -> np.ndarray:
+        return np.asarray(self._slice[index]) if self.ndim else self.__array__()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self._handle.get_tensor(self._key)
+        return a if dtype is None else a.astype(dtype)
+
+
+def load_state_dict(path: str, lazy: bool = False) -> dict[str, np.ndarray]:
     """Reads a `.safetensors` file, or a folder holding one or a sharded set.
 
     A folder may hold `*.safetensors` directly or a `*.safetensors.index.json`
-    (sharded checkpoints, as diffusers and transformers write them).
+    (sharded checkpoints, as diffusers and transformers write them). With `lazy`, the values are
+    `LazyTensor`s: the headers are read now, each tensor (or slice of it) when it is used.
     """
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     if os.path.isfile(path):
@@ -103,10 +125,14 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             raise FileNotFoundError(f"no *.safetensors weights in {path!r} (pickled .bin files are not read)")
     else:
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict = {}
     for file in files:
         try:
-            tensors.update(load_file(file))
+            if lazy:
+                handle = safe_open(file, framework="numpy")
+                tensors.update({key: LazyTensor(handle, key) for key in handle.keys()})
+            else:
+                tensors.update(load_file(file))
         except Exception as e:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"cannot read {file!r}: {e}") from e
     return tensors
@@ -134,58 +160,92 @@ def save_state_dict(tensors: Mapping[str, np.ndarray], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _flax_axes(name: str, ndim: int) -> tuple[int, ...]:
+    """For each Flax axis, the torch axis it comes from (a conv kernel (O, I, *k) -> (*k, I, O); a linear
+    one (out, in) -> (in, out); anything else keeps its layout)."""
+    if name == "kernel" and ndim >= 3:
+        return (*range(2, ndim), 1, 0)
+    if name == "kernel" and ndim == 2:
+        return (1, 0)
+    return tuple(range(ndim))
+
+
 def to_flax_layout(name: str, tensor: np.ndarray) -> np.ndarray:
-    if name == "kernel" and tensor.ndim >= 3:
-        return np.transpose(tensor, (*range(2, tensor.ndim), 1, 0))
-    if name == "kernel" and tensor.ndim == 2:
-        return tensor.T
-    return tensor
+    return np.transpose(tensor, _flax_axes(name, tensor.ndim))
 
 
 def to_torch_layout(name: str, array: np.ndarray) -> np.ndarray:
-    if name == "kernel" and array.ndim >= 3:
-        n = array.ndim
-        return np.transpose(array, (n - 1, n - 2, *range(n - 2)))
-    if name == "kernel" and array.ndim == 2:
-        return array.T
-    return array
+    return np.transpose(array, np.argsort(_flax_axes(name, array.ndim)))
+
+
+def _read(name: str, tensor, index: tuple, dtype) -> np.ndarray:
+    """The Flax-layout slice `index` of a torch-layout tensor (read lazily if it is a LazyTensor), cast to
+    `dtype`; a slice holding NaN or inf is an error."""
+    axes = _flax_axes(name, tensor.ndim)
+    torch_index = [slice(None)] * tensor.ndim
+    for flax_axis, torch_axis in enumerate(axes):
+        torch_index[torch_axis] = index[flax_axis] if flax_axis < len(index) else slice(None)
+    part = tensor.read(tuple(torch_index)) if isinstance(tensor, LazyTensor) else np.asarray(tensor)[tuple(torch_index)]
+    if np.issubdtype(part.dtype, np.inexact) and not np.isfinite(part).all():
+        raise CheckpointError("holds NaN or inf (damaged weights, or a training run that diverged)")
+    return np.transpose(part, axes).astype(dtype)
 
 
 def import_params(state_dict: Mapping[str, np.ndarray], template, torch_key_of: TorchKeyOf,
-                  ignore: Callable[[str], bool] = lambda key: False):
+                  ignore: Callable[[str], bool] = lambda key: False, shardings=None):
     """Fills a Flax param template from a PyTorch state dict.
 
     Args:
-      state_dict: torch key -> array.
+      state_dict: torch key -> array (or `LazyTensor`, see `load_state_dict(lazy=True)`).
       template: pytree of arrays or `jax.ShapeDtypeStruct` (e.g. `jax.eval_shape(module.init, ...)['params']`).
       torch_key_of: Flax path (tuple of names) -> torch key.
       ignore: torch keys that are expected to be unused (buffers such as `position_ids`).
-    Returns: the params pytree, numpy arrays in the template's dtypes.
+      shardings: optional tree of `jax.sharding.Sharding`s shaped like `template`: each param is then built on
+        its devices from the slices each one holds (`jax.make_array_from_callback`), and with lazy tensors only
+        those slices are read, so no host or device holds a whole tensor that the mesh splits.
+    Returns: the params pytree in the template's dtypes: numpy arrays, or jax Arrays placed by `shardings`.
     """
     flat = traverse_util.flatten_dict(template)
+    placements = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     out, used, problems = {}, set(), []
     for path, leaf in flat.items():
         key = torch_key_of(path)
         if key not in state_dict:
             problems.append(f"missing tensor {key!r} (for flax param {'/'.join(path)})")
             continue
-        value = to_flax_layout(path[-1], np.asarray(state_dict[key]))
-        if tuple(value.shape) != tuple(leaf.shape):
-            problems.append(f"tensor {key!r} has shape {tuple(value.shape)} after layout change, "
+        tensor = state_dict[key]
+        shape = tuple(tensor.shape[a] for a in _flax_axes(path[-1], len(tensor.shape)))
+        if shape != tuple(leaf.shape):
+            problems.append(f"tensor {key!r} has shape {shape} after layout change, "
                             f"but flax param {'/'.join(path)} needs {tuple(leaf.shape)}")
             continue
         used.add(key)
-        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
-            problems.append(f"tensor {key!r} holds NaN or inf (damaged weights, or a training run that diverged)")
-            continue
-        out[path] = value.astype(leaf.dtype)
+        read = functools.partial(_read, path[-1], tensor, dtype=leaf.dtype)
+        try:
+            out[path] = jax.make_array_from_callback(shape, placements[path], read) if path in placements \
+                else read(())
+        except CheckpointError as e:
+            problems.append(f"tensor {key!r} {e}")
     unused = sorted(k for k in state_dict if k not in used and not ignore(k))
-    problems += [f"unused tensor {k!r} {tuple(np.shape(state_dict[k]))}" for k in unused]
+    problems += [f"unused tensor {k!r} {tuple(state_dict[k].shape)}" for k in unused]
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise CheckpointError(f"checkpoint does not fit the module ({len(problems)} problems):\n  {shown}{more}")
     return traverse_util.unflatten_dict(out)
+
+
+def placement(abstract_params, param_dtype, mesh=None, rules=None) -> tuple:
+    """(template, shardings) for `import_params` from a model's abstract params in their `nn.Partitioned` boxes
+    (e.g. `jax.eval_shape` of its init): ShapeDtypeStructs in `param_dtype`, and with a `mesh` the
+    NamedShardings its logical axis names get under `rules` (default `jaxdiff.parallel.DEFAULT_RULES`);
+    without a mesh, None (plain arrays)."""
+    from jaxdiff import parallel
+
+    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), nn.meta.unbox(abstract_params))
+    if mesh is None:
+        return template, None
+    return template, parallel.shardings_for(abstract_params, mesh, parallel.DEFAULT_RULES if rules is None else rules)
 
 
 def export_params(params, torch_key_of: TorchKeyOf) -> dict[str, np.ndarray]:

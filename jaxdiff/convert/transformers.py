@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert.common import (CheckpointError, export_params, import_params, load_state_dict, read_config,
-                                    save_state_dict)
+from jaxdiff.convert.common import (CheckpointError, export_params, import_params, load_state_dict, placement,
+                                    read_config, save_state_dict)
 from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPVisionConfig, CLIPVisionModel)
 from jaxdiff.models.t5 import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
@@ -121,20 +121,23 @@ def _strip_tower_prefix(state: dict, prefix: str) -> dict:
     return state
 
 
-def param_template(module: nn.Module, arch: Architecture):
-    """Shapes and dtypes of `module`'s params (plain, unboxed), without allocating them."""
+def param_template(module: nn.Module, arch: Architecture, boxed: bool = False):
+    """Shapes and dtypes of `module`'s params (plain, or with `boxed` in their logical-axis boxes), without
+    allocating them."""
     inputs = arch.example_inputs(module.config)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
-    return nn.meta.unbox(variables["params"])
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    return params if boxed else nn.meta.unbox(params)
 
 
-def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
+def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, rules=None):
     """Loads a transformers folder: CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel,
     T5EncoderModel or UMT5EncoderModel.
 
     Args:
-      path: folder with config.json and model.safetensors (or a sharded set).
-      dtype: compute dtype; param_dtype: dtype the params are returned in.
+      path: folder with config.json and model.safetensors (or a sharded set), read lazily tensor by tensor.
+      dtype: compute dtype; param_dtype: dtype the params are returned in (e.g. jnp.bfloat16).
+      mesh, rules: place each param straight into its sharding on `mesh` (logical axis `rules`, default
+        `jaxdiff.parallel.DEFAULT_RULES`), each device reading only its slice (see `from_diffusers`).
     Returns: (module, params), params a plain tree of jax arrays for `module.apply({'params': params}, ...)`.
     Raises: CheckpointError naming any unsupported config value, missing or unused tensor, or wrong shape.
     """
@@ -143,10 +146,11 @@ def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32):
     arch = ARCHITECTURES[name]
     module = arch.module_class(arch.config_class.from_transformers_config(config), dtype=dtype,
                                param_dtype=param_dtype)
-    state = _strip_tower_prefix(load_state_dict(path), arch.tower_prefix)
+    state = _strip_tower_prefix(load_state_dict(path, lazy=True), arch.tower_prefix)
     if arch.prepare_state is not None:
         state = arch.prepare_state(state)
-    params = import_params(state, param_template(module, arch), torch_key, ignore=arch.buffers.__contains__)
+    template, shardings = placement(param_template(module, arch, boxed=True), param_dtype, mesh, rules)
+    params = import_params(state, template, torch_key, ignore=arch.buffers.__contains__, shardings=shardings)
     return module, jax.tree.map(jnp.asarray, params)
 
 

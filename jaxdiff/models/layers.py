@@ -78,11 +78,12 @@ def layer_norm(eps: float, *, affine: bool = True, dtype: Dtype, param_dtype: Dt
                         name=name)
 
 
-def param_shapes(module: nn.Module):
-    """Shapes and dtypes of a model's params (unboxed), without allocating them: its init traced on the
-    module's `example_inputs()`."""
+def param_shapes(module: nn.Module, boxed: bool = False):
+    """Shapes and dtypes of a model's params, without allocating them: its init traced on the module's
+    `example_inputs()`; unboxed, or with `boxed` in their `nn.Partitioned` boxes (logical axis names)."""
     args, kwargs = module.example_inputs()
-    return nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"])
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+    return params if boxed else nn.meta.unbox(params)
 
 
 def constrain_image(x):

@@ -73,7 +73,7 @@ def sampler_options(defaults: dict, overrides: dict) -> tuple:
 
 def shard_over_data(mesh, params, batch: Sequence):
     """Batch arrays [B, ...] (or tuples of them; None kept) split over the mesh's 'data' axis, params replicated
-    on every device."""
+    on every device unless they are already placed on this mesh."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     if "data" not in mesh.axis_names:
@@ -83,7 +83,9 @@ def shard_over_data(mesh, params, batch: Sequence):
     if size % n:
         raise ValueError(f"batch {size} is not divisible by the mesh's data axis ({n}); pad the prompts")
     data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    params = jax.device_put(params, replicated)
+    # params loaded onto this mesh (`from_pretrained(mesh=...)`) keep their shardings; others are replicated
+    on_mesh = lambda p: isinstance(p, jax.Array) and getattr(p.sharding, "mesh", None) == mesh
+    params = jax.tree.map(lambda p: p if on_mesh(p) else jax.device_put(p, replicated), params)
     return params, [None if a is None else jax.device_put(a, data) for a in batch]
 
 
