@@ -6,6 +6,7 @@
     mmdit, params = from_diffusers("sd3/transformer")   # SD3Transformer2DModel -> SD3Transformer2D
     flux, params = from_diffusers("flux/transformer")   # FluxTransformer2DModel -> FluxTransformer2D
     wan, params = from_diffusers("wan/transformer")     # WanTransformer3DModel -> WanTransformer3D
+    wan_vae, params = from_diffusers("wan/vae")         # AutoencoderKLWan -> AutoencoderKLWan
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
     pipe = load_pipeline("sd")                          # a whole pipeline folder (SD 1/2, SD3, Flux)
 
@@ -39,6 +40,7 @@ from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.models.wan import WanConfig, WanTransformer3D
+from jaxdiff.models.wan_vae import AutoencoderKLWan, AutoencoderKLWanConfig
 from jaxdiff.tokenizers import MultiTokenizer, load_tokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -50,7 +52,8 @@ _MODULE_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transform
                  "upsamplers", "to_out", "net", "temp_convs", "temp_attentions", "single_transformer_blocks",
                  # TemporalConvLayer's nn.Sequential items (`conv1.0` GroupNorm, `conv1.2` Conv3d, ...)
                  "conv1", "conv2", "conv3", "conv4",
-                 "blocks")   # Wan's transformer blocks
+                 "blocks",   # Wan's transformer blocks
+                 "resample")  # Wan VAE's resampler nn.Sequential (`resample.1` is its conv)
 _LIST_ITEM = re.compile(rf"^({'|'.join(_MODULE_LISTS)})_(\d+)$")
 # Flax leaf -> torch leaf; other leaves are raw parameters named alike (Wan's `scale_shift_table`).
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -63,6 +66,7 @@ _MODELS = {
     "SD3Transformer2DModel": (SD3Config, SD3Transformer2D),
     "FluxTransformer2DModel": (FluxConfig, FluxTransformer2D),
     "WanTransformer3DModel": (WanConfig, WanTransformer3D),
+    "AutoencoderKLWan": (AutoencoderKLWanConfig, AutoencoderKLWan),
 }
 
 
