@@ -36,7 +36,7 @@ def parse_args(argv):
     p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json, unet/, ...); default: "
                                     "the shipped shapes model (images only)")
     p.add_argument("--out", default="sample.png", help="a .png file, or a folder for several images")
-    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--negative", help="negative prompt (none given: SDXL guides against zeros, as diffusers does)")
     p.add_argument("--sampler", default=None, choices=list(METHODS), help="default: the model's scheduler")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
@@ -128,6 +128,11 @@ def read_prompts(p, args) -> list[str]:
     if not all(prompts):
         p.error(f"{args.prompts_file!r} has an empty line (line {prompts.index('') + 1}); one prompt per line")
     return prompts
+
+
+def negatives(args, n: int) -> list[str] | None:
+    """--negative for n prompts; None without it (an SDXL folder then guides against zeros)."""
+    return None if args.negative is None else [args.negative] * n
 
 
 def check_seeds(p, args, n: int) -> None:
@@ -280,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     common = {"steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
               "seed": args.seed, "height": args.height, "width": args.width, "progress": not args.no_progress,
               **sampler}
-    meta = {"negative_prompt": args.negative, "sampler": sampler.get("method", pipe.sampler_defaults.get("method")),
+    meta = {"negative_prompt": args.negative or "",
+            "sampler": sampler.get("method", pipe.sampler_defaults.get("method")),
             "steps": args.steps, "guidance_scale": args.guidance, "model": os.path.abspath(args.model)}
     try:
         if image is not None:
@@ -297,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             for start in range(0, len(prompts), args.batch):
                 chunk = prompts[start:start + args.batch]
-                images = pipe(chunk, [args.negative] * len(chunk), **{**common, "seed": args.seed + start})
+                images = pipe(chunk, negatives(args, len(chunk)), **{**common, "seed": args.seed + start})
                 for i, image in enumerate(np.asarray(images)):
                     save_png(paths[start + i], image, {"prompt": chunk[i], "seed": args.seed + start,
                                                        "batch_index": i, **meta})
@@ -318,7 +324,7 @@ def run_video(p, args, prompts: list[str], paths: list[str], image: np.ndarray |
     try:
         for start in range(0, len(prompts), args.batch):
             chunk = prompts[start:start + args.batch]
-            videos = pipe(chunk, [args.negative] * len(chunk), steps=args.steps,
+            videos = pipe(chunk, negatives(args, len(chunk)), steps=args.steps,
                           guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                           seed=args.seed + start, height=args.height, width=args.width, init_image=init,
                           progress=not args.no_progress, **sampler)
@@ -332,12 +338,12 @@ def run_video(p, args, prompts: list[str], paths: list[str], image: np.ndarray |
 
 def grid_or_trajectory(args, pipe, prompt: str, common: dict) -> np.ndarray:
     if args.trajectory:
-        out = pipe.generate([prompt], [args.negative], return_trajectory=True, **common)
+        out = pipe.generate([prompt], negatives(args, 1), return_trajectory=True, **common)
         traj = out["trajectory"]
         return tile([list(np.asarray(traj["x"])[:, 0]), list(np.asarray(traj["x0"])[:, 0])])
     rows = []
     for s in range(args.grid_seeds):
-        rows.append([np.asarray(pipe([prompt], [args.negative], **{**common, "seed": args.seed + s,
+        rows.append([np.asarray(pipe([prompt], negatives(args, 1), **{**common, "seed": args.seed + s,
                                                                     "guidance_scale": g}))[0]
                      for g in args.grid_scales])
     return tile(rows)

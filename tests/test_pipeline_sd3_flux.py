@@ -1,6 +1,7 @@
 """Tiny diffusers SD3 and Flux folders (tests/fixtures/make_flow_pipeline_fixtures.py) run here end to end and
 match diffusers' StableDiffusion3Pipeline and FluxPipeline: same initial noise, prompts, negative prompts and
-guidance; three text encoders (and none for T5), Flux's packing, guidance embedding, dynamic shift and sigmas."""
+guidance; three text encoders (and none for T5), Flux's packing, guidance embedding, dynamic shift and sigmas;
+and img2img as StableDiffusion3Img2ImgPipeline and FluxImg2ImgPipeline run it (make_flow_img2img_fixtures.py)."""
 import json
 import os
 import shutil
@@ -12,10 +13,14 @@ import pytest
 import jaxdiff as jd
 from jaxdiff.models.checks import CheckpointError
 from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders
+from jaxdiff.pipelines import editing
+from jaxdiff.samplers.driver import img2img_start
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
 GOLDEN = np.load(os.path.join(HERE, "flow_pipeline_outputs.npz"))
 META = json.loads(str(GOLDEN["meta"]))
+IMG2IMG = np.load(os.path.join(HERE, "flow_img2img_outputs.npz"))
+IMG2IMG_META = json.loads(str(IMG2IMG["meta"]))
 
 
 def without_t5(tmp_path):
@@ -67,6 +72,18 @@ def test_flux_matches_diffusers(flux):
 
 def test_flux_true_cfg_matches_diffusers(flux):
     check_case(flux, "flux_true_cfg", negative_prompts=META["negative"], true_cfg_scale=2.0)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_img2img_matches_diffusers(sd3, flux, name):
+    """4 steps at strength 0.6 run 3 steps, as these pipelines round (SD's rule would run 2)."""
+    pipe, case, meta = {"sd3": sd3, "flux": flux}[name], name + "_img2img", IMG2IMG_META
+    spec = meta["cases"][case]
+    assert pipe.strength_rounding == "up" and img2img_start(meta["steps"], meta["strength"], "up") == 1
+    images = editing.img2img(pipe, meta["prompts"], IMG2IMG["images_nhwc"], meta["strength"], steps=meta["steps"],
+                             negative_prompts=meta["negative"] if spec["negative"] else None,
+                             guidance_scale=spec["guidance_scale"], noise=jnp.asarray(IMG2IMG["noise_nhwc"]))
+    np.testing.assert_allclose(images, IMG2IMG[case + "_images"], atol=1e-4)
 
 
 def test_flux_guidance_scale_is_traced_and_steers(flux):

@@ -8,7 +8,7 @@
     wan, params = from_diffusers("wan/transformer")     # WanTransformer3DModel -> WanTransformer3D
     wan_vae, params = from_diffusers("wan/vae")         # AutoencoderKLWan -> AutoencoderKLWan
     to_diffusers(unet, params, "out/unet")              # loadable by diffusers' from_pretrained
-    pipe = load_pipeline("sd")                          # a whole pipeline folder (SD 1/2, SD3, Flux)
+    pipe = load_pipeline("sd")                          # a whole pipeline folder (SD 1/2, SDXL, SD3, Flux)
 
 Params are returned as plain (unboxed) arrays; `to_diffusers` accepts boxed or plain trees.
 Flax submodules carry diffusers' attribute names, so a Flax path spells its torch key once
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, read_config, \
-    save_state_dict, verify_checksums
+from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, placement, \
+    read_config, save_state_dict, verify_checksums
 from jaxdiff.convert.transformers import from_transformers
 from jaxdiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from jaxdiff.models.layers import param_shapes
@@ -36,7 +36,7 @@ from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
 from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D, position_table
 from jaxdiff.models.t5 import T5EncoderModel
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
-from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders
+from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders, SDXLTextEncoders
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.models.wan import WanConfig, WanTransformer3D
@@ -105,18 +105,21 @@ def module_from_config(config: dict, dtype: Any = jnp.float32, param_dtype: Any 
     return module_cls(config_cls.from_diffusers_config(config), dtype=dtype, param_dtype=param_dtype)
 
 
-def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, mesh=None, rules=None):
     """Loads a diffusers model folder. Returns (module, params) with params plain arrays in `param_dtype`.
 
-    Reads `diffusion_pytorch_model.safetensors`, or a sharded `*.safetensors.index.json` set.
-    Every tensor's shape is checked against the module; a missing or left-over tensor is an
-    error naming its key.
+    Reads `diffusion_pytorch_model.safetensors`, or a sharded `*.safetensors.index.json` set, lazily: one
+    tensor at a time, cast to `param_dtype` (e.g. jnp.bfloat16 to hold a large model in half the memory).
+    With a `mesh` (and logical axis `rules`, default `jaxdiff.parallel.DEFAULT_RULES`) each param is placed
+    straight into its sharding, each device reading only its own slice of the file, so neither the host nor
+    a device holds a whole float32 copy. Every tensor's shape is checked against the module; a missing or
+    left-over tensor is an error naming its key.
     """
     module = module_from_config(read_config(path), dtype, param_dtype)
     weights = os.path.join(path, WEIGHTS_NAME)
-    state_dict = _check_fixed_buffers(module, load_state_dict(weights if os.path.isfile(weights) else path))
-    template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), param_shapes(module))
-    params = import_params(state_dict, template, torch_key_of)
+    state_dict = _check_fixed_buffers(module, load_state_dict(weights if os.path.isfile(weights) else path, lazy=True))
+    template, shardings = placement(param_shapes(module, boxed=True), param_dtype, mesh, rules)
+    params = import_params(state_dict, template, torch_key_of, shardings=shardings)
     return module, jax.tree.map(jnp.asarray, params)
 
 
@@ -189,16 +192,27 @@ def _widths(path: str, pairs) -> None:
             raise CheckpointError(f"pipeline {path!r}: {giver} is {width} wide but {taker} takes {wanted}")
 
 
-def _text_conditioning(path: str, given, denoiser, dtype, param_dtype) -> tuple:
+def _given(index: dict, component: str) -> bool:
+    """Whether model_index.json names a class for the component (diffusers writes [null, null] for none)."""
+    return isinstance(index.get(component), list) and index[component][0] is not None
+
+
+def _text_conditioning(path: str, index: dict, denoiser, *load_args) -> tuple:
     """(text module, its params, tokenizer) for the folder's text encoders, as its denoiser reads them."""
+    given = lambda c: _given(index, c)
+    text_time = isinstance(denoiser, UNet2DCondition) and denoiser.config.addition_embed_type == "text_time"
     names = ["text_encoder"] + [c for c in ("text_encoder_2", "text_encoder_3") if given(c)]
     missing = [f"tokenizer{n[len('text_encoder'):]}" for n in names if not given(f"tokenizer{n[len('text_encoder'):]}")]
     if missing:
         raise CheckpointError(f"pipeline {path!r} lacks {', '.join(missing)} for its text encoders")
-    loaded = {n: _part(path, n, from_transformers, dtype, param_dtype) for n in names}
+    loaded = {n: _part(path, n, from_transformers, *load_args) for n in names}
     modules, params = {n: m for n, (m, _) in loaded.items()}, {n: p for n, (_, p) in loaded.items()}
     tokenizers = {n: load_tokenizer(os.path.join(path, "tokenizer" + n[len("text_encoder"):])) for n in names}
     c = denoiser.config
+    if len(names) == 1 and text_time:
+        raise CheckpointError(f"pipeline {path!r}: its U-Net reads a pooled text embedding and size ids "
+                              f"(addition_embed_type='text_time', SDXL's) but the folder has one text encoder; an "
+                              f"SDXL folder has text_encoder and text_encoder_2")
     if len(names) == 1:  # Stable Diffusion 1/2, jaxdiff's MMDiT folders: one CLIP, its last states (and pooled)
         _need(path, "a one-encoder pipeline", [("text_encoder", modules["text_encoder"], CLIPTextModel)])
         width = modules["text_encoder"].config.hidden_size
@@ -206,7 +220,7 @@ def _text_conditioning(path: str, given, denoiser, dtype, param_dtype) -> tuple:
                        for field in (("joint_attention_dim", "pooled_projection_dim")
                                      if isinstance(denoiser, SD3Transformer2D) else ("cross_attention_dim",))])
         return modules["text_encoder"], params["text_encoder"], tokenizers["text_encoder"]
-    t5 = modules.get("text_encoder_3" if isinstance(denoiser, SD3Transformer2D) else "text_encoder_2")
+    t5 = modules.get({SD3Transformer2D: "text_encoder_3", FluxTransformer2D: "text_encoder_2"}.get(type(denoiser)))
     clips = [tokenizers[n] for n in names if isinstance(modules[n], (CLIPTextModel, CLIPTextModelWithProjection))]
     lengths = [t.model_max_length for t in clips] + ([T5_LENGTH[type(denoiser)]] if t5 is not None else [])
     tokenizer = MultiTokenizer([tokenizers[n] for n in names], lengths)
@@ -228,18 +242,32 @@ def _text_conditioning(path: str, given, denoiser, dtype, param_dtype) -> tuple:
                        ("T5's d_model", t5.config.d_model, "the transformer's joint_attention_dim",
                         c.joint_attention_dim)])
         module = FluxTextEncoders(modules["text_encoder"], t5)
+    elif text_time and names == ["text_encoder", "text_encoder_2"]:  # SDXL: CLIP-L and CLIP-G
+        _need(path, "SDXL", [("text_encoder", modules["text_encoder"], CLIPTextModel),
+                             ("text_encoder_2", modules["text_encoder_2"], CLIPTextModelWithProjection)])
+        l, g = modules["text_encoder"].config, modules["text_encoder_2"].config
+        # the pooled embedding is followed by the sinusoids of 6 size ids (original size, crop corner, target size)
+        _widths(path, [("CLIP-L's + CLIP-G's hidden_size", l.hidden_size + g.hidden_size,
+                        "the U-Net's cross_attention_dim", c.cross_attention_dim),
+                       ("CLIP-G's projection_dim + 6 size ids x addition_time_embed_dim",
+                        g.projection_dim + 6 * c.addition_time_embed_dim,
+                        "the U-Net's projection_class_embeddings_input_dim", c.projection_class_embeddings_input_dim)])
+        module = SDXLTextEncoders(modules["text_encoder"], modules["text_encoder_2"],
+                                  bool(index.get("force_zeros_for_empty_prompt", True)))
     else:
         raise CheckpointError(f"pipeline {path!r}: a {type(denoiser).__name__} with {', '.join(names)} is not "
-                              f"supported (SDXL's two encoders are not yet); supported: SD3 and Flux folders")
+                              f"supported; supported: SD3 and Flux folders, and SDXL's (a text_time U-Net on "
+                              f"text_encoder and text_encoder_2)")
     return module, params, tokenizer
 
 
 def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                   denoiser_type: type | tuple = (UNet2DCondition, SD3Transformer2D, FluxTransformer2D),
-                  verify: bool = True) -> StableDiffusion:
+                  verify: bool = True, mesh=None, rules=None) -> StableDiffusion:
     """Loads a latent diffusion pipeline folder (`model_index.json`, unet/ or transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/, and text_encoder_2/, tokenizer_2/, ... where the pipeline has several encoders):
-    Stable Diffusion 1/2 (one CLIP); SD3 / SD3.5 (StableDiffusion3Pipeline: CLIP-L, CLIP-G and T5, or no T5 when
+    Stable Diffusion 1/2 (one CLIP); SDXL (StableDiffusionXLPipeline: CLIP-L and CLIP-G, penultimate states, with
+    its force_zeros_for_empty_prompt); SD3 / SD3.5 (StableDiffusion3Pipeline: CLIP-L, CLIP-G and T5, or no T5 when
     the folder has none, as diffusers runs it); Flux (FluxPipeline: CLIP-L and T5); jaxdiff's own MMDiT folders
     (SD3Transformer2DModel on one CLIP whose states are its text tokens and whose pooled state its pooled
     embedding). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
@@ -249,21 +277,23 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     name, with a `MultiTokenizer`. The text encoders go through `jaxdiff.convert.from_transformers`, the
     tokenizers through `jaxdiff.tokenizers.load_tokenizer` (CLIP's BPE, T5's unigram, or a WordTokenizer for
     jaxdiff's caption-vocabulary models); the scheduler's config is returned as a dict. With `verify` (the
-    default) the weights are checked against the folder's checksums.json, when it has one.
+    default) the weights are checked against the folder's checksums.json, when it has one. Params are read
+    lazily in `param_dtype`, and with a `mesh` placed straight into their shardings (see `from_diffusers`).
     """
     index = read_config(path, "model_index.json")
-    given = lambda c: isinstance(index.get(c), list) and index[c][0] is not None
-    denoisers = [c for c in DENOISERS if given(c)]
-    missing = [c for c in PIPELINE_COMPONENTS if not given(c)] + ([] if len(denoisers) == 1 else ["unet or transformer"])
+    denoisers = [c for c in DENOISERS if _given(index, c)]
+    missing = [c for c in PIPELINE_COMPONENTS if not _given(index, c)] + (
+        [] if len(denoisers) == 1 else ["unet or transformer"])
     if missing:
         raise CheckpointError(f"pipeline {path!r} ({index.get('_class_name')}) lacks components {missing}; "
                               f"a latent diffusion folder needs unet or transformer, {', '.join(PIPELINE_COMPONENTS)}")
     if verify:
         verify_checksums(path)
     part = denoisers[0]
-    denoiser, denoiser_params = _part(path, part, from_diffusers, dtype, param_dtype)
-    vae, vae_params = _part(path, "vae", from_diffusers, dtype, param_dtype)
+    load_args = (dtype, param_dtype, mesh, rules)
+    denoiser, denoiser_params = _part(path, part, from_diffusers, *load_args)
+    vae, vae_params = _part(path, "vae", from_diffusers, *load_args)
     _need(path, "this pipeline", [(part, denoiser, denoiser_type), ("vae", vae, AutoencoderKL)])
-    text_encoder, text_params, tokenizer = _text_conditioning(path, given, denoiser, dtype, param_dtype)
+    text_encoder, text_params, tokenizer = _text_conditioning(path, index, denoiser, *load_args)
     return StableDiffusion(denoiser, denoiser_params, vae, vae_params, text_encoder, text_params, tokenizer,
                            read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))

@@ -9,6 +9,8 @@ per tokenizer, and returns what the denoiser reads, (context [B, L, D], pooled [
   penultimate hidden states side by side, zero-padded to T5's width, then T5's states after them along
   the sequence (zeros where the folder has no T5); pooled: both CLIPs' projected pooled states side by side.
 - `FluxTextEncoders` (FluxPipeline): T5's states; pooled: CLIP-L's pooled state (no projection).
+- `SDXLTextEncoders` (StableDiffusionXLPipeline.encode_prompt): CLIP-L's and CLIP-G's penultimate hidden
+  states side by side; pooled: CLIP-G's projected pooled state (`text_embeds`).
 
 A pipeline with one CLIP (Stable Diffusion 1/2, jaxdiff's own MMDiT folders) uses the `CLIPTextModel`
 itself, which returns (last hidden state, pooled) too. As in the reference pipelines, no attention mask
@@ -61,3 +63,21 @@ class FluxTextEncoders(nn.Module):
         """ids: (CLIP ids [B, 77], T5 ids [B, L])."""
         _, pooled = self.text_encoder(ids[0])
         return self.text_encoder_2(ids[1]), pooled
+
+
+class SDXLTextEncoders(nn.Module):
+    """SDXL's two encoders: CLIP-L (`CLIPTextModel`) and CLIP-G (`CLIPTextModelWithProjection`).
+
+    `force_zeros_for_empty_prompt` (the pipeline's model_index.json field, True unless it says otherwise): a
+    request without negative prompts guides against zeros in place of the states and pooled embedding of "".
+    """
+
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    force_zeros_for_empty_prompt: bool = True
+
+    def __call__(self, ids):
+        """ids: (CLIP-L ids [B, 77], CLIP-G ids [B, 77])."""
+        *_, states_l = self.text_encoder(ids[0], output_hidden_states=True)
+        _, _, pooled, states_g = self.text_encoder_2(ids[1], output_hidden_states=True)
+        return jnp.concatenate([states_l[PENULTIMATE], states_g[PENULTIMATE]], axis=-1), pooled

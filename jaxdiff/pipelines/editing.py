@@ -55,7 +55,9 @@ def latent_mask(masks, factor: int):
 
 def img2img(pipe: TextToImage, prompts, images, strength: float = 0.6, **kwargs):
     """SDEdit (Meng et al. 2022): noise the image's latents to `strength` of the way, then denoise
-    under the prompt. strength 0 returns the input (through the VAE); 1 ignores it."""
+    under the prompt. strength 0 returns the input (through the VAE); 1 ignores it. Any TextToImage model: the
+    steps run are steps * strength rounded as its diffusers img2img pipeline rounds (`pipe.strength_rounding`:
+    down for SD and SDXL, up for SD3 and Flux); the image is encoded to the VAE's posterior mean."""
     images = _pipe_images(pipe, images, "img2img", kwargs)
     check_number("strength", strength, 0.0, 1.0)
     init = pipe.encode_image(pipe.vae_params, images)

@@ -1,6 +1,7 @@
-"""The pieces text-to-image and text-to-video share: a denoiser (a U-Net on CLIP's states, or a transformer over
-patch tokens -- SD3's MMDiT, Flux -- on text states and a pooled embedding) under classifier-free guidance,
-the text encoders, and the VAE between pixels and latents, as pure jittable functions of their params.
+"""The pieces text-to-image and text-to-video share: a denoiser (a U-Net on CLIP's states; SDXL's U-Net on text
+states, a pooled embedding and size ids; or a transformer over patch tokens -- SD3's MMDiT, Flux -- on text states
+and a pooled embedding) under classifier-free guidance, the text encoders, and the VAE between pixels and latents,
+as pure jittable functions of their params.
 
 `TextToImage` and `TextToVideo` are both `LatentDiffusion`s, each with its own `generate`; neither
 extends the other. Each owns a `Runner` (`jaxdiff.pipelines.runner`) that compiles and runs its programs.
@@ -16,7 +17,8 @@ import numpy as np
 
 from jaxdiff import guidance
 from jaxdiff.convert.scheduler import dynamic_shift_mu, schedule_from_config
-from jaxdiff.models import FluxTransformer2D, SD3Transformer2D
+from jaxdiff.models import FluxTransformer2D, SD3Transformer2D, UNet2DCondition
+from jaxdiff.models.text_encoders import SDXLTextEncoders
 from jaxdiff.pipelines.runner import Runner, sampler_options
 from jaxdiff.schedules import Schedule
 
@@ -46,8 +48,8 @@ def as_images(images, name: str = "images") -> jnp.ndarray:
 @dataclasses.dataclass
 class LatentDiffusion:
     """Modules, their params, tokenizer, schedule and sampler defaults of a latent diffusion model. The
-    denoiser is a U-Net (UNet2DCondition, TemporalUNet) or a patch transformer (SD3Transformer2D,
-    FluxTransformer2D); the text encoder is one CLIP or several encoders as one module
+    denoiser is a U-Net (UNet2DCondition, SDXL's among them; TemporalUNet) or a patch transformer
+    (SD3Transformer2D, FluxTransformer2D); the text encoder is one CLIP or several encoders as one module
     (`jaxdiff.models.text_encoders`) with a `MultiTokenizer`.
 
     `sampler_defaults` are `samplers.sample` keyword arguments (method, prediction_type,
@@ -88,6 +90,23 @@ class LatentDiffusion:
         return isinstance(self.denoiser, PATCH_TRANSFORMERS)
 
     @property
+    def text_time(self) -> bool:
+        """Whether the denoiser is SDXL's U-Net: it reads a pooled text embedding and size ids beside the states
+        (`addition_embed_type='text_time'`)."""
+        return isinstance(self.denoiser, UNet2DCondition) and self.denoiser.config.addition_embed_type == "text_time"
+
+    @property
+    def zeros_without_negative(self) -> bool:
+        """SDXL's force_zeros_for_empty_prompt: without negative prompts, CFG guides against zero text inputs."""
+        return isinstance(self.text_encoder, SDXLTextEncoders) and self.text_encoder.force_zeros_for_empty_prompt
+
+    @property
+    def strength_rounding(self) -> str:
+        """How img2img rounds steps * strength (`samplers.driver.img2img_start`): up for the patch transformers,
+        as diffusers' SD3 and Flux img2img pipelines do; down for the U-Nets, as its SD and SDXL pipelines do."""
+        return "up" if self.patch_transformer else "down"
+
+    @property
     def flux(self) -> bool:
         return isinstance(self.denoiser, FluxTransformer2D)
 
@@ -115,9 +134,15 @@ class LatentDiffusion:
 
     def encode_text(self, text_params, ids):
         """Token ids -> the denoiser's text inputs: CLIP's last hidden state [B, L, D] for a U-Net; for a patch
-        transformer (states [B, L, D], pooled [B, P]) as its text encoders give them."""
+        transformer or SDXL's U-Net (states [B, L, D], pooled [B, P]) as its text encoders give them."""
         states, pooled = self.text_encoder.apply({"params": text_params}, ids)[:2]
-        return (states, pooled) if self.patch_transformer else states
+        return (states, pooled) if self.patch_transformer or self.text_time else states
+
+    def size_ids(self, x) -> jnp.ndarray:
+        """SDXL's size conditioning for latents x [B, h, w, C] (its `add_time_ids`), [B, 6]: original size, crop
+        corner and target size as diffusers' pipelines set them by default: (H, W), (0, 0), (H, W) in pixels."""
+        height, width = (n * self.vae_scale_factor for n in x.shape[1:3])
+        return jnp.broadcast_to(jnp.asarray([height, width, 0, 0, height, width], jnp.float32), (x.shape[0], 6))
 
     def sampler_setup(self, steps: int, height: int, width: int, overrides: dict) -> tuple:
         """The sampler defaults with one call's overrides (`runner.sampler_options`), plus what depends on the
@@ -134,33 +159,40 @@ class LatentDiffusion:
         return sampler_options(self.sampler_defaults, {**overrides, **extra})
 
     def guided_model(self, denoiser_params, text_params, ids, uncond_ids, scale, rescale=0.0, extra_channels=None,
-                     true_cfg_scale=None, **denoiser_kwargs):
+                     true_cfg_scale=None, zero_uncond=False, **denoiser_kwargs):
         """The denoiser under classifier-free guidance as a sampler's model_fn(x, t).
 
         extra_channels [B, h, w, K] are appended to x's channels (9-channel inpainting U-Nets);
         denoiser_kwargs hold per-example inputs [B, ...] such as a video U-Net's `cond_frames`. Both are
         repeated for the unconditional and conditional halves of the guided batch.
+        `zero_uncond`: guide against zero text inputs instead of uncond_ids' (`zeros_without_negative`).
         Flux: `scale` is the guidance its embedding reads (a model without one ignores it, as diffusers does);
         it runs unguided unless `true_cfg_scale` is given (diffusers' true CFG against the negative prompts).
+        SDXL's U-Net also reads the pooled embedding and `size_ids`.
         """
         context = self.encode_text(text_params, ids)
+        uncond = lambda: (jax.tree.map(jnp.zeros_like, context) if zero_uncond
+                          else self.encode_text(text_params, uncond_ids))
         if self.flux:
             guidance_kwargs = {"guidance": scale} if self.denoiser.config.guidance_embeds else {}
             apply = lambda x, t, ctx: self.denoiser.apply({"params": denoiser_params}, x, t, *ctx, **guidance_kwargs)
             if true_cfg_scale is None:
                 return lambda x, t: apply(x, t, context)
-            return guidance.cfg(apply, context, self.encode_text(text_params, uncond_ids), true_cfg_scale, rescale)
-        uncond = self.encode_text(text_params, uncond_ids)
+            return guidance.cfg(apply, context, uncond(), true_cfg_scale, rescale)
         twice = lambda a: jnp.concatenate([a, a], axis=0)
         denoiser_kwargs = {k: twice(v) for k, v in denoiser_kwargs.items()}
         extra = None if extra_channels is None else twice(extra_channels)
 
         def apply_fn(x, t, ctx):
+            kwargs = denoiser_kwargs
+            if self.text_time:  # SDXL: the states as context, the pooled embedding and size ids as added inputs
+                ctx, pooled = ctx
+                kwargs = {**kwargs, "text_embeds": pooled, "time_ids": self.size_ids(x)}
             x = x if extra is None else jnp.concatenate([x, extra], axis=-1)
             return self.denoiser.apply({"params": denoiser_params}, x, t, *(ctx if self.patch_transformer else (ctx,)),
-                                       **denoiser_kwargs)
+                                       **kwargs)
 
-        return guidance.cfg(apply_fn, context, uncond, scale, rescale)
+        return guidance.cfg(apply_fn, context, uncond(), scale, rescale)
 
     def encode_image(self, vae_params, images):
         """Images in [0, 1], [B, H, W, 3] -> diffusion latents (the posterior mean, scaled)."""

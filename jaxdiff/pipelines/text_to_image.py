@@ -1,8 +1,9 @@
 """Text-to-image latent diffusion: text encoders -> a denoiser in VAE latent space (a cross-attention U-Net, or a
 patch transformer: SD3's MMDiT, Flux) -> VAE decoder, with classifier-free guidance (negative prompts, guidance
-rescale; Flux: its guidance embedding, and true CFG on request).
+rescale; SDXL: zeros in place of absent negative prompts, as its folders ask; Flux: its guidance embedding, and
+true CFG on request).
 
-    pipe = TextToImage.from_pretrained("path/to/stable-diffusion-folder")     # SD 1/2, SD3, Flux folders
+    pipe = TextToImage.from_pretrained("path/to/stable-diffusion-folder")     # SD 1/2, SDXL, SD3, Flux folders
     images = pipe(["a red circle"], negative_prompts=["blurry"], steps=25, guidance_scale=7.5, seed=0)
 
 Every request -- text-to-image here, img2img / inpainting / outpainting / editing in
@@ -31,13 +32,15 @@ class TextToImage(LatentDiffusion):
     `LatentDiffusion`)."""
 
     @classmethod
-    def from_pretrained(cls, path: str, verify: bool = True) -> "TextToImage":
-        """From a diffusers pipeline folder: Stable Diffusion 1/2, SD3, Flux (see `jaxdiff.convert.load_pipeline`);
-        `verify` checks the weights against the folder's checksums.json when it has one."""
-        return cls(*cls._components(path, verify=verify))
+    def from_pretrained(cls, path: str, verify: bool = True, param_dtype=jnp.float32, mesh=None) -> "TextToImage":
+        """From a diffusers pipeline folder: Stable Diffusion 1/2, SDXL, SD3, Flux (see
+        `jaxdiff.convert.load_pipeline`); `verify` checks the weights against the folder's checksums.json when it has one. Params are held in
+        `param_dtype` (e.g. jnp.bfloat16) and, with a `mesh`, placed straight into the shardings of the default
+        logical axis rules (fsdp / tensor axes split the large kernels); pass the same mesh to `generate`."""
+        return cls(*cls._components(path, verify=verify, param_dtype=param_dtype, mesh=mesh))
 
     def _build(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, true_cfg: bool,
-               trajectory: bool, progress: bool):
+               zero_uncond: bool, trajectory: bool, progress: bool):
         """The whole generation as one function of traced inputs, for `runner.program`."""
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
 
@@ -46,10 +49,10 @@ class TextToImage(LatentDiffusion):
             # a 9-channel inpainting U-Net sees [x_t | mask | masked image latents]
             extra = jnp.concatenate([latent_mask, init_latents], axis=-1) if inpaint == "channels" else None
             model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, extra,
-                                         true_cfg_scale if true_cfg else None)
+                                         true_cfg_scale if true_cfg else None, zero_uncond)
             extra_kwargs = {}
             if strength is not None:
-                extra_kwargs.update(x_init=init_latents, strength=strength)
+                extra_kwargs.update(x_init=init_latents, strength=strength, strength_rounding=self.strength_rounding)
             if inpaint == "blend":
                 extra_kwargs["hook"] = samplers.mask_blend(init_latents, latent_mask, noise)
             out = samplers.sample(model_fn, schedule, noise, key=rng, steps=steps, return_trajectory=trajectory,
@@ -70,11 +73,13 @@ class TextToImage(LatentDiffusion):
                  return_trajectory: bool = False, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
         """Runs the program; returns {'images', 'latents'} (+ 'trajectory' {'x', 'x0'} if asked).
 
-        init_latents [B, h, w, C] with `strength` is img2img; with `latent_mask` [B, h, w, 1]
-        (1 = generate) and inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is
-        inpainting. Flux: `guidance_scale` is what its guidance embedding reads (diffusers' default 3.5; a model
-        without the embedding ignores it), and with negative prompts a `true_cfg_scale` > 1 runs CFG against
-        them (diffusers' true CFG); other models take `true_cfg_scale` 1 only.
+        init_latents [B, h, w, C] with `strength` is img2img (steps * strength steps, rounded as the reference
+        pipeline rounds: `strength_rounding`); with `latent_mask` [B, h, w, 1] (1 = generate) and
+        inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is inpainting.
+        SDXL: without `negative_prompts`, the folder's force_zeros_for_empty_prompt (default True) guides against
+        zeros, as diffusers does. Flux: `guidance_scale` is what its guidance embedding reads (diffusers' default
+        3.5; a model without the embedding ignores it), and with negative prompts a `true_cfg_scale` > 1 runs CFG
+        against them (diffusers' true CFG); other models take `true_cfg_scale` 1 only.
         `noise` [B, h, w, C] overrides the seed's initial latents. `progress` shows
         a progress bar over the denoising steps. With a `mesh` (a `jax.sharding.Mesh` with a
         'data' axis) the batch is split over that axis and the params are replicated.
@@ -88,6 +93,7 @@ class TextToImage(LatentDiffusion):
             raise ValueError(f"true_cfg_scale={true_cfg_scale!r} applies to Flux; this model's classifier-free "
                              f"guidance is guidance_scale")
         true_cfg = self.flux and true_cfg_scale > 1.0 and negative_prompts is not None
+        zero_uncond = negative_prompts is None and self.zeros_without_negative
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"unknown inpaint mode {inpaint!r}; choose one of: blend, channels")
         if strength is not None:
@@ -110,7 +116,7 @@ class TextToImage(LatentDiffusion):
         if noise is None:
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         sampler = self.sampler_setup(steps, height, width, sampler_kwargs)
-        setup = (steps, sampler, strength, inpaint, true_cfg, return_trajectory, progress)
+        setup = (steps, sampler, strength, inpaint, true_cfg, zero_uncond, return_trajectory, progress)
         program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
         batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
                  None if init_latents is None else jnp.asarray(init_latents, jnp.float32),

@@ -29,6 +29,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     DDPM, DDIM, EULER, EULER_ANCESTRAL, HEUN, DPMPP_2M, UNIPC, LCM, FLOW_EULER, FLOW_HEUN, LANGEVIN_PC)}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+# How img2img turns a strength into the steps it runs (see `img2img_start`)
+STRENGTH_ROUNDINGS = ("down", "up")
 
 
 def get_method(name: str) -> Method:
@@ -95,6 +97,17 @@ def _check_sigmas(sigmas, steps: int, method: Method, schedule: Schedule) -> Non
         raise ValueError(f"sigmas must be {steps} numbers in (0, 1] (one per step), got {sigmas!r}")
 
 
+def img2img_start(steps: int, strength: float, rounding: str = "down") -> int:
+    """The grid point img2img starts from, as diffusers' pipelines compute it in Python floats: 'down' runs
+    int(steps * strength) steps (its SD and SDXL pipelines), 'up' skips int(steps - steps * strength) steps and so
+    runs steps * strength rounded up (its SD3 and Flux img2img pipelines). E.g. 4 steps at strength 0.6: 2 or 3."""
+    if rounding not in STRENGTH_ROUNDINGS:
+        raise ValueError(f"unknown strength_rounding {rounding!r}; choose one of: {', '.join(STRENGTH_ROUNDINGS)}")
+    if rounding == "down":
+        return steps - min(int(steps * strength), steps)
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf) -> None:
     """A scalar argument must be a finite number in [low, high]; traced values (unknown until run) pass."""
     if isinstance(value, jax.core.Tracer):
@@ -149,7 +162,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
            prediction_type: str = "epsilon", timestep_spacing: str = "leading", steps_offset: int = 0,
            set_alpha_to_one: bool = True, use_karras_sigmas: bool = False, mu: float | None = None,
            use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigmas=None, x_init=None,
-           strength: float = 1.0,
+           strength: float = 1.0, strength_rounding: str = "down",
            hook: Callable | None = None, step_noise=None, noise_fn: Callable | None = None,
            return_trajectory: bool = False,
            callback: Callable[[Any], None] | None = None, **options):
@@ -182,6 +195,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
         A tuple of Python numbers: it shapes the grid.
       x_init, strength: img2img; start from x_init noised to the step where `strength` of the
         steps remain (diffusers' rule); strength 0 returns x_init.
+      strength_rounding: 'down' (SD's pipelines) or 'up' (SD3's and Flux's): see `img2img_start`.
       hook: (x_next, point) -> x_next after every step, `point` a dict of the next grid
         point's t, alpha, sigma and `last`; e.g. `mask_blend` for inpainting.
       step_noise: optional [steps, k, B, ...] normal draws to use instead of `key` (k draws per step).
@@ -209,7 +223,7 @@ def sample(model_fn: ModelFn, schedule: Schedule, noise, *, key=None, method: st
         ve_start = m.ve_start and timestep_spacing in ("linspace", "trailing") and schedule.kind != FLOW
         x = noise * (grid.sigma[0] if ve_start else 1.0)
     else:
-        grid = grid.tail(steps - min(int(steps * strength), steps))
+        grid = grid.tail(img2img_start(steps, strength, strength_rounding))
         x_init = jnp.asarray(x_init, jnp.float32)
         if grid.steps == 0:
             empty = jnp.zeros((0,) + noise.shape, jnp.float32)
