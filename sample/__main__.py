@@ -39,7 +39,11 @@ def parse_args(argv):
     p.add_argument("--negative", help="negative prompt (none given: SDXL guides against zeros, as diffusers does)")
     p.add_argument("--sampler", default=None, choices=list(METHODS), help="default: the model's scheduler")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=cli.finite_float, default=None,
+                   help="classifier-free guidance scale (Flux: its embedded guidance); default: the model family's "
+                        "(7.5 SD, 5 SDXL, 7 SD3, 3.5 Flux)")
+    p.add_argument("--true-cfg", type=cli.finite_float, default=1.0,
+                   help="Flux only: with --negative, classifier-free guidance at this scale against it (> 1)")
     p.add_argument("--guidance-rescale", type=cli.finite_float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help=f"0..{MAX_SEED} (jax's PRNG keeps 32 bits of a seed)")
     p.add_argument("--height", type=int, help="image height (default: the model's)")
@@ -281,10 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.video:
         return run_video(p, args, prompts, paths, image)
     pipe = load_model(p, args, TextToImage, "the model")
+    args.guidance = pipe.default_guidance if args.guidance is None else args.guidance
     sampler = {"method": args.sampler} if args.sampler else {}
+    true_cfg = {"true_cfg_scale": args.true_cfg} if args.true_cfg != 1.0 else {}
     common = {"steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
               "seed": args.seed, "height": args.height, "width": args.width, "progress": not args.no_progress,
-              **sampler}
+              **sampler, **true_cfg}
     meta = {"negative_prompt": args.negative or "",
             "sampler": sampler.get("method", pipe.sampler_defaults.get("method")),
             "steps": args.steps, "guidance_scale": args.guidance, "model": os.path.abspath(args.model)}
@@ -319,6 +325,7 @@ def run_video(p, args, prompts: list[str], paths: list[str], image: np.ndarray |
     from jaxdiff.video_io import write_video
 
     pipe = load_model(p, args, TextToVideo, "a video model", num_frames=args.frames)
+    args.guidance = pipe.default_guidance if args.guidance is None else args.guidance
     init = None if image is None else image.astype(np.float32) / 255.0
     sampler = {"method": args.sampler} if args.sampler else {}
     try:

@@ -111,6 +111,14 @@ class LatentDiffusion:
         return isinstance(self.denoiser, FluxTransformer2D)
 
     @property
+    def default_guidance(self) -> float:
+        """The reference pipeline's default guidance scale: Flux's embedded guidance 3.5, SD3's CFG 7.0,
+        Stable Diffusion's 7.5 (and SDXL's 5.0)."""
+        if self.patch_transformer:
+            return 3.5 if self.flux else 7.0
+        return 5.0 if getattr(self.denoiser.config, "addition_embed_type", None) == "text_time" else 7.5
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's downsampling times the U-Net's (or the patch side:
         SD3's `patch_size`, Flux's 2x2 packing)."""

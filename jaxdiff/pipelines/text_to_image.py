@@ -67,7 +67,8 @@ class TextToImage(LatentDiffusion):
         return generate
 
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *, steps: int = 25,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0, seed: int = 0,
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0,
+                 seed: int = 0,
                  height: int | None = None, width: int | None = None, noise=None, init_latents=None,
                  strength: float | None = None, latent_mask=None, inpaint: str | None = None,
                  return_trajectory: bool = False, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
@@ -77,8 +78,9 @@ class TextToImage(LatentDiffusion):
         pipeline rounds: `strength_rounding`); with `latent_mask` [B, h, w, 1] (1 = generate) and
         inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is inpainting.
         SDXL: without `negative_prompts`, the folder's force_zeros_for_empty_prompt (default True) guides against
-        zeros, as diffusers does. Flux: `guidance_scale` is what its guidance embedding reads (diffusers' default
-        3.5; a model without the embedding ignores it), and with negative prompts a `true_cfg_scale` > 1 runs CFG
+        zeros, as diffusers does. `guidance_scale` None is the reference pipeline's default (`default_guidance`).
+        Flux: `guidance_scale` is what its guidance embedding reads (a model without the embedding ignores it),
+        and with negative prompts a `true_cfg_scale` > 1 runs CFG
         against them (diffusers' true CFG); other models take `true_cfg_scale` 1 only.
         `noise` [B, h, w, C] overrides the seed's initial latents. `progress` shows
         a progress bar over the denoising steps. With a `mesh` (a `jax.sharding.Mesh` with a
@@ -87,6 +89,7 @@ class TextToImage(LatentDiffusion):
         """
         prompts, negative = prompt_lists(prompts, negative_prompts)
         check_seed(seed)
+        guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         check_guidance(guidance_scale, guidance_rescale)
         check_number("true_cfg_scale", true_cfg_scale)
         if true_cfg_scale != 1.0 and not self.flux:
