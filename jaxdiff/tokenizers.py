@@ -10,10 +10,12 @@
 
 All return int32 arrays [B, max_length]: (BOS,) the text, EOS, then padding (T5 has no
 BOS); prompts that do not fit are cut (EOS kept last) with a warning naming what was dropped.
-`MultiTokenizer` runs several (SD3's CLIP-L, CLIP-G and T5), each to its own length.
+`MultiTokenizer` runs several (SD3's CLIP-L, CLIP-G and T5), each to its own length; `WanTokenizer`
+runs UMT5's as Wan's pipelines do (cleaned prompts, ids and attention mask).
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -361,6 +363,29 @@ class MultiTokenizer:
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, ...]:
         return tuple(t(texts, max_length=n) for t, n in zip(self.tokenizers, self.lengths))
+
+
+def clean_prompt(text: str) -> str:
+    """diffusers' Wan `prompt_clean`: ftfy.fix_text when ftfy is installed (as diffusers does), HTML entities
+    unescaped twice, whitespace runs made one space, the ends stripped."""
+    try:
+        import ftfy
+    except ImportError:
+        ftfy = None
+    text = html.unescape(html.unescape(ftfy.fix_text(text) if ftfy else text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class WanTokenizer:
+    """UMT5's tokenizer as diffusers' Wan pipelines call it: each prompt cleaned (`clean_prompt`), then T5's ids
+    padded to `max_length` (their max_sequence_length, 512) with the attention mask."""
+
+    def __init__(self, tokenizer: T5Tokenizer, max_length: int = T5_DEFAULT_MAX_LENGTH):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> (input_ids, attention_mask), each [B, max_length] int32."""
+        return self.tokenizer([clean_prompt(t) for t in _as_list(texts)], self.max_length, return_attention_mask=True)
 
 
 def load_tokenizer(folder: str) -> CLIPTokenizer | T5Tokenizer | WordTokenizer:

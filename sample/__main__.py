@@ -61,7 +61,8 @@ def parse_args(argv):
     p.add_argument("--trajectory", action="store_true", help="write a strip of x_t and predicted x_0 per step")
     p.add_argument("--video", action="store_true", help="text-to-video (image-to-video with --init-image)")
     p.add_argument("--frames", type=int, default=None,
-                   help="video frames (default: the frames the video model trained on, from its training.json)")
+                   help="video frames (default: the frames the video model trained on, from its training.json; "
+                        "81 for Wan folders, which take 1 + 4k frames)")
     p.add_argument("--fps", type=int, default=8, help="video frames per second")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"], help="file type with --prompts-file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

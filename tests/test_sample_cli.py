@@ -163,3 +163,16 @@ def test_video_bad_input(tmp_path, capsys, video_model):
     assert "cannot load a video model" in run(["--video", "a", "--model", MODEL, "--out",
                                                 str(tmp_path / "x.gif")], capsys)
     assert "--frames must be >= 1" in run(["--video", "a", "--model", VIDEO_MODEL, "--frames", "0"], capsys)
+
+
+
+def test_video_wan_folder(tmp_path):
+    """A diffusers WanPipeline folder through --video (its numbers: tests/test_pipeline_wan.py): one frame, which
+    the causal VAE codes alone."""
+    from jaxdiff.video_io import read_video
+
+    wan = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_wan")
+    out = tmp_path / "wan.gif"
+    assert main(["--video", "a red circle moving left", "--model", wan, "--out", str(out), "--frames", "1",
+                 "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]) == 0
+    assert read_video(out).shape == (1, 32, 48, 3)

@@ -30,18 +30,18 @@ import numpy as np
 from jaxdiff.convert.common import CheckpointError, export_params, import_params, load_state_dict, placement, \
     read_config, save_state_dict, verify_checksums
 from jaxdiff.convert.transformers import from_transformers
-from jaxdiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from jaxdiff.models.clip import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
 from jaxdiff.models.layers import param_shapes
 from jaxdiff.models.flux import FluxConfig, FluxTransformer2D
 from jaxdiff.models.mmdit import SD3Config, SD3Transformer2D, position_table
 from jaxdiff.models.t5 import T5EncoderModel
 from jaxdiff.models.temporal_unet import TemporalUNet, TemporalUNetConfig
-from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders, SDXLTextEncoders
+from jaxdiff.models.text_encoders import FluxTextEncoders, SD3TextEncoders, SDXLTextEncoders, WanEncoders
 from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.models.wan import WanConfig, WanTransformer3D
 from jaxdiff.models.wan_vae import AutoencoderKLWan, AutoencoderKLWanConfig
-from jaxdiff.tokenizers import MultiTokenizer, load_tokenizer
+from jaxdiff.tokenizers import MultiTokenizer, T5Tokenizer, WanTokenizer, load_tokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Written as `_diffusers_version`: the config layout we emit is the one of this release.
@@ -166,7 +166,9 @@ class StableDiffusion:
 PIPELINE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 DENOISERS = ("unet", "transformer")
 # T5's tokens in the reference pipelines (their `max_sequence_length` default)
-T5_LENGTH = {SD3Transformer2D: 256, FluxTransformer2D: 512}
+T5_LENGTH = {SD3Transformer2D: 256, FluxTransformer2D: 512, WanTransformer3D: 512}
+# Wan 2.2 pipeline settings (a second, low-noise transformer; per-token timesteps) that jaxdiff does not run
+WAN22_SETTINGS = ("boundary_ratio", "expand_timesteps", "transformer_2")
 
 
 def _part(path: str, part: str, load, *args):
@@ -261,6 +263,50 @@ def _text_conditioning(path: str, index: dict, denoiser, *load_args) -> tuple:
     return module, params, tokenizer
 
 
+def _wan_conditioning(path: str, index: dict, denoiser: WanTransformer3D, vae: AutoencoderKLWan, *load_args) -> tuple:
+    """(WanEncoders, its params, WanTokenizer) of a Wan 2.1 WanPipeline or WanImageToVideoPipeline folder, once its
+    parts are checked to fit: UMT5's width is the transformer's text_dim; the transformer reads the VAE's latents
+    (text-to-video) or those, a mask channel per frame of a latent frame and the first frame's latents
+    (image-to-video: 2 z_dim + scale_factor_temporal); a transformer with image_dim reads CLIP vision's states
+    (image_encoder/, image_processor/)."""
+    wan22 = [k for k in WAN22_SETTINGS if (_given(index, k) if k == "transformer_2" else index.get(k))]
+    if wan22:
+        raise CheckpointError(f"pipeline {path!r}: Wan 2.2's {', '.join(f'{k}={index[k]!r}' for k in wan22)} is "
+                              f"not supported; supported: Wan 2.1 folders (one transformer, one timestep per video)")
+    text_encoder, text_params = _part(path, "text_encoder", from_transformers, *load_args)
+    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+    _need(path, "Wan", [("text_encoder", text_encoder, T5EncoderModel), ("tokenizer", tokenizer, T5Tokenizer)])
+    c, z = denoiser.config, vae.config
+    _widths(path, [("UMT5's d_model", text_encoder.config.d_model, "the transformer's text_dim", c.text_dim),
+                   ("the transformer's output", c.video_out_channels, "the VAE's z_dim", z.z_dim)])
+    conditioned = 2 * z.z_dim + z.scale_factor_temporal
+    if c.in_channels not in (z.z_dim, conditioned):
+        raise CheckpointError(f"pipeline {path!r}: the transformer reads {c.in_channels} channels; with the VAE's "
+                              f"z_dim={z.z_dim} a Wan transformer reads {z.z_dim} (text-to-video) or {conditioned} "
+                              f"(image-to-video: latents, {z.scale_factor_temporal} mask channels, first-frame "
+                              f"latents)")
+    params = {"text_encoder": text_params}
+    image_encoder = processor = None
+    if c.image_dim is not None:
+        missing = [part for part in ("image_encoder", "image_processor") if not _given(index, part)]
+        if missing:
+            raise CheckpointError(f"pipeline {path!r} lacks {', '.join(missing)}: its transformer reads CLIP image "
+                                  f"states (image_dim={c.image_dim})")
+        image_encoder, params["image_encoder"] = _part(path, "image_encoder", from_transformers, *load_args)
+        processor = _part(path, "image_processor", lambda folder: CLIPImageProcessor.from_config(
+            read_config(folder, "preprocessor_config.json")))
+        _need(path, "a Wan image-to-video transformer", [("image_encoder", image_encoder, CLIPVisionModel)])
+        side = image_encoder.config.image_size
+        _widths(path, [("CLIP vision's hidden_size", image_encoder.config.hidden_size, "the transformer's image_dim",
+                        c.image_dim),
+                       ("image_processor/'s crop", max(processor.crop_size), "CLIP vision's image_size", side)])
+        if processor.crop_size != (side, side):
+            raise CheckpointError(f"pipeline {path!r}: image_processor/ crops {processor.crop_size}, but CLIP vision "
+                                  f"takes {side}x{side} images")
+    return (WanEncoders(text_encoder, image_encoder, processor), params,
+            WanTokenizer(tokenizer, T5_LENGTH[WanTransformer3D]))
+
+
 def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                   denoiser_type: type | tuple = (UNet2DCondition, SD3Transformer2D, FluxTransformer2D),
                   verify: bool = True, mesh=None, rules=None) -> StableDiffusion:
@@ -271,7 +317,9 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     the folder has none, as diffusers runs it); Flux (FluxPipeline: CLIP-L and T5); jaxdiff's own MMDiT folders
     (SD3Transformer2DModel on one CLIP whose states are its text tokens and whose pooled state its pooled
     embedding). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
-    `denoiser_type=TemporalUNet` loads a text-to-video folder (diffusers' TextToVideoSDPipeline).
+    `denoiser_type=(TemporalUNet, WanTransformer3D)` loads text-to-video folders: diffusers' TextToVideoSDPipeline,
+    and Wan 2.1's WanPipeline / WanImageToVideoPipeline (UMT5, the causal video VAE, and for image-to-video CLIP
+    vision's image_encoder/ with its image_processor/, as one `WanEncoders` module: see `_wan_conditioning`).
 
     Several encoders become one module (`jaxdiff.models.text_encoders`) whose params are keyed by component
     name, with a `MultiTokenizer`. The text encoders go through `jaxdiff.convert.from_transformers`, the
@@ -293,7 +341,11 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     load_args = (dtype, param_dtype, mesh, rules)
     denoiser, denoiser_params = _part(path, part, from_diffusers, *load_args)
     vae, vae_params = _part(path, "vae", from_diffusers, *load_args)
-    _need(path, "this pipeline", [(part, denoiser, denoiser_type), ("vae", vae, AutoencoderKL)])
-    text_encoder, text_params, tokenizer = _text_conditioning(path, index, denoiser, *load_args)
+    wan = isinstance(denoiser, WanTransformer3D)
+    _need(path, "this pipeline", [(part, denoiser, denoiser_type),
+                                  ("vae", vae, AutoencoderKLWan if wan else AutoencoderKL)])
+    conditioning = _wan_conditioning(path, index, denoiser, vae, *load_args) if wan else \
+        _text_conditioning(path, index, denoiser, *load_args)
+    text_encoder, text_params, tokenizer = conditioning
     return StableDiffusion(denoiser, denoiser_params, vae, vae_params, text_encoder, text_params, tokenizer,
                            read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))

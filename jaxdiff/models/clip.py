@@ -6,7 +6,8 @@ mechanical name mapping (`jaxdiff.convert.transformers`):
 - `CLIPTextModel`: causal text transformer; returns (last_hidden_state, pooled at EOS);
 - `CLIPTextModelWithProjection`: plus `text_projection` (SDXL's second text encoder);
 - `CLIPVisionModel`: ViT image encoder; returns (last_hidden_state, pooled class token);
-- `CLIPModel`: both towers, both projections and the learned temperature `logit_scale`.
+- `CLIPModel`: both towers, both projections and the learned temperature `logit_scale`;
+- `CLIPImageProcessor`: transformers' image preprocessing (resize, center crop, normalise) as a jittable function.
 
 Both towers share one pre-LN `EncoderLayer`. Images are NHWC. Softmax and LayerNorm
 statistics run in float32 whatever the compute `dtype`; `param_dtype` is separate.
@@ -428,12 +429,71 @@ class CLIPVisionModel(nn.Module):
         self.encoder = Encoder(c, **kw)
         self.post_layernorm = _layer_norm(c.layer_norm_eps, name="post_layernorm", **kw)
 
-    def __call__(self, pixels):
+    def __call__(self, pixels, output_hidden_states: bool = False):
         """pixels: [B, H, W, C] float. Returns (last_hidden_state [B, 1 + N, D],
-        pooled [B, D]: the class token's final state after `post_layernorm`)."""
+        pooled [B, D]: the class token's final state after `post_layernorm`), and with
+        `output_hidden_states` a third item: the embeddings (after `pre_layrnorm`) and every layer's output
+        (transformers' `hidden_states`; Wan's image-to-video pipeline reads `[-2]`)."""
         x = self.pre_layrnorm(_constrain(self.embeddings(pixels)))
-        x = self.encoder(x)
-        return x, self.post_layernorm(x[:, 0])
+        states = self.encoder(x, output_hidden_states=True)
+        x = states[-1]
+        pooled = self.post_layernorm(x[:, 0])
+        return (x, pooled, states) if output_hidden_states else (x, pooled)
+
+
+# transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD: the RGB statistics every CLIP image processor config carries
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# preprocessor_config.json switches that must be on: each step below always runs
+_PROCESSOR_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPImageProcessor:
+    """transformers' `CLIPImageProcessor` on images [B, H, W, 3] in [0, 1] (its rescale by 1/255 done), as a
+    jittable function: a bicubic resize so that the shorter side is `shortest_edge` (the longer one truncated
+    to keep the aspect ratio), a center crop to `crop_size` (height, width), then (x - image_mean) / image_std.
+
+    transformers resizes the uint8 image with PIL (or torchvision); this resizes floats with jax.image.resize
+    (antialiased Keys cubic, as PIL's), so where a resize happens the pixels differ from the reference by about
+    the uint8 rounding; an image whose shorter side already is `shortest_edge` matches exactly.
+    """
+
+    shortest_edge: int = 224
+    crop_size: tuple[int, int] = (224, 224)
+    image_mean: tuple[float, ...] = CLIP_IMAGE_MEAN
+    image_std: tuple[float, ...] = CLIP_IMAGE_STD
+
+    def __post_init__(self):
+        if not all(isinstance(n, int) and 0 < n <= self.shortest_edge for n in self.crop_size):
+            raise ValueError(f"CLIP image processor: crop_size {self.crop_size} must be positive and at most "
+                             f"shortest_edge={self.shortest_edge} (no padding)")
+
+    @classmethod
+    def from_config(cls, d: Mapping) -> "CLIPImageProcessor":
+        """From a transformers `preprocessor_config.json` dict (size {"shortest_edge"}, crop_size {"height",
+        "width"}, image_mean, image_std, resample 3 = bicubic); missing fields take transformers' defaults."""
+        off = [name for name in _PROCESSOR_STEPS if not d.get(name, True)]
+        size, crop = d.get("size", {"shortest_edge": 224}), d.get("crop_size", {"height": 224, "width": 224})
+        if off or d.get("resample", 3) != 3 or set(size) != {"shortest_edge"} or set(crop) != {"height", "width"}:
+            raise CheckpointError(f"CLIP image processor config {dict(d)!r} is not supported; supported: size "
+                                  f"{{'shortest_edge': n}}, crop_size {{'height', 'width'}}, resample 3 (bicubic), "
+                                  f"{', '.join(_PROCESSOR_STEPS)} on")
+        return cls(int(size["shortest_edge"]), (int(crop["height"]), int(crop["width"])),
+                   tuple(d.get("image_mean", CLIP_IMAGE_MEAN)), tuple(d.get("image_std", CLIP_IMAGE_STD)))
+
+    def __call__(self, images):
+        """images [B, H, W, 3] in [0, 1] -> CLIP pixel inputs [B, crop height, crop width, 3] float32."""
+        b, h, w, c = images.shape
+        short, long = sorted((h, w))
+        size = (self.shortest_edge, int(self.shortest_edge * long / short))
+        size = size if h <= w else size[::-1]
+        x = images.astype(jnp.float32)
+        if size != (h, w):
+            x = jax.image.resize(x, (b, *size, c), method="cubic", antialias=True)
+        top, left = (size[0] - self.crop_size[0]) // 2, (size[1] - self.crop_size[1]) // 2
+        x = x[:, top:top + self.crop_size[0], left:left + self.crop_size[1]]
+        return (x - jnp.asarray(self.image_mean, jnp.float32)) / jnp.asarray(self.image_std, jnp.float32)
 
 
 # --------------------------------------------------------------------------- both towers

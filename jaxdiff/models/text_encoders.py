@@ -15,13 +15,18 @@ per tokenizer, and returns what the denoiser reads, (context [B, L, D], pooled [
 A pipeline with one CLIP (Stable Diffusion 1/2, jaxdiff's own MMDiT folders) uses the `CLIPTextModel`
 itself, which returns (last hidden state, pooled) too. As in the reference pipelines, no attention mask
 is passed: padding tokens are encoded like text.
+
+Wan's pipelines (WanPipeline, WanImageToVideoPipeline) differ: `WanEncoders` takes (ids, attention mask) from
+a `jaxdiff.tokenizers.WanTokenizer`, passes the mask to UMT5 and zeroes the states past each prompt's tokens;
+pooled is None. Its params are `{"text_encoder": ...}`, plus `"image_encoder"` for image-to-video (CLIP vision's
+penultimate states of the first frame, `encode_image`).
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from jaxdiff.models.clip import CLIPImageProcessor, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModel
 from jaxdiff.models.t5 import T5EncoderModel
 
 # SD3 and SDXL read CLIP's penultimate layer (hidden_states[-2], before the final LayerNorm).
@@ -51,6 +56,28 @@ class SD3TextEncoders(nn.Module):
         else:
             t5 = self.text_encoder_3(ids[2]).astype(states.dtype)
         return jnp.concatenate([states, t5], axis=1), pooled
+
+
+class WanEncoders(nn.Module):
+    """Wan's conditioning: UMT5's states (diffusers' WanPipeline._get_t5_prompt_embeds) and, for image-to-video
+    checkpoints, CLIP vision's penultimate states of the conditioning image (WanImageToVideoPipeline.encode_image).
+    """
+
+    text_encoder: T5EncoderModel
+    image_encoder: CLIPVisionModel | None = None
+    image_processor: CLIPImageProcessor | None = None
+
+    def __call__(self, ids):
+        """ids: (input_ids [B, L], attention_mask [B, L]) -> (states [B, L, D], zero past each prompt's tokens;
+        None)."""
+        input_ids, mask = ids
+        states = self.text_encoder(input_ids, mask)
+        return states * mask[..., None].astype(states.dtype), None
+
+    def encode_image(self, images):
+        """images [B, H, W, 3] in [0, 1] -> CLIP's hidden_states[-2] [B, 1 + patches, D]."""
+        *_, states = self.image_encoder(self.image_processor(images), output_hidden_states=True)
+        return states[PENULTIMATE]
 
 
 class FluxTextEncoders(nn.Module):

@@ -97,6 +97,15 @@ class AutoencoderKLWanConfig:
     def decoder_dim(self) -> int:
         return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
 
+    # the image VAE's names (`AutoencoderKLConfig`), which the pipelines read
+    @property
+    def downsample_factor(self) -> int:
+        return self.scale_factor_spatial
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
+
     @classmethod
     def from_diffusers_config(cls, config: dict) -> AutoencoderKLWanConfig:
         """From a diffusers AutoencoderKLWan `config.json` dict; unsupported or unknown fields raise

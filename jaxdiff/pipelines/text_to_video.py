@@ -1,7 +1,13 @@
-"""Text-to-video and image-to-video latent diffusion: CLIP text encoder -> classifier-free guided
-TemporalUNet on latent videos [B, T, h, w, C] -> the image VAE's decoder on every frame.
+"""Text-to-video and image-to-video latent diffusion: a classifier-free guided video denoiser on latent videos
+[B, T, h, w, C], two kinds, told apart by the denoiser (`TextToVideo.wan`):
 
-    pipe = TextToVideo.from_pretrained("path/to/text-to-video-folder")    # diffusers TextToVideoSDPipeline layout
+- a TemporalUNet on CLIP's text states, whose latents the image VAE decodes frame by frame
+  (diffusers' TextToVideoSDPipeline folders, jaxdiff's own video runs);
+- Wan 2.1's video transformer on UMT5's states (zero past each prompt's tokens), whose latents are the causal
+  video VAE's, normalised by its latents_mean/std: 1 + (frames - 1) / 4 latent frames, so frames must be
+  1 + 4k (diffusers' WanPipeline folders; WanImageToVideoPipeline folders, which need `init_image`).
+
+    pipe = TextToVideo.from_pretrained("path/to/text-to-video-folder")    # TextToVideoSDPipeline or WanPipeline
     videos = pipe(["a red circle moving left"], num_frames=8, steps=25, guidance_scale=7.5, seed=0)
     videos = pipe(["a red circle moving left"], init_image=first_frames)  # image-to-video
     jaxdiff.video_io.write_video("out.gif", videos[0], fps=8)
@@ -15,6 +21,10 @@ mean, scaled) into the first frame's latent z0. Two mechanisms, both on by defau
   level, and by z0 itself after the last step (`jaxdiff.samplers.mask_blend` with a mask that is 0
   on frame 0), so the first frame of the video is the image up to the VAE round trip, by
   construction, for any video U-Net.
+A Wan image-to-video transformer reads the image as WanImageToVideoPipeline gives it: the VAE latents of the
+image followed by frames - 1 zero frames, after `scale_factor_temporal` mask channels that are 1 on the first
+latent frame, appended to its input channels, and CLIP vision's penultimate states of the image as its
+`image_context`; no frame is re-imposed unless `keep_first_frame=True` is asked for.
 
 Each request runs one jitted program per static setup (steps, sampler, image or not) and shape,
 cached by the pipeline's `runner`: prompt ids, seed, guidance scale and rescale and the image are
@@ -25,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Sequence
 
@@ -32,11 +43,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion, samplers
+from jaxdiff.models.wan import WanTransformer3D
+from jaxdiff.models.wan_vae import denormalize_latents, normalize_latents
 from jaxdiff.pipelines.latent import LatentDiffusion, as_images
 from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
 
 
 DEFAULT_FRAMES = 8  # for a video model folder whose training.json does not say how many frames it learnt
+WAN_FRAMES, WAN_SIZE = 81, (480, 832)  # diffusers' Wan pipelines' defaults: 81 frames of 480x832 (height, width)
 
 
 def _training_config(path: str) -> dict:
@@ -83,43 +97,112 @@ class TextToVideo(LatentDiffusion):
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: int | None = None, verify: bool = True) -> "TextToVideo":
-        """From a diffusers text-to-video folder (unet/ holds a UNet3DConditionModel). The default video
-        length is `num_frames`, else `default_frames(path)`; the frame noise correlation the one the
-        folder's training.json records (0 without one). `verify`: see `TextToImage.from_pretrained`."""
+        """From a diffusers text-to-video folder: unet/ holds a UNet3DConditionModel (TextToVideoSDPipeline), or
+        transformer/ a WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline). The default video length is
+        `num_frames`, else `default_frames(path)` (Wan: 81, diffusers' default); the frame noise correlation the
+        one the folder's training.json records (0 without one). `verify`: see `TextToImage.from_pretrained`."""
         from jaxdiff.models.temporal_unet import TemporalUNet
 
-        return cls(*cls._components(path, denoiser_type=TemporalUNet, verify=verify),
-                   num_frames=num_frames or default_frames(path),
+        parts = cls._components(path, denoiser_type=(TemporalUNet, WanTransformer3D), verify=verify)
+        wan = isinstance(parts[0], WanTransformer3D)
+        return cls(*parts, num_frames=num_frames or (WAN_FRAMES if wan else default_frames(path)),
                    frame_noise_correlation=trained_noise_correlation(path))
 
     @property
+    def wan(self) -> bool:
+        """Whether the denoiser is Wan's video transformer (UMT5 states, the causal video VAE's normalised latents)
+        rather than a temporal U-Net (CLIP states, an image VAE on every frame)."""
+        return isinstance(self.denoiser, WanTransformer3D)
+
+    @property
+    def wan_image_to_video(self) -> bool:
+        """Whether the denoiser is a Wan image-to-video transformer: it reads mask and first-frame latent channels
+        or CLIP image states, so every request needs `init_image`."""
+        c = self.denoiser.config
+        return self.wan and (c.in_channels != self.latent_channels or c.image_dim is not None)
+
+    @property
     def latent_channels(self) -> int:
-        """The video U-Net's latent channels (its in_channels also count the conditioning frame's)."""
-        return self.denoiser.config.latent_channels
+        """The video VAE's latent channels (Wan); the video U-Net's (its in_channels also count the conditioning
+        frame's)."""
+        return self.vae.config.latent_channels if self.wan else self.denoiser.config.latent_channels
+
+    @property
+    def size_multiple(self) -> int:
+        """Sides must be multiples of this: Wan's, the VAE's downsampling times the transformer's patch side."""
+        if self.wan:
+            return self.vae_scale_factor * math.lcm(*self.denoiser.config.patch_size[1:])
+        return super().size_multiple
+
+    @property
+    def default_guidance(self) -> float:
+        """diffusers' Wan pipelines' default guidance scale, 5.0; a video U-Net's as `LatentDiffusion`'s."""
+        return 5.0 if self.wan else super().default_guidance
+
+    @property
+    def default_size(self) -> int:
+        """The working size the largest side is measured against (Wan: its default width, 832)."""
+        return max(WAN_SIZE) if self.wan else super().default_size
 
     def decode_video(self, vae_params, latents):
-        """Latent videos [B, T, h, w, C] -> videos in [0, 1], [B, T, H, W, 3]: the VAE decodes each frame."""
+        """Latent videos [B, n, h, w, C] -> videos in [0, 1], [B, T, H, W, 3]: Wan's causal VAE decodes the
+        denormalised latents as one video (T = 1 + scale_factor_temporal (n - 1)); an image VAE each frame (T = n)."""
+        if self.wan:
+            z = denormalize_latents(latents, self.vae.config)
+            video = self.vae.apply({"params": vae_params}, z, method=self.vae.decode)
+            return jnp.clip(video / 2.0 + 0.5, 0.0, 1.0)
         b, t = latents.shape[:2]
         frames = self.decode(vae_params, latents.reshape(b * t, *latents.shape[2:]))
         return frames.reshape(b, t, *frames.shape[1:])
 
+    def wan_image_latents(self, vae_params, images, frames: int):
+        """WanImageToVideoPipeline's conditioning latents: `images` [B, H, W, 3] in [0, 1] as the first of `frames`
+        frames, the rest zero (mid-grey), encoded (posterior mean) and normalised: [B, n, h, w, z_dim]."""
+        b, h, w, c = images.shape
+        video = jnp.concatenate([images[:, None] * 2.0 - 1.0, jnp.zeros((b, frames - 1, h, w, c), images.dtype)], 1)
+        mean, _ = self.vae.apply({"params": vae_params}, video, method=self.vae.encode)
+        return normalize_latents(mean, self.vae.config)
+
+    def image_conditioning(self, vae_params, text_params, images, latent_frames: int) -> tuple:
+        """(the first frame's latents [B, h, w, C], the `guided_model` keyword arguments that carry the image) for
+        images [B, H, W, 3] in [0, 1]. A video U-Net with conditioning_frame_channels reads the frame's latents
+        (`cond_frames`); a Wan image-to-video transformer reads `scale_factor_temporal` mask channels (1 on the first
+        latent frame) and `wan_image_latents` appended to its input (`extra_channels`), and CLIP vision's states as
+        `image_context` when it has image_dim."""
+        if not self.wan:
+            first = self.encode_image(vae_params, images)
+            return first, ({"cond_frames": first} if self.denoiser.config.conditioning_frame_channels else {})
+        t = self.vae.config.scale_factor_temporal
+        latents = self.wan_image_latents(vae_params, images, 1 + t * (latent_frames - 1))
+        extra = {}
+        if self.denoiser.config.in_channels != self.latent_channels:
+            first_frame = (jnp.arange(latent_frames) == 0).astype(latents.dtype)[None, :, None, None, None]
+            mask = jnp.broadcast_to(first_frame, (*latents.shape[:4], t))
+            extra["extra_channels"] = jnp.concatenate([mask, latents], axis=-1)
+        if self.denoiser.config.image_dim is not None:
+            extra["image_context"] = self.text_encoder.apply({"params": text_params}, images,
+                                                             method=self.text_encoder.encode_image)
+        return latents[:, 0], extra
+
     def video_latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
-        if frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {frames}")
+        """[B, latent frames, h, w, C]: a frame each for a U-Net; 1 + (frames - 1) / scale_factor_temporal for Wan."""
+        step = self.vae.config.scale_factor_temporal if self.wan else 1
+        if frames < 1 or (frames - 1) % step:
+            allowed = f"1 + {step}k (1, {1 + step}, {1 + 2 * step}, ...) for Wan's causal VAE" if self.wan else ">= 1"
+            raise ValueError(f"num_frames must be {allowed}, got {frames}")
         b, h, w, c = self.latent_shape(batch, height, width)
-        return (b, frames, h, w, c)
+        return (b, 1 + (frames - 1) // step, h, w, c)
 
     def _build(self, steps: int, sampler: tuple, image: bool, keep_first_frame: bool, correlation: float,
                progress: bool):
         """The whole generation as one function of traced inputs, for `runner.program`."""
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
         kwargs["noise_fn"] = functools.partial(diffusion.frame_correlated_noise, correlation=correlation, axis=2)
-        conditioned = bool(self.denoiser.config.conditioning_frame_channels)
 
         def generate(params, ids, uncond_ids, noise, init_image, rng, scale, rescale):
             denoiser_params, vae_params, text_params = params
-            first = self.encode_image(vae_params, init_image) if image else None   # [B, h, w, C]
-            extra = {"cond_frames": first} if conditioned and image else {}
+            first, extra = self.image_conditioning(vae_params, text_params, init_image, noise.shape[1]) if image \
+                else (None, {})
             model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, **extra)
             blend = {}
             if image and keep_first_frame:
@@ -132,23 +215,33 @@ class TextToVideo(LatentDiffusion):
         return generate
 
     def generate(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, *,
-                 num_frames: int | None = None, steps: int = 25, guidance_scale: float = 7.5,
+                 num_frames: int | None = None, steps: int = 25, guidance_scale: float | None = None,
                  guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None, width: int | None = None,
                  noise=None, frame_noise_correlation: float | None = None, init_image=None,
-                 keep_first_frame: bool = True, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
-        """Runs the program; returns {'videos' [B, T, H, W, 3] in [0, 1], 'latents' [B, T, h, w, C]}.
+                 keep_first_frame: bool | None = None, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
+        """Runs the program; returns {'videos' [B, T, H, W, 3] in [0, 1], 'latents' [B, n, h, w, C]} (n = T, or
+        Wan's 1 + (T - 1) / 4 latent frames).
 
-        `init_image` [B, H, W, 3] (or [H, W, 3] for every prompt) in [0, 1] makes it image-to-video;
-        `noise` [B, T, h, w, C] overrides the seed's initial latents; `frame_noise_correlation` (in [0, 1))
-        the model's default share of the noise common to all frames. With a `mesh` (a
-        `jax.sharding.Mesh` with a 'data' axis) the videos are split over that axis and the params are
-        replicated.
+        `init_image` [B, H, W, 3] (or [H, W, 3] for every prompt) in [0, 1] makes it image-to-video (a Wan
+        image-to-video model needs it); `keep_first_frame` re-imposes its latents on frame 0 (default: on, except
+        for a Wan image-to-video model, which reads the image itself as diffusers runs it);
+        `noise` [B, n, h, w, C] overrides the seed's initial latents; `frame_noise_correlation` (in [0, 1))
+        the model's default share of the noise common to all frames. `guidance_scale` None is `default_guidance`.
+        The default size is the U-Net's working size, or Wan's 480x832 (height x width). With a `mesh` (a
+        `jax.sharding.Mesh` with a 'data' axis) the videos are split over that axis and the params are replicated.
         """
         prompts, negative = prompt_lists(prompts, negative_prompts)
         check_seed(seed)
+        guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         check_guidance(guidance_scale, guidance_rescale)
         frames = self.num_frames if num_frames is None else int(num_frames)
-        shape = self.video_latent_shape(len(prompts), frames, height or self.default_size, width or self.default_size)
+        default_height, default_width = WAN_SIZE if self.wan else (self.default_size, self.default_size)
+        shape = self.video_latent_shape(len(prompts), frames, height or default_height, width or default_width)
+        if self.wan_image_to_video and init_image is None:
+            raise ValueError("this Wan image-to-video model needs init_image: the first frame, [H, W, 3] in [0, 1] "
+                             "(or one per prompt) of the video's size")
+        if keep_first_frame is None:
+            keep_first_frame = not self.wan_image_to_video
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
         if init_image is not None:
