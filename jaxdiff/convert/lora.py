@@ -239,7 +239,7 @@ def _split_components(tensors: dict, metadata: dict, component: str, file: str) 
     return dict(found), config, sorted(components)
 
 
-def _module_name(component: str, path: tuple[str, ...]) -> str:
+def module_name(component: str, path: tuple[str, ...]) -> str:
     """A kernel's Flax path -> the torch module name a LoRA file uses for it (the converters' torch key)."""
     if component.startswith("text_encoder"):
         tower = "" if path[0] in ("text_model", "text_projection") else _TEXT_TOWER
@@ -254,7 +254,7 @@ class _ModuleLookup:
         self.names = {}
         for path in flat_params:
             if path[-1] == "kernel":
-                name = _module_name(component, path)
+                name = module_name(component, path)
                 self.names[name] = path
                 if name.startswith(_TEXT_TOWER):  # transformers 5.x's CLIPTextModel has no `text_model.` level
                     self.names.setdefault(name[len(_TEXT_TOWER):], path)
@@ -371,7 +371,7 @@ def save_lora(adapters: Mapping[str, Adapters], path: str) -> str:
     for component, adapter in sorted(adapters.items()):
         modules = {}
         for kernel_path, w in sorted(adapter.items()):
-            name = _module_name(component, kernel_path)
+            name = module_name(component, kernel_path)
             down = to_torch_layout("kernel", np.asarray(w.down, np.float32))  # [r, in] / [r, in, kh, kw]
             up = np.asarray(w.up, np.float32).T  # [out, r]
             tensors[f"{component}.{name}.lora_A.weight"] = down

@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from jaxdiff.parallel import DEFAULT_RULES, check_rules
+from jaxdiff.training.lora import LoRAConfig
 
 RECIPES = ("clip", "vae", "diffusion", "toy2d")
 DTYPES = ("float32", "bfloat16")
@@ -71,6 +72,10 @@ def validate(c) -> None:
     if not 0.0 <= c.optim.min_lr_ratio <= 1.0:
         raise ValueError(f"config.optim.min_lr_ratio={c.optim.min_lr_ratio!r}: need a value in [0, 1]")
     check_rules(c.rules)
+    if "lora" in c:
+        if c.recipe != "diffusion":
+            raise ValueError(f"config.lora: LoRA training is for the diffusion recipe, not config.recipe={c.recipe!r}")
+        LoRAConfig.of(c.lora)
 
 
 def check_batch_fits(c, mesh) -> None:

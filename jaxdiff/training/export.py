@@ -2,6 +2,7 @@
 
     python -m jaxdiff.training.export --workdir runs/ld_shapes --out jaxdiff/assets/shapes
     python -m jaxdiff.training.export --workdir runs/vd_inflated --out /tmp/vd_inflated_model
+    python -m jaxdiff.training.export --workdir runs/lora --out my_lora [--merge]
 
 Reads the latent-diffusion run's config, its EMA U-Net, and the EMA weights of the VAE and
 CLIP it was trained on (`model.vae.checkpoint`, `model.text_encoder.checkpoint`: runs, or model
@@ -26,6 +27,11 @@ The run's `config.model.backbone` picks the pipeline:
   diffusers itself cannot run such a U-Net. The frames it was trained on are in training.json
   (the diffusion run's data name or model.num_frames).
 
+A LoRA run (configs/lora.py) exports its adapters as a diffusers LoRA folder instead
+(`--out my_lora` -> my_lora/pytorch_lora_weights.safetensors, which diffusers' `pipe.load_lora_weights` and
+`jaxdiff.convert.load_lora` read onto the base model, config.model.init_from), or with `--merge` its base
+model's pipeline folder with the adapters merged into the U-Net (and text encoder).
+
 The folder is written next to `--out` and renamed into place when complete, so a failed export
 never leaves a half-written model, and an existing folder is replaced only with --overwrite.
 """
@@ -44,11 +50,13 @@ import jax.numpy as jnp
 from jaxdiff import cli
 from jaxdiff.convert.common import write_checksums
 from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
+from jaxdiff.convert.lora import apply_lora, save_lora
 from jaxdiff.convert.transformers import to_transformers
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
 from jaxdiff.training import sources
 from jaxdiff.training.checkpoint import latest_step, load_params
 from jaxdiff.training.evaluate import read_run_config
+from jaxdiff.training.lora import LoRAConfig, lora_weights
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2",
                   "squaredcos_cap_v2": "squaredcos_cap_v2"}
@@ -116,11 +124,17 @@ def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str
     return export_run(workdir, out, overwrite, task="text-to-video")
 
 
-def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema", task: str | None = None) -> str:
+def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema", task: str | None = None,
+               merge: bool = False) -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
     config.model.backbone (`task`, if given, must be that one); returns `out`. `weights`: the checkpoint's 'ema'
-    (default) or trained 'params'."""
+    (default) or trained 'params'. A LoRA run (configs/lora.py) writes its LoRA (`export_lora`), or with `merge`
+    the pipeline folder of its base model with the adapters merged in."""
     config = read_run_config(workdir)
+    if merge and "lora" not in config:
+        raise ValueError(f"{workdir!r} is not a LoRA run (its config has no lora section): there is nothing to merge")
+    if "lora" in config and not merge:
+        return export_lora(workdir, out, overwrite, weights)
     backbone = config.model.get("backbone")
     if task is not None and (backbone not in PIPELINES or PIPELINES[backbone].task != task):
         raise ValueError(f"{workdir!r} is not a latent {task} run (recipe {config.get('recipe')!r}, backbone "
@@ -131,6 +145,51 @@ def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
                          + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
     return _export(workdir, out, overwrite, backbone, weights)
+
+
+def export_lora(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
+    """Writes the adapters of LoRA run `workdir` as diffusers' `save_lora_weights` does, into folder `out`:
+    pytorch_lora_weights.safetensors (peft keys and lora_adapter_metadata; diffusers' `load_lora_weights`,
+    jaxdiff's `convert.load_lora` read it onto the run's base model, config.model.init_from) and training.json
+    (the run's config, seed and step). Returns `out`."""
+    config = read_run_config(workdir)
+    if "lora" not in config:
+        raise ValueError(f"{workdir!r} is not a LoRA run (its config has no lora section); export its pipeline "
+                         f"folder with export_run")
+    _lora_base(config, workdir)
+    step = latest_step(workdir)
+    lora, adapters = LoRAConfig.of(config.lora), load_params(workdir, _checked(weights), step)
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
+
+    def write(folder: str) -> None:
+        save_lora({c: lora_weights(a, lora.scale) for c, a in adapters.items()}, folder)
+        record = {"step": step, "weights": weights, "seed": config.seed, "config": config.to_dict()}
+        _write_json(os.path.join(folder, "training.json"), relative_paths({"lora": record}))
+
+    return _write_atomically(out, write)
+
+
+def _lora_base(config, workdir: str) -> str:
+    """A LoRA run's base model (config.model.init_from), which must exist to export against."""
+    base = config.model.get("init_from", "")
+    if not base:
+        raise ValueError(f"{workdir!r} trained adapters of a randomly initialised U-Net (config.model.init_from is "
+                         f"empty), which is not a model worth exporting")
+    return base
+
+
+def _checked(weights: str) -> str:
+    if weights not in ("ema", "params"):
+        raise ValueError(f"weights={weights!r}: choose one of: ema, params")
+    return weights
+
+
+def _merged(config, adapters, unet_params, text_params):
+    """(U-Net, text encoder) params with a LoRA run's adapters merged in."""
+    scale = LoRAConfig.of(config.lora).scale
+    return tuple(apply_lora(params, lora_weights(adapters[c], scale)) if c in adapters else params
+                 for c, params in (("unet", unet_params), ("text_encoder", text_params)))
 
 
 def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str = "ema") -> str:
@@ -152,8 +211,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     if config.data.get("source") != "shapes":
         raise ValueError(f"data.source={config.data.get('source')!r}: only runs on captioned data (shapes) have a "
                          f"tokenizer to export")
-    if weights not in ("ema", "params"):
-        raise ValueError(f"weights={weights!r}: choose one of: ema, params")
+    _checked(weights)
     scheduler = {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
@@ -177,6 +235,9 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
     denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
     text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
+    if "lora" in config:   # the checkpoint holds adapters of the base U-Net (and text encoder); clip/ stays the base's
+        base = sources.ema_params(_lora_base(config, workdir), "unet")
+        denoiser_params, text_params = _merged(config, denoiser_params, base, text_params)
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
 
     def write(folder: str) -> None:
@@ -239,14 +300,18 @@ def _write_json(path: str, value) -> None:
 
 def main(argv=None) -> int:
     p = cli.Parser(prog="python -m jaxdiff.training.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="the latent text-to-image or text-to-video diffusion run's folder")
+    p.add_argument("--workdir", required=True,
+                   help="the latent text-to-image, text-to-video or LoRA diffusion run's folder")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--weights", choices=("ema", "params"), default="ema",
                    help="the checkpoint's EMA (default) or its trained parameters (a short fine-tune's EMA lags them)")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA run: write its base model's pipeline folder with the adapters merged in, instead of "
+                        "the LoRA file")
     args = p.parse_args(argv)
     try:
-        print(export_run(args.workdir, args.out, args.overwrite, args.weights))
+        print(export_run(args.workdir, args.out, args.overwrite, args.weights, merge=args.merge))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         if cli.debugging(argv):
             raise

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,6 +44,7 @@ class TrainResult:
     losses: list[float]          # one per step run in this call
     workdir: str
     mesh: jax.sharding.Mesh
+    frozen: Any = None           # the step's frozen input (as sharded over `mesh`), e.g. a LoRA's base model
 
 
 def _put(tree, shardings):
@@ -139,7 +141,7 @@ def train(config, workdir: str, *, resume: bool | str = False, stop_after: int |
     if writer:
         writer.close()
     checkpoints.close()
-    return TrainResult(state=state, losses=losses, workdir=workdir, mesh=mesh)
+    return TrainResult(state=state, losses=losses, workdir=workdir, mesh=mesh, frozen=frozen)
 
 
 def _open_checkpoints(workdir: str, keep: int, resume: bool | str) -> Checkpoints:

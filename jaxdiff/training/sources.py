@@ -77,5 +77,10 @@ def ema_params(path: str, part: str, step: int | None = None):
 
         load = convert.from_transformers if part in ("text_encoder", "clip") else convert.from_diffusers
         return load(os.path.join(path, folder))[1]
+    from jaxdiff.training.evaluate import read_run_config
+
+    if "lora" in read_run_config(path):
+        raise ValueError(f"{path!r} is a LoRA run: its checkpoints hold adapters, not a {part}; export it with "
+                         f"`python -m jaxdiff.training.export --merge` and use that folder")
     params = load_params(path, "ema", step)
     return params[subtree] if subtree else params

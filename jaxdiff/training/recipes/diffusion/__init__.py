@@ -6,11 +6,13 @@ classifier-free guidance (Ho & Salimans 2022); text-to-video and image-to-video 
 
 The recipe by concept: `config` (the typed `config.model`), `objective` (schedule, prediction type,
 weighting, timesteps), `backbones` (the network, fine-tuned or inflated), `latents` (the frozen VAE and
-text encoder); `Diffusion` here puts them together into the trainer's `Task`.
+text encoder); `Diffusion` here puts them together into the trainer's `Task`, which a config with a `lora`
+section turns into LoRA training (`jaxdiff.training.lora`: adapters of the U-Net and text encoder).
 """
 from __future__ import annotations
 
 import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -18,15 +20,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import diffusion, guidance, samplers
+from jaxdiff.training.lora import LoRAConfig, lora_task
 from jaxdiff.training.recipes.diffusion.backbones import backbone
 from jaxdiff.training.recipes.diffusion.config import ModelConfig
 from jaxdiff.training.recipes.diffusion.latents import Latents, text_encoder, vae_config
 from jaxdiff.training.task import Task, init_boxed, rebox
 
+log = logging.getLogger(__name__)
+
 
 def build(c, spec) -> Task:
     d = Diffusion(c, spec)
-    return Task(init=d.init, loss=d.loss, frozen=d.frozen or None, sample=d.sample)
+    task = Task(init=d.init, loss=d.loss, frozen=d.frozen or None, sample=d.sample)
+    if "lora" not in c:
+        return task
+    # LoRA (configs/lora.py): adapters of the U-Net (and of the text encoder) train, both stay frozen
+    lora = LoRAConfig.of(c.lora)
+    if d.m.backbone != "unet":
+        raise ValueError(f"config.lora adapts a backbone 'unet' U-Net, not config.model.backbone={d.m.backbone!r}")
+    return lora_task(task, lora, d.base(jax.random.fold_in(jax.random.key(c.seed), 3)),
+                     {"unet": None, **({"text_encoder": "text"} if d.m.text else {})})
 
 
 class Diffusion:
@@ -65,15 +78,26 @@ class Diffusion:
     def apply(self, params, x, t, ctx, **kwargs):
         return self.net.apply({"params": params}, x, t, *(ctx if self.mmdit else (ctx,)), **kwargs)
 
-    def init(self, key):
+    def fresh(self, key):
+        """The network's random init (boxed)."""
         ctx = None
         if self.m.text:
             width = self.encoder.config.hidden_size
             ctx = jnp.zeros((1, self.spec.max_length, width))
             ctx = (ctx, jnp.zeros((1, width))) if self.mmdit else ctx
-        params = init_boxed(self.net, key, jnp.zeros((1, *self.example)), jnp.zeros((1,)),
-                            *(ctx if self.mmdit else (ctx,)))
+        return init_boxed(self.net, key, jnp.zeros((1, *self.example)), jnp.zeros((1,)),
+                          *(ctx if self.mmdit else (ctx,)))
+
+    def init(self, key):
+        params = self.fresh(key)
         return params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
+
+    def base(self, key):
+        """The U-Net a LoRA adapts, boxed: init_from's weights, or (smoke runs) a random init, warned."""
+        if self.initial is None:
+            log.warning("config.model.init_from is empty: LoRA adapters of a randomly initialised U-Net")
+            return self.fresh(key)
+        return rebox(self.initial(key, None), jax.eval_shape(self.fresh, key))
 
     def loss(self, params, frozen, batch, key, step):
         m = self.m
