@@ -1,6 +1,6 @@
-"""Run by tests/test_sharded_loading.py on 8 simulated devices (XLA_FLAGS must precede jax): loads the tiny SD3 and
-Flux pipeline folders in bfloat16 plainly and straight onto a (data 2, fsdp 2, tensor 2) mesh, and prints what the
-test checks as JSON."""
+"""Run by tests/test_sharded_loading.py on 8 simulated devices (XLA_FLAGS must precede jax): loads pipeline folders
+in bfloat16 plainly and straight onto a (data 2, fsdp 2, tensor 2) mesh (with --pipeline, the last one also
+generates both ways), and prints what the test checks as JSON."""
 import json
 import os
 import sys
@@ -19,7 +19,7 @@ from jaxdiff.pipelines import TextToImage  # noqa: E402
 PARTS = ("denoiser", "vae", "text")
 
 
-def main(folder: str) -> dict:
+def main(folder: str, pipeline: bool) -> dict:
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     plain = load_pipeline(folder, param_dtype=jnp.bfloat16)
     placed = load_pipeline(folder, param_dtype=jnp.bfloat16, mesh=mesh)
@@ -46,6 +46,8 @@ def main(folder: str) -> dict:
     run = jax.jit(lambda p: placed.denoiser.apply({"params": p}, *args, **kwargs))
     out_plain, out_placed = np.asarray(run(plain.denoiser_params)), np.asarray(run(placed.denoiser_params))
     report["forward_rel_diff"] = float(np.linalg.norm(out_placed - out_plain) / np.linalg.norm(out_plain))
+    if not pipeline:
+        return report
     # the whole pipeline: the batch split over 'data', the params where they were loaded
     kw = dict(steps=2, height=16, width=16, seed=0)
     a = TextToImage.from_pretrained(folder, param_dtype=jnp.bfloat16)(["a red circle", "a blue square"], **kw)
@@ -57,4 +59,6 @@ def main(folder: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1])))
+    # argv: FOLDER [--pipeline] ...: each folder's report, one JSON object keyed by folder
+    folders = [a for a in sys.argv[1:] if a != "--pipeline"]
+    print(json.dumps({f: main(f, "--pipeline" in sys.argv and f == folders[-1]) for f in folders}))

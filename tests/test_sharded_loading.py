@@ -16,12 +16,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 
 
-@pytest.mark.parametrize("folder", ["pipeline_sd3", "pipeline_flux"])
-def test_sharded_load_equals_plain_load(folder):
-    out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_loading_worker.py"),
-                          os.path.join(FIXTURES, folder)], capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def reports():
+    folders = [os.path.join(FIXTURES, f) for f in ("pipeline_sd3", "pipeline_flux")]
+    out = subprocess.run([sys.executable, os.path.join(HERE, "sharded_loading_worker.py"), *folders, "--pipeline"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return {os.path.basename(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("folder", ["pipeline_sd3", "pipeline_flux"])
+def test_sharded_load_equals_plain_load(reports, folder):
+    report = reports[folder]
     assert report["devices"] == 8
     for part in ("denoiser", "vae", "text"):
         r = report[part]
@@ -30,7 +36,11 @@ def test_sharded_load_equals_plain_load(folder):
     assert report["denoiser"]["shardings_as_rules_say"]
     assert report["largest_shard_fraction"] <= 0.5  # a device holds part of the largest kernel, not all of it
     assert report["forward_rel_diff"] < 1e-5
-    # TextToImage loaded onto the mesh keeps the params split and generates what the plain pipeline does
+
+
+def test_pipeline_on_the_mesh_keeps_params_split(reports):
+    """TextToImage loaded onto the mesh keeps the params split and generates what the plain pipeline does."""
+    report = reports["pipeline_flux"]
     assert report["pipeline_params_split"] > 0 and report["pipeline_max_diff"] < 1e-4
 
 
