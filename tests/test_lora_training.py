@@ -1,5 +1,6 @@
 """LoRA training (configs/lora.py, jaxdiff.training.lora): only adapters train, the base stays bit-identical
-and sharded, resume is exact, the export loads back onto the base as the trained model."""
+and sharded, resume is exact, the export loads back onto the base as the trained model, and diffusers reads the worked
+example's LoRA of the shipped model with the outputs jaxdiff gives (golden file)."""
 import json
 import math
 import os
@@ -11,10 +12,12 @@ import pytest
 from conftest import SHAPES
 from flax import traverse_util
 from jax.sharding import PartitionSpec
+from safetensors.numpy import load_file
 
 from configs import lora as lora_config
+from jaxdiff import convert
 from jaxdiff.convert.lora import apply_lora, read_lora
-from jaxdiff.pipelines import TextToImage
+from jaxdiff.pipelines import SHAPES_MODEL, TextToImage
 from jaxdiff.training import export, load_params, train
 from jaxdiff.training.lora import (
     TEXT_ATTENTION,
@@ -23,6 +26,8 @@ from jaxdiff.training.lora import (
     lora_weights,
     targeted_kernels,
 )
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "lora_training")
 
 
 def tiny(steps=6):
@@ -142,3 +147,17 @@ def test_exported_lora_loads_back_as_the_trained_model(runs, tmp_path):
         c.model.init_from = run
         train(c, str(tmp_path / "from_lora"))
 
+
+
+def test_diffusers_reads_the_example_lora_with_our_outputs():
+    """The worked example's LoRA (configs/lora.py on the shipped model) loaded by diffusers'
+    `load_lora_weights` onto jaxdiff/assets/shapes gives the U-Net outputs jaxdiff gives (golden file made by
+    tests/fixtures/make_lora_training_fixtures.py)."""
+    ref = load_file(os.path.join(FIXTURES, "reference.safetensors"))
+    unet, params = convert.from_diffusers(os.path.join(SHAPES_MODEL, "unet"))
+    adapted = apply_lora(params, read_lora(FIXTURES, params, "unet"))
+    for name, p in (("base", params), ("lora", adapted)):
+        got = np.asarray(unet.apply({"params": p}, ref["x"], ref["t"], ref["context"]))
+        want = ref[f"unet_{name}"]
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5, name
+    assert np.abs(ref["unet_lora"] - ref["unet_base"]).max() > 0.1  # the LoRA changes the output
