@@ -6,7 +6,7 @@ to mesh axes. A logical name may appear in several rules: Flax takes the first w
 axes are still free in that array, which lets `embed` shard parameters over `fsdp` while
 activations, whose batch already uses `fsdp`, keep `embed` whole.
 
-    mesh = make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    mesh = make_mesh({"data": -1, "fsdp": 2, "context": 1, "tensor": 1})
     shardings = shardings_for(jax.eval_shape(init_fn, key), mesh, DEFAULT_RULES)
     batch = global_batch(local_numpy_batch, mesh)
 """
@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `context` splits the token sequence of activations (long videos): see `jaxdiff.models.attention`.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # The mesh axes a batch is split over: pure data parallelism and FSDP both split the batch.
 BATCH_AXES = ("data", "fsdp")
 
@@ -40,6 +41,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("embed_proj", "tensor"),
+    # activations: a token sequence is split over context (sequence parallelism; size 1 unless configured)
+    ("length", "context"),
     # fallbacks when the mesh axis is already taken in that array (e.g. activations' embed)
     ("embed", None),
     ("channels", None),
@@ -50,12 +53,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_width", None),
     ("height", None),
     ("width", None),
-    ("length", None),
 )
 
 
 def mesh_shape(sizes: Mapping[str, int], device_count: int) -> tuple[int, ...]:
-    """Resolves the sizes of (data, fsdp, tensor); at most one may be -1 (all remaining devices).
+    """Resolves the sizes of (data, fsdp, context, tensor); absent ones are 1, at most one may be -1 (all remaining
+    devices).
 
     Raises ValueError naming the bad size and the device count it must divide.
     """
@@ -81,7 +84,7 @@ def mesh_shape(sizes: Mapping[str, int], device_count: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of every process), sizes from config, -1 inferred.
+    """A (data, fsdp, context, tensor) mesh over all devices (of every process), sizes from config, -1 inferred.
 
     Axis types are Auto: the logical-axis style (`with_logical_constraint`) needs them.
     """

@@ -1,6 +1,7 @@
 """Sharding is exact: the tiny latent-diffusion recipe on 8 simulated devices (data=2, fsdp=2,
 tensor=2) and as 2 jax.distributed processes x 4 devices matches 1 device; a checkpoint written
-on 8 devices restores on 1. Devices are simulated in subprocesses (XLA_FLAGS must precede jax)."""
+on 8 devices restores on 1; token sequences split over the context axis (data=2, context=4) give
+1 device's numbers. Devices are simulated in subprocesses (XLA_FLAGS must precede jax)."""
 import os
 import socket
 import subprocess
@@ -14,12 +15,13 @@ import pytest
 from jaxdiff import parallel
 
 WORKER = os.path.join(os.path.dirname(__file__), "training_worker.py")
+CONTEXT_WORKER = os.path.join(os.path.dirname(__file__), "context_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
 
 
-def _run(*args, timeout=400):
-    return subprocess.Popen([sys.executable, WORKER, *args], cwd=ROOT, stdout=subprocess.PIPE,
+def _run(*args, worker=WORKER):
+    return subprocess.Popen([sys.executable, worker, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -80,26 +82,45 @@ def test_checkpoint_from_eight_devices_restores_on_one(runs):
 
 
 def test_mmdit_flow_matching_on_eight_devices_matches_one(tmp_path):
-    """The diffusion recipe's MMDiT (configs/mmdit.py:tiny, flow matching) trains the same on a (2, 2, 2) mesh of
-    8 simulated devices as on one.
+    """The diffusion recipe's MMDiT (configs/mmdit.py:tiny, flow matching) trains the same on 8 simulated devices as
+    on one: on a (data, fsdp, tensor) = (2, 2, 2) mesh, and with its tokens split over context=4 x data=2.
 
     With Adam's usual eps the parameters cannot be compared tensor by tensor: the text stream's first gradients are
     float32 noise (~1e-8; every path from it to the loss passes zero-initialised gates and the zero-initialised
     output projection), and Adam turns noise into lr-sized steps whose signs follow the reduction order (measured:
     those tensors differ by 0.44 after 4 steps on (2, 2, 2), by 2e-6 on each pair of axes, by 1e-6 after 2 steps).
     Adam with eps = 1 takes momentum steps proportional to the gradient, which keep float noise at its own size."""
-    _wait([_run("--config", "mmdit", "--devices", n, f"--mesh={mesh}", "--adam-eps", "1.0", "--out",
-                str(tmp_path / f"{n}.npz"), "--workdir", str(tmp_path / f"w{n}"))
-           for n, mesh in (("1", "-1,1,1"), ("8", "2,2,2"))])
-    one, eight = np.load(tmp_path / "1.npz"), np.load(tmp_path / "8.npz")
-    np.testing.assert_allclose(eight["losses"], one["losses"], rtol=TOL, atol=TOL)
-    # norm-wise relative error per tensor, relative to at least 1e-3 (the text stream's zero-inits move by ~1e-9)
-    assert max(np.linalg.norm(eight[k] - v) / max(np.linalg.norm(v), 1e-3) for k, v in _params(one).items()) < TOL
+    layouts = {"one": ("1", "-1,1,1", "1"), "fsdp_tensor": ("8", "2,2,2", "1"), "context": ("8", "2,1,1", "4")}
+    _wait([_run("--config", "mmdit", "--devices", n, f"--mesh={mesh}", "--context", context, "--adam-eps", "1.0",
+                "--out", str(tmp_path / f"{name}.npz"), "--workdir", str(tmp_path / f"w_{name}"))
+           for name, (n, mesh, context) in layouts.items()])
+    one = np.load(tmp_path / "one.npz")
+    for name in ("fsdp_tensor", "context"):
+        eight = np.load(tmp_path / f"{name}.npz")
+        np.testing.assert_allclose(eight["losses"], one["losses"], rtol=TOL, atol=TOL, err_msg=name)
+        # norm-wise relative error per tensor, relative to at least 1e-3 (the text stream's zero-inits move by ~1e-9)
+        assert max(np.linalg.norm(eight[k] - v) / max(np.linalg.norm(v), 1e-3)
+                   for k, v in _params(one).items()) < TOL, name
+
+
+def test_wan_on_context_mesh_matches_one_device(tmp_path):
+    """A tiny Wan transformer's video tokens split over context=4 (x data=2, 8 simulated devices): its output and
+    parameter gradients equal one device's. GSPMD partitions the attention as sequence parallelism (see
+    jaxdiff/models/attention.py): the program's only all-gathers are each block's keys and values, [B/data, N,
+    heads, head_dim] = [1, 256, 2, 16]; the tokens themselves stay split."""
+    _wait([_run("--out", str(tmp_path / "wan.npz"), worker=CONTEXT_WORKER)])
+    r = np.load(tmp_path / "wan.npz")
+    assert np.linalg.norm(r["out_eight"] - r["out_one"]) / np.linalg.norm(r["out_one"]) < TOL
+    grads = [k[len("one"):] for k in r.files if k.startswith("one[")]
+    assert len(grads) > 20
+    assert _max_rel_err({k: r["eight" + k] for k in grads}, {k: r["one" + k] for k in grads}) < TOL
+    assert list(r["gathered"]) == ["f32[1,256,2,16]"] * 4   # 2 blocks x (keys, values)
 
 
 def test_mesh_shape_infers_and_rejects():
-    assert parallel.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
-    assert parallel.mesh_shape({"data": -1}, 8) == (8, 1, 1)
+    assert parallel.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 1, 2)
+    assert parallel.mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)
+    assert parallel.mesh_shape({"data": 2, "context": -1}, 8) == (2, 1, 4, 1)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         parallel.mesh_shape({"data": -1, "fsdp": -1}, 8)
     with pytest.raises(ValueError, match="use 6 devices, but there are 8"):
@@ -148,6 +169,6 @@ def test_default_rules_cover_every_logical_name_of_the_models():
 
 def test_uneven_dimension_stays_whole():
     """jit's shardings need even splits: 3 RGB input channels on fsdp=2 stay whole, 16 split."""
-    mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
     assert tuple(parallel.spec_for((3, 16), ("embed", "mlp"), mesh, parallel.DEFAULT_RULES)) == (None, "tensor")
     assert tuple(parallel.spec_for((4, 16), ("embed", "mlp"), mesh, parallel.DEFAULT_RULES)) == ("fsdp", "tensor")

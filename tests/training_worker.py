@@ -13,6 +13,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--devices", type=int, default=1)
 p.add_argument("--config", default="latent_diffusion", help="a configs/ module whose :tiny variant trains")
 p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+p.add_argument("--context", type=int, default=1, help="mesh.context (the token sequence split over that many devices)")
 p.add_argument("--steps", type=int, default=10)
 p.add_argument("--adam-eps", type=float, default=None, help="config.optim.eps (default: the config's)")
 p.add_argument("--out", required=True)
@@ -51,6 +52,7 @@ c.steps, c.log_every, c.checkpoint_every = args.steps, 0, args.steps
 if args.adam_eps is not None:
     c.optim.eps = args.adam_eps
 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in args.mesh.split(","))
+c.mesh.context = args.context
 c.distributed.coordinator, c.distributed.num_processes = args.coordinator, args.num_processes
 c.distributed.process_id = args.process_id
 

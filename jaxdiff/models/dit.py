@@ -20,8 +20,8 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import (TimestepEmbedding, TransformerBlock, constrain_tokens, dense, layer_norm,
-                                   timestep_embedding)
+from jaxdiff.models.layers import (TimestepEmbedding, TransformerBlock, checkpointed, constrain_tokens, dense,
+                                   layer_norm, timestep_embedding)
 from jaxdiff.models.transformer_layers import sincos_position_embedding_2d
 
 
@@ -84,6 +84,7 @@ class DiT(nn.Module):
     config: DiTConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = ""   # activation checkpointing of each block: a layers.REMAT_POLICIES name, "" off
 
     @nn.compact
     def __call__(self, x, t, context=None, class_labels=None):
@@ -116,10 +117,11 @@ class DiT(nn.Module):
         if context is not None:
             context = context.astype(self.dtype)
 
+        block = checkpointed(TransformerBlock, self.remat)
         for i in range(c.depth):
-            tokens = TransformerBlock(c.hidden_size, c.num_heads, c.hidden_size // c.num_heads,
-                                      cross_attention=c.context_dim is not None, norm_eps=c.norm_eps, qkv_bias=True,
-                                      activation="gelu_tanh", mlp_mult=c.mlp_ratio, adaln_zero=True,
-                                      name=f"blocks_{i}", **kw)(tokens, context, cond)
+            tokens = block(c.hidden_size, c.num_heads, c.hidden_size // c.num_heads,
+                           cross_attention=c.context_dim is not None, norm_eps=c.norm_eps, qkv_bias=True,
+                           activation="gelu_tanh", mlp_mult=c.mlp_ratio, adaln_zero=True,
+                           name=f"blocks_{i}", **kw)(tokens, context, cond)
         out = FinalLayer(p * p * c.out_channels, c.norm_eps, name="final_layer", **kw)(tokens, cond)
         return unpatchify(out, p, height, width)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.layers import constrain_tokens, dense
+from jaxdiff.models.layers import checkpointed, constrain_tokens, dense
 from jaxdiff.models.transformer_layers import AdaLayerNormZero, modulate, rotary_table
 from jaxdiff.models.mmdit import JointAttention, JointTransformerBlock, TimestepTextEmbedding, ada_norm_continuous
 
@@ -136,6 +136,7 @@ class FluxTransformer2D(nn.Module):
     config: FluxConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = ""   # activation checkpointing of each block: a layers.REMAT_POLICIES name, "" off
 
     def example_inputs(self) -> tuple[tuple, dict]:
         """The smallest (args, kwargs) this model accepts (one packed token, one text token), for tracing its init."""
@@ -166,12 +167,12 @@ class FluxTransformer2D(nn.Module):
         rotary = rotary_table(position_ids(height // 2, width // 2, context.shape[1]), c.axes_dims_rope)
 
         block_kw = dict(dim=c.inner_dim, heads=c.num_attention_heads, head_dim=c.attention_head_dim, **kw)
+        double, single = (checkpointed(b, self.remat) for b in (JointTransformerBlock, FluxSingleTransformerBlock))
         for i in range(c.num_layers):
-            x, context = JointTransformerBlock(qk_norm="rms_norm", name=f"transformer_blocks_{i}", **block_kw)(
+            x, context = double(qk_norm="rms_norm", name=f"transformer_blocks_{i}", **block_kw)(
                 x, context, cond, rotary)
         for i in range(c.num_single_layers):
-            x, context = FluxSingleTransformerBlock(name=f"single_transformer_blocks_{i}", **block_kw)(
-                x, context, cond, rotary)
+            x, context = single(name=f"single_transformer_blocks_{i}", **block_kw)(x, context, cond, rotary)
 
         x = ada_norm_continuous(x, cond, "norm_out", kw)
         out = dense(c.packed_out_channels, ("embed", "patch"), kernel_init=nn.initializers.zeros_init(),

@@ -9,7 +9,8 @@ Submodule names follow diffusers' attribute names (`conv1`, `time_emb_proj`, `to
 Every kernel carries logical axis names (`nn.with_logical_partitioning`), so
 `model.init(...)['params']` holds `nn.Partitioned` boxes: `nn.meta.unbox` them for plain
 arrays. Key activations are constrained to ('batch', 'height', 'width', 'channels') or
-('batch', 'length', 'embed'); both are no-ops outside a mesh with axis rules.
+('batch', 'length', 'embed') (the default rules split `length` over the mesh's `context` axis);
+both are no-ops outside a mesh with axis rules. Transformer blocks can be checkpointed (`checkpointed`).
 
 Dtypes: `dtype` is the compute dtype, `param_dtype` the storage dtype. Norm statistics
 are always reduced in float32 (Flax's `force_float32_reductions`), attention softmax too.
@@ -84,6 +85,20 @@ def param_shapes(module: nn.Module, boxed: bool = False):
     args, kwargs = module.example_inputs()
     params = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
     return params if boxed else nn.meta.unbox(params)
+
+
+# Activation checkpointing of transformer blocks (`nn.remat`): '' off; 'full' keeps only each block's inputs and
+# recomputes the rest in the backward pass; the others are `jax.checkpoint_policies` that also keep what they name.
+REMAT_POLICIES = ("", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def checkpointed(block: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`block` with its activations checkpointed under the policy `remat` (one of REMAT_POLICIES); same params."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of: {', '.join(map(repr, REMAT_POLICIES))}")
+    if not remat:
+        return block
+    return nn.remat(block, policy=None if remat == "full" else getattr(jax.checkpoint_policies, remat))
 
 
 def constrain_image(x):

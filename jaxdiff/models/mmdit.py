@@ -29,8 +29,8 @@ import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.dit import unpatchify
-from jaxdiff.models.layers import (FeedForward, TimestepEmbedding, conv, constrain_tokens, dense, layer_norm,
-                                   timestep_embedding)
+from jaxdiff.models.layers import (FeedForward, TimestepEmbedding, checkpointed, conv, constrain_tokens, dense,
+                                   layer_norm, timestep_embedding)
 from jaxdiff.models.transformer_layers import (AdaLayerNormZero, apply_rotary, modulate, rms_norm,
                                                sincos_position_embedding_2d)
 
@@ -304,6 +304,7 @@ class SD3Transformer2D(nn.Module):
     config: SD3Config
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = ""   # activation checkpointing of each block: a layers.REMAT_POLICIES name, "" off
 
     def example_inputs(self) -> tuple[tuple, dict]:
         """The smallest (args, kwargs) this model accepts (one patch, one text token), for tracing its init."""
@@ -327,8 +328,9 @@ class SD3Transformer2D(nn.Module):
         context = dense(c.caption_projection_dim, ("mlp", "embed"), name="context_embedder",
                         **kw)(context.astype(self.dtype))
 
+        block = checkpointed(JointTransformerBlock, self.remat)
         for i in range(c.num_layers):
-            tokens, context = JointTransformerBlock(
+            tokens, context = block(
                 c.inner_dim, c.num_attention_heads, c.attention_head_dim, context_pre_only=i == c.num_layers - 1,
                 dual_attention=i in c.dual_attention_layers, qk_norm=c.qk_norm, name=f"transformer_blocks_{i}",
                 **kw)(tokens, context, cond)

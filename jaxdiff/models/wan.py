@@ -31,7 +31,8 @@ import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
 from jaxdiff.models.checks import CheckpointError
-from jaxdiff.models.layers import TimestepEmbedding, constrain_tokens, dense, layer_norm, timestep_embedding
+from jaxdiff.models.layers import (TimestepEmbedding, checkpointed, constrain_tokens, dense, layer_norm,
+                                   timestep_embedding)
 from jaxdiff.models.temporal_unet import TEMPORAL_CONV_AXES
 from jaxdiff.models.transformer_layers import apply_rotary, modulate, rms_norm, rotary_table
 
@@ -296,6 +297,7 @@ class WanTransformer3D(nn.Module):
     config: WanConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: str = ""   # activation checkpointing of each block: a layers.REMAT_POLICIES name, "" off
 
     def example_inputs(self) -> tuple[tuple, dict]:
         """The smallest (args, kwargs) this model accepts (one patch, one text token), for tracing its init."""
@@ -342,8 +344,9 @@ class WanTransformer3D(nn.Module):
             t, context, image_context)
         rotary = rotary_table(position_ids(frames, rows, cols), c.rope_dims)
 
+        block = checkpointed(WanTransformerBlock, self.remat)
         for i in range(c.num_layers):
-            tokens = WanTransformerBlock(c, name=f"blocks_{i}", **kw)(tokens, context, image, projection, rotary)
+            tokens = block(c, name=f"blocks_{i}", **kw)(tokens, context, image, projection, rotary)
 
         table = modulation_table(self, 2, c.inner_dim)
         shift, scale = table[:, 0] + temb, table[:, 1] + temb

@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.999
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.999,
                                              eps=1e-8, weight_decay=0.01, clip_norm=1.0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     c.rules = [list(r) for r in DEFAULT_RULES]
     c.checkpoint_every = 500
     c.keep_checkpoints = 3

@@ -71,7 +71,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 def jit_train_step(train_step, mesh, rules, state_shardings, frozen_shardings, batch_shardings):
     """jax.jit with NamedSharding in/out shardings (the optimizer state too: without an out
     sharding it would come back replicated) and the state donated. Metrics come back replicated.
-    The mesh and logical rules are in scope while tracing, for the models' activation constraints."""
+    The mesh and logical rules are in scope while tracing, for the models' activation constraints.
+    Returns step(state, frozen, batch) -> (state, metrics); step.lower(same arguments) -> the lowered program."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -80,4 +81,10 @@ def jit_train_step(train_step, mesh, rules, state_shardings, frozen_shardings, b
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, frozen, batch)
 
+    def lower(state, frozen, batch):
+        """The step lowered for these arguments, e.g. for `.compile().memory_analysis()` (benchmarks)."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, frozen, batch)
+
+    step.lower = lower
     return step

@@ -39,9 +39,9 @@ def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | N
     fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "mmdit":
         return SD3Transformer2D(SD3Config(**{**m.mmdit, **fields, "joint_attention_dim": text_width,
-                                             "pooled_projection_dim": text_width}), dtype=dtype)
+                                             "pooled_projection_dim": text_width}), dtype=dtype, remat=m.remat)
     if m.backbone == "dit":
-        return DiT(DiTConfig(**{**m.dit, **fields}), dtype=dtype)
+        return DiT(DiTConfig(**{**m.dit, **fields}), dtype=dtype, remat=m.remat)
     if m.backbone == "unet":
         return image_unet(m.unet, channels, size, dtype)
     return video_unet(m, channels, size, dtype)[0]

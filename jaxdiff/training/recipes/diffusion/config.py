@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxdiff.models.layers import REMAT_POLICIES
 from jaxdiff.training.config import choice
 from jaxdiff.training.recipes.diffusion.objective import Objective
 
 BACKBONES = ("unet", "dit", "mmdit", "temporal_unet")
 SPACES = ("pixel", "latent")
+TRANSFORMERS = ("dit", "mmdit")   # backbones of transformer blocks, which `remat` checkpoints
 # sub-configs: a dict of the module config's fields, or absent
 SUB_CONFIGS = ("unet", "dit", "mmdit", "temporal_unet", "temporal", "vae", "text_encoder")
 
@@ -34,7 +36,9 @@ class ModelConfig:
     emphasis_words / emphasis_weight: examples whose caption holds one of these words weigh emphasis_weight
     times the others in the loss. image_dropout (image-to-video): the share of examples trained without their
     conditioning frame. num_frames: frames of the preview videos (default: from a moving_shapes data name).
-    sample_*, guidance_scale: the preview grids' sampler."""
+    sample_*, guidance_scale: the preview grids' sampler.
+    remat: activation checkpointing of a transformer backbone's blocks under a policy of REMAT_POLICIES ('' off):
+    the backward pass recomputes what the policy does not keep."""
     backbone: str = "unet"
     space: str = "latent"
     unet: dict | None = None
@@ -53,11 +57,16 @@ class ModelConfig:
     sample_method: str = "dpmpp_2m"
     sample_steps: int = 25
     guidance_scale: float = 4.0
+    remat: str = ""
     objective: Objective = Objective()
 
     def __post_init__(self):
         choice(self.backbone, BACKBONES, "model.backbone")
         choice(self.space, SPACES, "model.space")
+        choice(self.remat, REMAT_POLICIES, "model.remat")
+        if self.remat and self.backbone not in TRANSFORMERS:
+            raise ValueError(f"config.model.remat={self.remat!r} is for the transformer backbones "
+                             f"({', '.join(TRANSFORMERS)}), not {self.backbone!r}")
         if not self.video and getattr(self, self.backbone) is None:
             raise ValueError(f"config.model.backbone={self.backbone!r} needs config.model.{self.backbone} (its fields)")
         if self.backbone == "mmdit" and not self.text:
