@@ -105,6 +105,6 @@ def test_unknown_policy_and_non_transformer_backbone_are_refused():
         ModelConfig.of(m)
     u = latent_diffusion.get_config("tiny").model
     u.remat = "full"
-    with pytest.raises(ValueError, match="config.model.remat='full' is for the transformer backbones \\(dit, mmdit\\), "
-                                         "not 'unet'"):
+    with pytest.raises(ValueError, match="config.model.remat='full' is for the transformer backbones "
+                                         "\\(dit, mmdit, wan\\), not 'unet'"):
         ModelConfig.of(u)

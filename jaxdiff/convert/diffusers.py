@@ -215,12 +215,13 @@ def _text_conditioning(path: str, index: dict, denoiser, *load_args) -> tuple:
         raise CheckpointError(f"pipeline {path!r}: its U-Net reads a pooled text embedding and size ids "
                               f"(addition_embed_type='text_time', SDXL's) but the folder has one text encoder; an "
                               f"SDXL folder has text_encoder and text_encoder_2")
-    if len(names) == 1:  # Stable Diffusion 1/2, jaxdiff's MMDiT folders: one CLIP, its last states (and pooled)
+    if len(names) == 1:  # Stable Diffusion 1/2, jaxdiff's MMDiT and Wan folders: one CLIP, its last states (and pooled)
         _need(path, "a one-encoder pipeline", [("text_encoder", modules["text_encoder"], CLIPTextModel)])
         width = modules["text_encoder"].config.hidden_size
+        fields = {SD3Transformer2D: ("joint_attention_dim", "pooled_projection_dim"),
+                  WanTransformer3D: ("text_dim",)}.get(type(denoiser), ("cross_attention_dim",))
         _widths(path, [("the text encoder's hidden_size", width, f"the denoiser's {field}", getattr(c, field))
-                       for field in (("joint_attention_dim", "pooled_projection_dim")
-                                     if isinstance(denoiser, SD3Transformer2D) else ("cross_attention_dim",))])
+                       for field in fields])
         return modules["text_encoder"], params["text_encoder"], tokenizers["text_encoder"]
     t5 = modules.get({SD3Transformer2D: "text_encoder_3", FluxTransformer2D: "text_encoder_2"}.get(type(denoiser)))
     clips = [tokenizers[n] for n in names if isinstance(modules[n], (CLIPTextModel, CLIPTextModelWithProjection))]
@@ -319,7 +320,8 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     embedding). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
     `denoiser_type=(TemporalUNet, WanTransformer3D)` loads text-to-video folders: diffusers' TextToVideoSDPipeline,
     and Wan 2.1's WanPipeline / WanImageToVideoPipeline (UMT5, the causal video VAE, and for image-to-video CLIP
-    vision's image_encoder/ with its image_processor/, as one `WanEncoders` module: see `_wan_conditioning`).
+    vision's image_encoder/ with its image_processor/, as one `WanEncoders` module: see `_wan_conditioning`), and
+    jaxdiff's own Wan folders (a Wan transformer on an image VAE's per-frame latents and one CLIP's states).
 
     Several encoders become one module (`jaxdiff.models.text_encoders`) whose params are keyed by component
     name, with a `MultiTokenizer`. The text encoders go through `jaxdiff.convert.from_transformers`, the
@@ -341,11 +343,11 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     load_args = (dtype, param_dtype, mesh, rules)
     denoiser, denoiser_params = _part(path, part, from_diffusers, *load_args)
     vae, vae_params = _part(path, "vae", from_diffusers, *load_args)
-    wan = isinstance(denoiser, WanTransformer3D)
+    wan = isinstance(denoiser, WanTransformer3D)   # on Wan's causal video VAE, or (jaxdiff's) an image VAE per frame
     _need(path, "this pipeline", [(part, denoiser, denoiser_type),
-                                  ("vae", vae, AutoencoderKLWan if wan else AutoencoderKL)])
-    conditioning = _wan_conditioning(path, index, denoiser, vae, *load_args) if wan else \
-        _text_conditioning(path, index, denoiser, *load_args)
+                                  ("vae", vae, (AutoencoderKLWan, AutoencoderKL) if wan else AutoencoderKL)])
+    conditioning = _wan_conditioning(path, index, denoiser, vae, *load_args) if isinstance(vae, AutoencoderKLWan) \
+        else _text_conditioning(path, index, denoiser, *load_args)
     text_encoder, text_params, tokenizer = conditioning
     return StableDiffusion(denoiser, denoiser_params, vae, vae_params, text_encoder, text_params, tokenizer,
                            read_config(os.path.join(path, "scheduler"), "scheduler_config.json"))

@@ -5,7 +5,9 @@
   (diffusers' TextToVideoSDPipeline folders, jaxdiff's own video runs);
 - Wan 2.1's video transformer on UMT5's states (zero past each prompt's tokens), whose latents are the causal
   video VAE's, normalised by its latents_mean/std: 1 + (frames - 1) / 4 latent frames, so frames must be
-  1 + 4k (diffusers' WanPipeline folders; WanImageToVideoPipeline folders, which need `init_image`).
+  1 + 4k (diffusers' WanPipeline folders; WanImageToVideoPipeline folders, which need `init_image`);
+  or, in jaxdiff's own Wan runs (configs/wan.py), on CLIP's states and the image VAE's latents of every frame,
+  as the temporal U-Net (`TextToVideo.video_vae` tells the two VAEs apart).
 
     pipe = TextToVideo.from_pretrained("path/to/text-to-video-folder")    # TextToVideoSDPipeline or WanPipeline
     videos = pipe(["a red circle moving left"], num_frames=8, steps=25, guidance_scale=7.5, seed=0)
@@ -44,12 +46,12 @@ import jax.numpy as jnp
 
 from jaxdiff import diffusion, samplers
 from jaxdiff.models.wan import WanTransformer3D
-from jaxdiff.models.wan_vae import denormalize_latents, normalize_latents
+from jaxdiff.models.wan_vae import AutoencoderKLWan, denormalize_latents, normalize_latents
 from jaxdiff.pipelines.latent import LatentDiffusion, as_images
 from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
 
 
-DEFAULT_FRAMES = 8  # for a video model folder whose training.json does not say how many frames it learnt
+DEFAULT_FRAMES = 8  # for a video U-Net folder whose training.json does not say how many frames it learnt
 WAN_FRAMES, WAN_SIZE = 81, (480, 832)  # diffusers' Wan pipelines' defaults: 81 frames of 480x832 (height, width)
 
 
@@ -84,35 +86,51 @@ def default_frames(path: str) -> int:
     return trained_frames(path) or DEFAULT_FRAMES
 
 
+def trained_size(path: str) -> tuple[int, int] | None:
+    """(height, width) of the videos a model folder's diffusion run trained on (its config.data.image_size); None
+    if the folder does not say."""
+    size = _training_config(path).get("data", {}).get("image_size")
+    return (int(size), int(size)) if size else None
+
+
 @dataclasses.dataclass
 class TextToVideo(LatentDiffusion):
     """A latent text-to-video model (TemporalUNet + image VAE + CLIP), with the text and VAE pieces
     of `LatentDiffusion` (tokenize, encode_text, encode_image, decode). `num_frames` is the default video length;
     `frame_noise_correlation` the default share of the noise's variance common to all frames (the
     initial latents' and the stochastic samplers' step noise: `jaxdiff.diffusion.frame_correlated_noise`),
-    which should be what the U-Net trained with."""
+    which should be what the U-Net trained with. `frame_size`: the default (height, width), None for the
+    denoiser's (a U-Net's working size, Wan's 480x832)."""
 
     num_frames: int = DEFAULT_FRAMES
     frame_noise_correlation: float = 0.0
+    frame_size: tuple[int, int] | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, num_frames: int | None = None, verify: bool = True) -> "TextToVideo":
         """From a diffusers text-to-video folder: unet/ holds a UNet3DConditionModel (TextToVideoSDPipeline), or
-        transformer/ a WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline). The default video length is
-        `num_frames`, else `default_frames(path)` (Wan: 81, diffusers' default); the frame noise correlation the
-        one the folder's training.json records (0 without one). `verify`: see `TextToImage.from_pretrained`."""
+        transformer/ a WanTransformer3DModel (WanPipeline, WanImageToVideoPipeline, jaxdiff's Wan runs). The default
+        video length is `num_frames`, else the frames the folder's training.json records, else DEFAULT_FRAMES (Wan:
+        81, diffusers' default); its default size and frame noise correlation too are the ones training.json
+        records (without one: the denoiser's size, and 0). `verify`: see `TextToImage.from_pretrained`."""
         from jaxdiff.models.temporal_unet import TemporalUNet
 
         parts = cls._components(path, denoiser_type=(TemporalUNet, WanTransformer3D), verify=verify)
         wan = isinstance(parts[0], WanTransformer3D)
-        return cls(*parts, num_frames=num_frames or (WAN_FRAMES if wan else default_frames(path)),
-                   frame_noise_correlation=trained_noise_correlation(path))
+        return cls(*parts, num_frames=num_frames or trained_frames(path) or (WAN_FRAMES if wan else DEFAULT_FRAMES),
+                   frame_noise_correlation=trained_noise_correlation(path), frame_size=trained_size(path))
 
     @property
     def wan(self) -> bool:
         """Whether the denoiser is Wan's video transformer (UMT5 states, the causal video VAE's normalised latents)
         rather than a temporal U-Net (CLIP states, an image VAE on every frame)."""
         return isinstance(self.denoiser, WanTransformer3D)
+
+    @property
+    def video_vae(self) -> bool:
+        """Whether the VAE is Wan's causal video VAE (normalised latents, time compressed by scale_factor_temporal)
+        rather than an image VAE on every frame."""
+        return isinstance(self.vae, AutoencoderKLWan)
 
     @property
     def wan_image_to_video(self) -> bool:
@@ -123,7 +141,7 @@ class TextToVideo(LatentDiffusion):
 
     @property
     def latent_channels(self) -> int:
-        """The video VAE's latent channels (Wan); the video U-Net's (its in_channels also count the conditioning
+        """The VAE's latent channels (Wan); the video U-Net's (its in_channels also count the conditioning
         frame's)."""
         return self.vae.config.latent_channels if self.wan else self.denoiser.config.latent_channels
 
@@ -140,14 +158,21 @@ class TextToVideo(LatentDiffusion):
         return 5.0 if self.wan else super().default_guidance
 
     @property
+    def video_size(self) -> tuple[int, int]:
+        """The default (height, width): `frame_size`, else Wan's 480x832 or the U-Net's square working size."""
+        if self.frame_size:
+            return tuple(self.frame_size)
+        return WAN_SIZE if self.wan else (super().default_size,) * 2
+
+    @property
     def default_size(self) -> int:
-        """The working size the largest side is measured against (Wan: its default width, 832)."""
-        return max(WAN_SIZE) if self.wan else super().default_size
+        """The working size the largest side is measured against: the default video's largest side."""
+        return max(self.video_size)
 
     def decode_video(self, vae_params, latents):
         """Latent videos [B, n, h, w, C] -> videos in [0, 1], [B, T, H, W, 3]: Wan's causal VAE decodes the
         denormalised latents as one video (T = 1 + scale_factor_temporal (n - 1)); an image VAE each frame (T = n)."""
-        if self.wan:
+        if self.video_vae:
             z = denormalize_latents(latents, self.vae.config)
             video = self.vae.apply({"params": vae_params}, z, method=self.vae.decode)
             return jnp.clip(video / 2.0 + 0.5, 0.0, 1.0)
@@ -168,10 +193,12 @@ class TextToVideo(LatentDiffusion):
         images [B, H, W, 3] in [0, 1]. A video U-Net with conditioning_frame_channels reads the frame's latents
         (`cond_frames`); a Wan image-to-video transformer reads `scale_factor_temporal` mask channels (1 on the first
         latent frame) and `wan_image_latents` appended to its input (`extra_channels`), and CLIP vision's states as
-        `image_context` when it has image_dim."""
-        if not self.wan:
+        `image_context` when it has image_dim. A Wan transformer on an image VAE reads nothing of the image (only
+        `keep_first_frame` imposes it)."""
+        if not self.video_vae:
             first = self.encode_image(vae_params, images)
-            return first, ({"cond_frames": first} if self.denoiser.config.conditioning_frame_channels else {})
+            reads = not self.wan and self.denoiser.config.conditioning_frame_channels
+            return first, ({"cond_frames": first} if reads else {})
         t = self.vae.config.scale_factor_temporal
         latents = self.wan_image_latents(vae_params, images, 1 + t * (latent_frames - 1))
         extra = {}
@@ -185,10 +212,12 @@ class TextToVideo(LatentDiffusion):
         return latents[:, 0], extra
 
     def video_latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple[int, ...]:
-        """[B, latent frames, h, w, C]: a frame each for a U-Net; 1 + (frames - 1) / scale_factor_temporal for Wan."""
-        step = self.vae.config.scale_factor_temporal if self.wan else 1
+        """[B, latent frames, h, w, C]: a frame each for an image VAE; 1 + (frames - 1) / scale_factor_temporal for
+        Wan's causal VAE."""
+        step = self.vae.config.scale_factor_temporal if self.video_vae else 1
         if frames < 1 or (frames - 1) % step:
-            allowed = f"1 + {step}k (1, {1 + step}, {1 + 2 * step}, ...) for Wan's causal VAE" if self.wan else ">= 1"
+            allowed = f"1 + {step}k (1, {1 + step}, {1 + 2 * step}, ...) for Wan's causal VAE" if self.video_vae \
+                else ">= 1"
             raise ValueError(f"num_frames must be {allowed}, got {frames}")
         b, h, w, c = self.latent_shape(batch, height, width)
         return (b, 1 + (frames - 1) // step, h, w, c)
@@ -227,7 +256,8 @@ class TextToVideo(LatentDiffusion):
         for a Wan image-to-video model, which reads the image itself as diffusers runs it);
         `noise` [B, n, h, w, C] overrides the seed's initial latents; `frame_noise_correlation` (in [0, 1))
         the model's default share of the noise common to all frames. `guidance_scale` None is `default_guidance`.
-        The default size is the U-Net's working size, or Wan's 480x832 (height x width). With a `mesh` (a
+        The default size is `video_size`: the trained one, or the U-Net's working size, or Wan's 480x832 (height x
+        width). With a `mesh` (a
         `jax.sharding.Mesh` with a 'data' axis) the videos are split over that axis and the params are replicated.
         """
         prompts, negative = prompt_lists(prompts, negative_prompts)
@@ -235,7 +265,7 @@ class TextToVideo(LatentDiffusion):
         guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         check_guidance(guidance_scale, guidance_rescale)
         frames = self.num_frames if num_frames is None else int(num_frames)
-        default_height, default_width = WAN_SIZE if self.wan else (self.default_size, self.default_size)
+        default_height, default_width = self.video_size
         shape = self.video_latent_shape(len(prompts), frames, height or default_height, width or default_width)
         if self.wan_image_to_video and init_image is None:
             raise ValueError("this Wan image-to-video model needs init_image: the first frame, [H, W, 3] in [0, 1] "

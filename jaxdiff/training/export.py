@@ -26,6 +26,10 @@ The run's `config.model.backbone` picks the pipeline:
   embeddings, per-block heads) go into unet/config.json as extra fields that jaxdiff reads back;
   diffusers itself cannot run such a U-Net. The frames it was trained on are in training.json
   (the diffusion run's data name or model.num_frames).
+- `wan`: transformer/ a WanTransformer3DModel (diffusers' own config and weights) with a
+  FlowMatchEulerDiscreteScheduler config (the run's flow_shift); model_index.json names the class
+  WanFrameVAEPipeline and says how it differs from diffusers' WanPipeline (an image VAE on every frame and CLIP's
+  states instead of the causal video VAE and UMT5), which cannot run it; `TextToVideo.from_pretrained` loads it.
 
 A LoRA run (configs/lora.py) exports its adapters as a diffusers LoRA folder instead
 (`--out my_lora` -> my_lora/pytorch_lora_weights.safetensors, which diffusers' `pipe.load_lora_weights` and
@@ -66,7 +70,8 @@ def scheduler_config(m) -> dict:
     """The diffusers scheduler config that reproduces the run's noise schedule and prediction type."""
     n = int(m.num_train_timesteps)
     if m.prediction_type == "flow":
-        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": n, "shift": 1.0}
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": n,
+                "shift": float(m.get("flow_shift", 1.0))}
     if m.schedule not in BETA_SCHEDULES:
         raise ValueError(f"config.model.schedule={m.schedule!r} has no diffusers scheduler config; exportable: "
                          f"{', '.join(BETA_SCHEDULES)}, or flow matching")
@@ -108,6 +113,12 @@ PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
     # an MMDiT on one CLIP text encoder: diffusers has no pipeline class for it (SD3's takes three encoders)
     "mmdit": _Pipeline("text-to-image", "MMDiTPipeline", "transformer", "SD3Transformer2DModel", {}),
     "temporal_unet": _Pipeline("text-to-video", "TextToVideoSDPipeline", "unet", "UNet3DConditionModel", {}),
+    "wan": _Pipeline("text-to-video", "WanFrameVAEPipeline", "transformer", "WanTransformer3DModel",
+                     {"_note": "transformer/ is diffusers' WanTransformer3DModel, but unlike diffusers' WanPipeline "
+                               "its latents are an image VAE's (vae/ AutoencoderKL encodes and decodes every frame "
+                               "alone: one latent frame per video frame, scaled by scaling_factor, no latents_mean/"
+                               "std) and its text context is CLIP's last hidden states (text_encoder/ CLIPTextModel, "
+                               "tokenizer/ jaxdiff's WordTokenizer), not UMT5's; jaxdiff's TextToVideo runs it"}),
 }
 
 
@@ -119,8 +130,8 @@ def export_text_to_image(workdir: str, out: str, overwrite: bool = False, weight
 
 
 def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str:
-    """Writes the TextToVideoSDPipeline folder of latent text-to-video run `workdir` (backbone
-    temporal_unet) to `out`; returns `out`."""
+    """Writes the pipeline folder of latent text-to-video run `workdir` (backbone temporal_unet: a
+    TextToVideoSDPipeline; wan: transformer/ a WanTransformer3DModel) to `out`; returns `out`."""
     return export_run(workdir, out, overwrite, task="text-to-video")
 
 
@@ -199,7 +210,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     from jaxdiff.training.recipes.diffusion.backbones import network
     from jaxdiff.training.recipes.diffusion.config import ModelConfig
 
-    pipeline, video = PIPELINES[backbone], backbone == "temporal_unet"
+    pipeline, video_unet = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
     m = config.model
     if config.recipe != "diffusion" or m.get("space") != "latent" or "text_encoder" not in m \
@@ -241,7 +252,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
 
     def write(folder: str) -> None:
-        to_diffusers(denoiser, denoiser_params, os.path.join(folder, pipeline.denoiser), jaxdiff_fields=video)
+        to_diffusers(denoiser, denoiser_params, os.path.join(folder, pipeline.denoiser), jaxdiff_fields=video_unet)
         to_diffusers(AutoencoderKL(vae_cfg), vae_params, os.path.join(folder, "vae"))
         to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))

@@ -1,8 +1,9 @@
 """Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a U-Net,
-a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video U-Net, optionally
+a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video model, optionally
 conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et al. 2022) with caption dropout for
 classifier-free guidance (Ho & Salimans 2022); text-to-video and image-to-video with a TemporalUNet
-(ModelScope, Wang et al. 2023) on videos batch["image"] [B, T, H, W, 3].
+(ModelScope, Wang et al. 2023), text-to-video with Wan's video transformer (Wan Team 2025) on videos
+batch["image"] [B, T, H, W, 3].
 
 The recipe by concept: `config` (the typed `config.model`), `objective` (schedule, prediction type,
 weighting, timesteps), `backbones` (the network, fine-tuned or inflated), `latents` (the frozen VAE and
@@ -50,7 +51,7 @@ class Diffusion:
         self.c, self.spec, dtype = c, spec, jnp.dtype(c.dtype)
         self.schedule = m.objective.make_schedule()
         if m.video and spec.source != "shapes":
-            raise ValueError(f"config.model.backbone='temporal_unet' trains on videos: config.data.source="
+            raise ValueError(f"config.model.backbone={m.backbone!r} trains on videos: config.data.source="
                              f"{spec.source!r} has none; use 'shapes' with a video dataset name such as "
                              f"'moving_shapes/32px-8f'")
         size, channels, self.frozen = spec.image_size, 3, {}
@@ -69,7 +70,11 @@ class Diffusion:
         self.net, self.initial = backbone(m, channels, size, dtype, self.encoder.config.hidden_size if m.text else None)
         # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
         self.example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
-        self.cond_channels = self.net.config.conditioning_frame_channels if m.video else 0
+        self.cond_channels = self.net.config.conditioning_frame_channels if m.backbone == "temporal_unet" else 0
+        patch = self.net.config.patch_size if m.backbone == "wan" else ()
+        if any(n % p for n, p in zip(self.example, patch)):
+            raise ValueError(f"config.model.wan.patch_size={patch} does not tile the latent videos' {self.example[0]} "
+                             f"frames of {size}x{size}")
 
     def encode_text(self, frozen, tokens):
         states, pooled = self.encoder.apply({"params": frozen["text"]}, tokens)
@@ -104,7 +109,7 @@ class Diffusion:
         k_post, k_drop, k_loss = jax.random.split(key, 3)
         x0 = batch["image"]
         if m.video and x0.ndim != 5:
-            raise ValueError(f"config.model.backbone='temporal_unet' trains on videos [B, T, H, W, 3], but "
+            raise ValueError(f"config.model.backbone={m.backbone!r} trains on videos [B, T, H, W, 3], but "
                              f"config.data (name={self.c.data.get('name')!r}) gives images of shape {x0.shape}")
         if self.latents:
             x0 = self.latents.encode(frozen["vae"], x0, k_post)

@@ -1,11 +1,13 @@
-"""The denoising network of a diffusion config: a U-Net, a DiT, an MMDiT or a video U-Net, from scratch, fine-tuned
-from a trained text-to-image U-Net (`init_from`), or inflated from one into a video U-Net."""
+"""The denoising network of a diffusion config: a U-Net, a DiT, an MMDiT, a video U-Net or a Wan video transformer,
+from scratch, fine-tuned from a trained text-to-image U-Net (`init_from`), or inflated from one into a video U-Net."""
 from __future__ import annotations
 
 import logging
 
+import jax.numpy as jnp
+
 from jaxdiff.models import DiT, DiTConfig, SD3Config, SD3Transformer2D, TemporalUNet, TemporalUNetConfig, \
-    UNet2DCondition, UNetConfig, inflate
+    UNet2DCondition, UNetConfig, WanConfig, WanTransformer3D, inflate
 from jaxdiff.models.temporal_unet import inflated_config
 from jaxdiff.training import sources
 from jaxdiff.training.recipes.diffusion.config import ModelConfig
@@ -35,8 +37,11 @@ def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[Tempora
 def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
     """The denoising network of `m` on `channels` x size x size latents (no weights: an inflated video U-Net's
     architecture is read from its image run's config). `text_width`: the text encoder's state width (an MMDiT's
-    joint_attention_dim and pooled_projection_dim)."""
+    joint_attention_dim and pooled_projection_dim, a Wan transformer's text_dim)."""
     fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
+    if m.backbone == "wan":
+        return WanTransformer3D(WanConfig(**{**m.wan, "in_channels": channels, "out_channels": channels,
+                                             "text_dim": text_width}), dtype=dtype, remat=m.remat)
     if m.backbone == "mmdit":
         return SD3Transformer2D(SD3Config(**{**m.mmdit, **fields, "joint_attention_dim": text_width,
                                              "pooled_projection_dim": text_width}), dtype=dtype, remat=m.remat)
@@ -49,7 +54,9 @@ def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | N
 
 def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
     """(`network(...)`, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh random init:
-    the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet))."""
+    the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet), Wan's training init (wan))."""
+    if m.backbone == "wan":
+        return network(m, channels, size, dtype, text_width), wan_training_init
     if not m.init_from:
         return network(m, channels, size, dtype, text_width), None
     if m.backbone == "unet":
@@ -63,6 +70,13 @@ def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | 
     net, unet = video_unet(m, channels, size, dtype)
     weights = sources.ema_params(m.init_from, "unet")   # host arrays (init runs under a trace, where orbax cannot load)
     return net, lambda key, fresh: inflate(unet, weights, key, **(m.temporal or {}))[1]
+
+
+def wan_training_init(key, fresh):
+    """The fresh init with the output projection's kernel zero, as the Wan reference's `WanModel.init_weights` trains
+    (so the untrained transformer predicts zero velocity, like DiT's and MMDiT's zero output layers); the module's
+    own init is diffusers' (random), which loading checkpoints never sees."""
+    return {**fresh, "proj_out": {**fresh["proj_out"], "kernel": jnp.zeros_like(fresh["proj_out"]["kernel"])}}
 
 
 def source_unet(m: ModelConfig, size: int, dtype) -> UNet2DCondition:

@@ -12,19 +12,21 @@ from jaxdiff.models.layers import REMAT_POLICIES
 from jaxdiff.training.config import choice
 from jaxdiff.training.recipes.diffusion.objective import Objective
 
-BACKBONES = ("unet", "dit", "mmdit", "temporal_unet")
+BACKBONES = ("unet", "dit", "mmdit", "temporal_unet", "wan")
+VIDEO_BACKBONES = ("temporal_unet", "wan")
 SPACES = ("pixel", "latent")
-TRANSFORMERS = ("dit", "mmdit")   # backbones of transformer blocks, which `remat` checkpoints
+TRANSFORMERS = ("dit", "mmdit", "wan")   # backbones of transformer blocks, which `remat` checkpoints
 # sub-configs: a dict of the module config's fields, or absent
-SUB_CONFIGS = ("unet", "dit", "mmdit", "temporal_unet", "temporal", "vae", "text_encoder")
+SUB_CONFIGS = ("unet", "dit", "mmdit", "temporal_unet", "wan", "temporal", "vae", "text_encoder")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """backbone: unet | dit | mmdit | temporal_unet, whose fields are in `unet` / `dit` / `mmdit` / `temporal_unet`
-    (UNetConfig, DiTConfig, SD3Config, TemporalUNetConfig; in/out channels and sample size come from the data
-    and the VAE; an MMDiT's text widths from the text encoder, whose states are its text tokens and whose pooled
-    state its pooled embedding).
+    """backbone: unet | dit | mmdit | temporal_unet | wan, whose fields are in `unet` / `dit` / `mmdit` /
+    `temporal_unet` / `wan` (UNetConfig, DiTConfig, SD3Config, TemporalUNetConfig, WanConfig; in/out channels and
+    sample size come from the data and the VAE; an MMDiT's text widths from the text encoder, whose states are its
+    text tokens and whose pooled state its pooled embedding; a Wan video transformer's text_dim from the text
+    encoder's states, its context; it trains with flow matching, text-to-video only).
     space: pixel | latent; vae: AutoencoderKLConfig fields + `checkpoint` (a vae run's workdir or a model
     folder that jaxdiff.training.export wrote, such as jaxdiff/assets/shapes). text_encoder: CLIPTextConfig
     fields + `checkpoint` (a clip run or model folder); absent: unconditional. A frozen part without a
@@ -45,6 +47,7 @@ class ModelConfig:
     dit: dict | None = None
     mmdit: dict | None = None
     temporal_unet: dict | None = None
+    wan: dict | None = None
     temporal: dict | None = None
     init_from: str = ""
     vae: dict | None = None
@@ -67,7 +70,7 @@ class ModelConfig:
         if self.remat and self.backbone not in TRANSFORMERS:
             raise ValueError(f"config.model.remat={self.remat!r} is for the transformer backbones "
                              f"({', '.join(TRANSFORMERS)}), not {self.backbone!r}")
-        if not self.video and getattr(self, self.backbone) is None:
+        if self.backbone != "temporal_unet" and getattr(self, self.backbone) is None:   # (an inflated one has none)
             raise ValueError(f"config.model.backbone={self.backbone!r} needs config.model.{self.backbone} (its fields)")
         if self.backbone == "mmdit" and not self.text:
             raise ValueError("config.model.backbone='mmdit' needs config.model.text_encoder (its text stream)")
@@ -82,21 +85,24 @@ class ModelConfig:
         if self.video:
             self._check_video()
         elif self.objective.frame_noise_correlation:
-            raise ValueError(f"config.model.frame_noise_correlation is for videos (backbone 'temporal_unet'), not "
-                             f"backbone {self.backbone!r}")
+            raise ValueError(f"config.model.frame_noise_correlation is for videos (backbone 'temporal_unet' or "
+                             f"'wan'), not backbone {self.backbone!r}")
         elif self.init_from and not (self.backbone == "unet" and self.latent and self.text):
             raise ValueError(f"config.model.init_from={self.init_from!r} is for a latent text-conditioned backbone "
                              f"'unet' (fine-tuning) or 'temporal_unet' (inflating an image U-Net), not "
                              f"{self.backbone!r} in {self.space!r} space{'' if self.text else ' without a text encoder'}")
 
     def _check_video(self) -> None:
-        what = "config.model.backbone='temporal_unet'"
+        what = f"config.model.backbone={self.backbone!r}"
         if not self.latent:
             raise ValueError(f"{what} trains in a VAE's latent space only: config.model.space={self.space!r} must be "
                              f"'latent'")
         if not self.text:
-            raise ValueError(f"{what} needs config.model.text_encoder (the video U-Net's cross-attention needs a text "
-                             f"context)")
+            raise ValueError(f"{what} needs config.model.text_encoder (the video model's cross-attention needs a "
+                             f"text context)")
+        if self.backbone == "wan":
+            self._check_wan(what)
+            return
         if bool(self.temporal_unet) == bool(self.init_from):
             raise ValueError(f"{what} needs exactly one of config.model.temporal_unet (a video U-Net from scratch) and "
                              f"config.model.init_from (a latent text-to-image run to inflate); got "
@@ -104,6 +110,18 @@ class ModelConfig:
         if self.temporal_unet and self.temporal:
             raise ValueError("config.model.temporal (overrides of an inflated U-Net) goes with config.model.init_from; "
                              "from scratch put those fields into config.model.temporal_unet")
+
+    def _check_wan(self, what: str) -> None:
+        if self.init_from or self.temporal:
+            raise ValueError(f"{what} trains from scratch: config.model.init_from and config.model.temporal inflate "
+                             f"an image U-Net into a 'temporal_unet'")
+        if self.objective.prediction_type != "flow":
+            raise ValueError(f"{what} trains with flow matching: config.model.prediction_type="
+                             f"{self.objective.prediction_type!r} must be 'flow'")
+        image = sorted(set(self.wan) & {"image_dim", "added_kv_proj_dim", "pos_embed_seq_len"})
+        if image:
+            raise ValueError(f"config.model.wan.{image[0]}: the recipe trains text-to-video Wan transformers; "
+                             f"image-to-video fields are not supported")
 
     @property
     def latent(self) -> bool:
@@ -115,7 +133,7 @@ class ModelConfig:
 
     @property
     def video(self) -> bool:
-        return self.backbone == "temporal_unet"
+        return self.backbone in VIDEO_BACKBONES
 
     @classmethod
     def of(cls, model) -> "ModelConfig":

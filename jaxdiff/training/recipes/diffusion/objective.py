@@ -22,7 +22,9 @@ class Objective:
     """schedule: a `jaxdiff.schedules` name; rescale_zero_terminal_snr (Lin et al. 2024): the beta schedule
     rescaled to end at SNR 0, so the last timestep is pure noise as at sampling (needs v_prediction or
     sample: x_0 is not recoverable from epsilon there). weighting: `losses.WEIGHTINGS`. Timesteps uniform
-    or logit-normal in t/N (Esser et al. 2024; a positive mean favours noisy steps).
+    or logit-normal in t/N (Esser et al. 2024; a positive mean favours noisy steps). flow_shift (flow matching):
+    SD3's time shift s -> shift s / (1 + (shift - 1) s) of the flow schedule, so training draws and samplers'
+    steps alike land on noisier sigmas for shift > 1 (Esser et al. 2024, section 5.3.2; diffusers' `shift`).
     frame_noise_correlation (videos): the fraction of the noise's variance shared by a clip's frames
     (PYoCo's mixed noise prior, `diffusion.frame_correlated_noise`)."""
     schedule: str = "scaled_linear"
@@ -34,6 +36,7 @@ class Objective:
     timestep_distribution: str = "uniform"
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
+    flow_shift: float = 1.0
     frame_noise_correlation: float = 0.0
 
     def __post_init__(self):
@@ -43,6 +46,11 @@ class Objective:
         if self.rescale_zero_terminal_snr and self.prediction_type not in ("v_prediction", "sample"):
             raise ValueError(f"config.model.rescale_zero_terminal_snr needs prediction_type 'v_prediction' or "
                              f"'sample' (x_0 cannot be recovered from {self.prediction_type!r} at SNR 0)")
+        if not (isinstance(self.flow_shift, (int, float)) and self.flow_shift > 0):
+            raise ValueError(f"config.model.flow_shift={self.flow_shift!r}: need a positive time shift")
+        if self.flow_shift != 1.0 and self.schedule != "flow_matching":
+            raise ValueError(f"config.model.flow_shift={self.flow_shift!r} shifts the flow_matching schedule, not "
+                             f"config.model.schedule={self.schedule!r}")
         r = self.frame_noise_correlation
         if not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
             raise ValueError(f"config.model.frame_noise_correlation={r!r}: need the fraction of the noise's variance "
@@ -56,6 +64,8 @@ class Objective:
     def make_schedule(self) -> schedules.Schedule:
         """The noise schedule; flow prediction and the flow_matching schedule go together."""
         extra = {"rescale_zero_terminal_snr": True} if self.rescale_zero_terminal_snr else {}
+        if self.flow_shift != 1.0:
+            extra["shift"] = float(self.flow_shift)
         schedule = schedules.get(self.schedule, self.num_train_timesteps, **extra)
         if (schedule.kind == "flow") != (self.prediction_type == "flow"):
             raise ValueError(f"config.model.prediction_type={self.prediction_type!r} does not fit "
