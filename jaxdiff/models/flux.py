@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.checks import config_from_diffusers, config_to_diffusers
 from jaxdiff.models.layers import checkpointed, constrain_tokens, dense
 from jaxdiff.models.transformer_layers import AdaLayerNormZero, modulate, rotary_table
 from jaxdiff.models.mmdit import JointAttention, JointTransformerBlock, TimestepTextEmbedding, ada_norm_continuous
@@ -67,24 +68,10 @@ class FluxConfig:
     def from_diffusers_config(cls, config: dict) -> "FluxConfig":
         """From a diffusers FluxTransformer2DModel `config.json` dict; an unknown field or an unsupported
         value raises CheckpointError naming it."""
-        from jaxdiff.convert.common import CheckpointError  # jaxdiff.convert imports the models
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise CheckpointError(f"FluxTransformer2DModel config fields {unknown} are unknown to jaxdiff; "
-                                  f"known: {', '.join(sorted(known))}")
-        try:
-            return cls(**{k: v for k, v in config.items() if k in known})
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
+        return config_from_diffusers(cls, config, "FluxTransformer2DModel")
 
     def to_diffusers_config(self) -> dict:
-        out = {"_class_name": "FluxTransformer2DModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return config_to_diffusers(self, "FluxTransformer2DModel")
 
 
 def pack(z):

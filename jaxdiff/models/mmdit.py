@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
+from jaxdiff.models.checks import config_from_diffusers, config_to_diffusers
 from jaxdiff.models.dit import unpatchify
 from jaxdiff.models.layers import (FeedForward, TimestepEmbedding, checkpointed, conv, constrain_tokens, dense,
                                    layer_norm, timestep_embedding)
@@ -98,30 +99,13 @@ class SD3Config:
     def from_diffusers_config(cls, config: dict) -> "SD3Config":
         """From a diffusers SD3Transformer2DModel `config.json` dict; an unknown field or an unsupported
         value raises CheckpointError naming it."""
-        from jaxdiff.convert.common import CheckpointError  # jaxdiff.convert imports the models
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for field, value in config.items():
-            if field.startswith("_"):
-                continue
-            if field not in known:
-                raise CheckpointError(f"SD3Transformer2DModel config field {field}={value!r} is unknown to jaxdiff; "
-                                      f"known: {', '.join(sorted(known))}")
-            kwargs[field] = value
-        if kwargs.get("out_channels", 0) is None:   # diffusers: None means in_channels
-            kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
+        # diffusers: out_channels None means in_channels
+        same = {"out_channels": config.get("in_channels", cls.in_channels)} if config.get("out_channels", 0) is None \
+            else {}
+        return config_from_diffusers(cls, config, "SD3Transformer2DModel", **same)
 
     def to_diffusers_config(self) -> dict:
-        out = {"_class_name": "SD3Transformer2DModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return config_to_diffusers(self, "SD3Transformer2DModel")
 
 
 def position_grid(n: int, grid: int, base_size: int, offset: int = 0) -> np.ndarray:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.models.attention import dot_product_attention
-from jaxdiff.models.checks import CheckpointError
+from jaxdiff.models.checks import config_from_diffusers, config_to_diffusers
 from jaxdiff.models.layers import (TimestepEmbedding, checkpointed, constrain_tokens, dense, layer_norm,
                                    timestep_embedding)
 from jaxdiff.models.temporal_unet import TEMPORAL_CONV_AXES
@@ -104,22 +104,10 @@ class WanConfig:
     def from_diffusers_config(cls, config: dict) -> "WanConfig":
         """From a diffusers WanTransformer3DModel `config.json` dict; an unknown field or an unsupported
         value raises CheckpointError naming it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise CheckpointError(f"WanTransformer3DModel config fields {unknown} are unknown to jaxdiff; "
-                                  f"known: {', '.join(sorted(known))}")
-        try:
-            return cls(**{k: v for k, v in config.items() if k in known})
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
+        return config_from_diffusers(cls, config, "WanTransformer3DModel")
 
     def to_diffusers_config(self) -> dict:
-        out = {"_class_name": "WanTransformer3DModel"}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return config_to_diffusers(self, "WanTransformer3DModel")
 
 
 def position_ids(frames: int, rows: int, cols: int) -> np.ndarray:
