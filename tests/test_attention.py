@@ -62,3 +62,48 @@ def test_additive_bias_and_scale_match_the_formula(dtype):
         expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(v, np.float64))
         np.testing.assert_allclose(out, expected, rtol=1e-12 if dtype == jnp.float64 else 2e-5,
                                    atol=0 if dtype == jnp.float64 else 2e-6)
+
+
+def formula(q, k, v, mask, bias, scale):
+    """The plain formula in jnp (differentiated by jax's own autodiff): the second code path for the gradients."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale + (0 if bias is None else bias)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("lq, per_query", [(12, True), (11, True), (11, False), (3, False)])
+def test_query_blocks_and_their_gradients_match_autodiff_of_the_formula(monkeypatch, lq, per_query):
+    """Blocked queries (strided blocks, zero-padded when Lq is not a multiple) with a per-query causal-style mask and
+    bias, or shared ones; values and gradients wrt q, k, v and the bias against jax's autodiff in float64."""
+    from jaxdiff.models import attention
+    monkeypatch.setattr(attention, "BLOCK_LOGITS", 2 * 3 * 4 * 7)  # 4 query rows per block of 2 x 3 heads x 7 keys
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(4), 5)
+        q = jax.random.normal(keys[0], (2, lq, 3, 4), jnp.float64)
+        k, v = (jax.random.normal(key, (2, 7, 3, 4), jnp.float64) for key in keys[1:3])
+        rows = lq if per_query else 1
+        bias = jax.random.normal(keys[3], (1, 3, rows, 7), jnp.float64)
+        mask = jnp.asarray(np.arange(7)[None, None, None, :] <= (np.arange(rows) % 7)[None, None, :, None]
+                           + np.array([0, 3])[:, None, None, None])
+        cotangent = jax.random.normal(keys[4], q.shape, jnp.float64)
+        assert attention._num_blocks(q, k) == -(-lq // 4)
+        ours = jax.vjp(lambda *a: dot_product_attention(*a[:3], mask, bias=a[3], scale=0.7), q, k, v, bias)
+        theirs = jax.vjp(lambda *a: formula(*a[:3], mask, a[3], 0.7), q, k, v, bias)
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-12, atol=1e-14)
+        for got, want in zip(ours[1](cotangent), theirs[1](cotangent)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_blocks_and_gradients_stay_close_to_float32(monkeypatch):
+    from jaxdiff.models import attention
+    monkeypatch.setattr(attention, "BLOCK_LOGITS", 64)
+    keys = jax.random.split(jax.random.key(5), 4)
+    q, k, v, g = (jax.random.normal(key, (1, 16, 2, 8)) for key in keys)
+    loss = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v).astype(jnp.float32) * g)
+    full = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    half = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    for a, b in zip(full, half):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(b, np.float32), a, atol=6e-2 * float(jnp.abs(a).max()))
