@@ -50,7 +50,7 @@ from jaxdiff.convert.diffusers import torch_key_of  # noqa: E402
 from jaxdiff.models import attention as attention_lib  # noqa: E402
 from jaxdiff.models import mmdit as mmdit_lib  # noqa: E402
 from bench_unet import interleaved_times, rel_err  # noqa: E402
-from report import write_section  # noqa: E402
+from report import program_flops, write_section  # noqa: E402
 
 # SD3-shaped and small: patch 2, 16 latent channels, 64-wide heads, text states and pooled vector wider than the
 # model as SD3's T5 (4096) and CLIP pooled (2048) are; base grid 32 and position table 48 (SD3: 64 and 96).
@@ -114,7 +114,8 @@ def compile_forward(model, params, inputs, stand_in: bool = False):
         compiled = forward.lower(params, *inputs).compile()
     out = jax.block_until_ready(compiled(params, *inputs))
     compile_s = time.perf_counter() - start
-    flops = compiled.cost_analysis().get("flops", float("nan"))
+    with attention_stand_in() if stand_in else contextlib.nullcontext():
+        flops = program_flops(forward, params, *inputs)
     return (lambda: jax.block_until_ready(compiled(params, *inputs))), compile_s, flops, compiled, out
 
 
@@ -123,10 +124,12 @@ def jax_runners(model, params, inputs, stand_in: bool = False):
     forward, compile_s, flops, _, out = compile_forward(model, params, inputs, stand_in)
     loss = lambda p, *a: jnp.mean(jnp.square(model.apply({"params": p}, *a)))
     with attention_stand_in() if stand_in else contextlib.nullcontext():
-        train = jax.jit(jax.value_and_grad(loss)).lower(params, *inputs).compile()
+        train = jax.jit(jax.value_and_grad(loss))
+        train_flops = program_flops(train, params, *inputs)
+        train = train.lower(params, *inputs).compile()
     _, grads = jax.block_until_ready(train(params, *inputs))
     return dict(forward=forward, train=lambda: jax.block_until_ready(train(params, *inputs)),
-                compile_s=compile_s, flops=flops, train_flops=train.cost_analysis().get("flops", float("nan")),
+                compile_s=compile_s, flops=flops, train_flops=train_flops,
                 out=np.asarray(out), grads=export_params(grads, torch_key_of))
 
 

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
+from jaxdiff.convert.common import read_config  # noqa: E402
 from report import write_section  # noqa: E402
 
 JAX_FIRST = """
@@ -77,7 +78,8 @@ def main():
     model = os.path.abspath(args.model)
     try:
         import diffusers  # noqa: F401
-        have_torch = True
+        # diffusers cannot load a folder whose tokenizer is jaxdiff's own (the shipped shapes model's WordTokenizer)
+        have_torch = read_config(model, "model_index.json")["tokenizer"][0] != "jaxdiff"
     except ImportError:
         have_torch = False
 
@@ -97,7 +99,10 @@ def main():
     print(meta)
     print(table)
     if not args.no_write:
-        write_section("Text-to-image pipeline", f"`python benchmarks/bench_pipeline.py`\n\n{meta}\n\n{table}\n")
+        default = model == os.path.abspath(p.get_default("model"))
+        write_section("Text-to-image pipeline" + ("" if default else f": {os.path.relpath(model)}"),
+                      f"`python benchmarks/bench_pipeline.py --model {os.path.relpath(model)} --steps {args.steps}`"
+                      f"\n\n{meta}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from jaxdiff.training.data import make_batches  # noqa: E402
 from jaxdiff.training.loop import _put, _setup_state  # noqa: E402
 from jaxdiff.training.optim import lr_schedule, make_optimizer  # noqa: E402
 from jaxdiff.training.steps import jit_train_step, make_train_step  # noqa: E402
-from report import write_section  # noqa: E402
+from report import program_flops, write_section  # noqa: E402
 
 
 def matmul_peak(n=2048, repeats=5) -> float:
@@ -102,8 +102,7 @@ def jax_unet_step(c, batch: int, ctx_len: int):
         up, opt_state = opt.update(g, opt_state, params)
         return optax.apply_updates(params, up), opt_state, loss
 
-    flops = step.lower(params, state[1], jax.random.key(0)).compile().cost_analysis()
-    flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
+    flops = program_flops(step, params, state[1], jax.random.key(0))
     n_params = sum(p.size for p in jax.tree.leaves(params))
 
     def run():

@@ -4,8 +4,8 @@ Memory-bound on CPU, so computed in query blocks with its own backward pass (Fla
 without the key blocking): each block's logits [B, H, Lq/n, Lk] stay small enough for the cache, the forward keeps
 only the output and the log-sum-exp per query, and the backward recomputes the block's probabilities and uses
 rowsum(dO * O) instead of a reduction over the probabilities. Against XLA's path (jax.nn.dot_product_attention,
-which holds and copies the whole [B, H, Lq, Lk] probabilities), measured on the 2-core CPU: 6x faster forward and
-7x faster forward + backward at 1024 tokens, 2.6x at 2304 (benchmarks/bench_profile.py shows the training step).
+which holds and copies the whole [B, H, Lq, Lk] probabilities), alone on the 2-core CPU: 6x faster forward and 7x
+faster forward + backward at [2, 1024, 4, 16], 2.9x and 2.6x at [2, 2304, 6, 64]; BENCHMARKS.md has the models.
 
 Long sequences (sequence parallelism): token activations carry the logical axis `length`, which the default rules
 split over the mesh's `context` axis. Query block j holds the queries j, j + n, j + 2n, ... (strided, not
