@@ -43,7 +43,7 @@ def get_config(variant: str = "shapes"):
         c.model.sample_steps = 3
         return c
     c.data = video_data("moving_shapes/32px-8f", 32)
-    # 3.1 s/step at batch 8 on the 2 shared cores (a 40-step smoke run: 0.32 steps/s, 21 frames/s): ~9 h
+    # 0.86 steps/s at batch 8 alone on the 2 cores (a 60-step smoke run, blocked attention; 0.32 before it): ~3.2 h
     c.steps, c.batch_size, c.ema_decay = 10000, 8, 0.999
     c.optim.lr, c.optim.warmup_steps = 3e-4, 500
     c.checkpoint_every, c.sample_every, c.log_every, c.keep_checkpoints = 500, 2000, 50, 3
