@@ -164,14 +164,18 @@ def test_diffusers_loads_our_export(tmp_path):
     np.testing.assert_array_equal(out.numpy().transpose(0, 2, 3, 1), io["sample"])
 
 
-def test_bfloat16_params_export_as_float32(tmp_path):
+def test_bfloat16_params_export_as_bfloat16(tmp_path):
+    """bfloat16 params are written as safetensors BF16 (half the bytes); they load back bit for bit, and as float32
+    to exactly their float32 values."""
     module, params = jd.convert.from_diffusers(str(FIXTURES / "vae"), param_dtype=jnp.bfloat16)
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
     jd.convert.to_diffusers(module, params, str(tmp_path))
-    assert load_file(str(tmp_path / WEIGHTS))["quant_conv.weight"].dtype == np.float32
+    assert load_file(str(tmp_path / WEIGHTS))["quant_conv.weight"].dtype == jnp.bfloat16
     _, reloaded = jd.convert.from_diffusers(str(tmp_path), param_dtype=jnp.bfloat16)
-    a, b = flat(params), flat(reloaded)
+    _, as_float32 = jd.convert.from_diffusers(str(tmp_path))
+    a, b, c = flat(params), flat(reloaded), flat(as_float32)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(c[k].dtype == np.float32 and np.array_equal(np.asarray(a[k], np.float32), c[k]) for k in a)
 
 
 TRANSFORMERS_FIXTURES = FIXTURES.parent / "transformers"

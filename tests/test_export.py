@@ -3,8 +3,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from jaxdiff.pipelines import TextToImage
 from jaxdiff.training import evaluate, export, load_params
@@ -97,3 +99,14 @@ def test_mmdit_run_exports_and_samples_as_its_own_transformer(runs, tmp_path):
     want = samplers.sample(model_fn, pipe.schedule, noise, key=jax.random.key(2), method="flow_euler", steps=4,
                            prediction_type="flow")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # --dtype bfloat16 halves the transformer's file; it loads back as exactly the bfloat16-rounded EMA
+    half = export.export_run(workdir, str(tmp_path / "model_bf16"), dtype="bfloat16")
+    weights = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in load_file(os.path.join(half, weights)).values()} == {np.dtype(jnp.bfloat16)}
+    assert json.load(open(os.path.join(half, "training.json")))["diffusion"]["stored_dtype"] == "bfloat16"
+    rounded = jax.tree.map(lambda p: np.asarray(jnp.asarray(p, jnp.bfloat16), np.float32), ema)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(TextToImage.from_pretrained(half).denoiser_params),
+                 rounded)
+    with pytest.raises(ValueError, match="dtype='float16'; choose one of: float32, bfloat16"):
+        export.export_run(workdir, str(tmp_path / "bad"), dtype="float16")

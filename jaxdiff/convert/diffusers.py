@@ -136,8 +136,6 @@ def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = Fa
     state_dict = export_params(nn.meta.unbox(params), torch_key_of)
     import_params(state_dict, param_shapes(module), torch_key_of)  # fails naming any wrong key or shape
     state_dict.update(fixed_buffers(module))
-    # safetensors' numpy writer has no bfloat16: store those as float32 (torch casts on load).
-    state_dict = {k: v.astype("float32") if v.dtype == jnp.bfloat16 else v for k, v in state_dict.items()}
     config = module.config.to_diffusers_config(jaxdiff_fields=True) if jaxdiff_fields else \
         module.config.to_diffusers_config()
     config["_diffusers_version"] = DIFFUSERS_FORMAT_VERSION

@@ -36,6 +36,8 @@ A LoRA run (configs/lora.py) exports its adapters as a diffusers LoRA folder ins
 `jaxdiff.convert.load_lora` read onto the base model, config.model.init_from), or with `--merge` its base
 model's pipeline folder with the adapters merged into the U-Net (and text encoder).
 
+`--dtype bfloat16` stores the denoiser's weights in bfloat16 (half the bytes; training.json records it).
+
 The folder is written next to `--out` and renamed into place when complete, so a failed export
 never leaves a half-written model, and an existing folder is replaced only with --overwrite.
 """
@@ -49,6 +51,7 @@ import sys
 import tempfile
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from jaxdiff import cli
@@ -106,6 +109,7 @@ class _Pipeline:
     model_index: dict    # further model_index.json entries
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: the denoiser's stored weights
 PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
     "unet": _Pipeline("text-to-image", "StableDiffusionPipeline", "unet", "UNet2DConditionModel",
                       {"safety_checker": [None, None], "feature_extractor": [None, None],
@@ -136,11 +140,14 @@ def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str
 
 
 def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema", task: str | None = None,
-               merge: bool = False) -> str:
+               merge: bool = False, dtype: str = "float32") -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
     config.model.backbone (`task`, if given, must be that one); returns `out`. `weights`: the checkpoint's 'ema'
-    (default) or trained 'params'. A LoRA run (configs/lora.py) writes its LoRA (`export_lora`), or with `merge`
-    the pipeline folder of its base model with the adapters merged in."""
+    (default) or trained 'params'. `dtype`: the denoiser's stored weights, 'float32' or 'bfloat16' (half the bytes;
+    loading casts them to the model's dtype). A LoRA run (configs/lora.py) writes its LoRA (`export_lora`), or with
+    `merge` the pipeline folder of its base model with the adapters merged in."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of: {', '.join(DTYPES)}")
     config = read_run_config(workdir)
     if merge and "lora" not in config:
         raise ValueError(f"{workdir!r} is not a LoRA run (its config has no lora section): there is nothing to merge")
@@ -155,7 +162,7 @@ def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "
         raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
                          + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
-    return _export(workdir, out, overwrite, backbone, weights)
+    return _export(workdir, out, overwrite, backbone, weights, dtype)
 
 
 def export_lora(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
@@ -203,7 +210,8 @@ def _merged(config, adapters, unet_params, text_params):
                  for c, params in (("unet", unet_params), ("text_encoder", text_params)))
 
 
-def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str = "ema") -> str:
+def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str = "ema",
+            dtype: str = "float32") -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
@@ -250,6 +258,8 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
         base = sources.ema_params(_lora_base(config, workdir), "unet")
         denoiser_params, text_params = _merged(config, denoiser_params, base, text_params)
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
+    denoiser_params = jax.tree.map(lambda p: jnp.asarray(p, DTYPES[dtype]), denoiser_params)
+    records["diffusion"]["stored_dtype"] = dtype
 
     def write(folder: str) -> None:
         to_diffusers(denoiser, denoiser_params, os.path.join(folder, pipeline.denoiser), jaxdiff_fields=video_unet)
@@ -317,12 +327,14 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--weights", choices=("ema", "params"), default="ema",
                    help="the checkpoint's EMA (default) or its trained parameters (a short fine-tune's EMA lags them)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="the denoiser's stored weights; bfloat16 halves the folder (loading casts back)")
     p.add_argument("--merge", action="store_true",
                    help="a LoRA run: write its base model's pipeline folder with the adapters merged in, instead of "
                         "the LoRA file")
     args = p.parse_args(argv)
     try:
-        print(export_run(args.workdir, args.out, args.overwrite, args.weights, merge=args.merge))
+        print(export_run(args.workdir, args.out, args.overwrite, args.weights, merge=args.merge, dtype=args.dtype))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         if cli.debugging(argv):
             raise
