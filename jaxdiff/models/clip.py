@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models.checks import CheckpointError, check_supported
 from jaxdiff.models.attention import dot_product_attention
+from jaxdiff.models.layers import flat_dot_general
 
 Dtype = Any
 
@@ -183,6 +184,7 @@ class CLIPConfig:
 def _dense(features: int, axes: tuple[str | None, str | None], dtype, param_dtype, name: str,
            use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    dot_general=flat_dot_general,
                     kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes))
 
 
