@@ -3,17 +3,21 @@ the text tokens and the image's patch tokens attend jointly in every block, each
 (2-D sin-cos positions), trained with rectified flow and logit-normal timesteps.
 
   python -m train --config configs/mmdit.py --workdir runs/mmdit_shapes        # on the shapes data
+  python -m train --config configs/mmdit.py:t5 --workdir runs/mmdit_t5           # text from a T5 trained alongside
   python -m train --config configs/mmdit.py:tiny --workdir /tmp/mmdit           # seconds, synthetic squares
 
 `shapes` works in the shipped model's VAE latent space (16x16x4 for 32 px images) and reads the shipped
-CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes.
+CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes. `t5` reads instead the states of a
+bidirectional T5 encoder (4 layers, 128 wide) trained from scratch with the transformer, the frozen CLIP giving
+only the pooled embedding (Flux's split): every caption word sees every other before the image does, where the
+causal CLIP's state of the first object cannot see the relation word after it. `tiny_t5`: the tiny run so.
 """
 from configs import common
 from configs.latent_diffusion import SCALING_FACTOR
 from jaxdiff.pipelines import SHAPES_MODEL as SHIPPED
 from jaxdiff.training.config import base_config
 
-VARIANTS = ("shapes", "tiny")
+VARIANTS = ("shapes", "t5", "tiny", "tiny_t5")
 
 
 def get_config(variant: str = "shapes"):
@@ -22,13 +26,15 @@ def get_config(variant: str = "shapes"):
     c = base_config()
     c.recipe = "diffusion"
     c.model = common.diffusion_model("mmdit", "latent", prediction_type="flow", guidance_scale=5.0)
-    if variant == "tiny":
+    if variant.startswith("tiny"):
         common.tiny_run(c)
         c.model.mmdit = dict(patch_size=2, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                              caption_projection_dim=16, pos_embed_max_size=None)
         c.model.vae = dict(common.tiny_vae(), checkpoint="")
         c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
         c.model.sample_steps = 5
+        if variant == "tiny_t5":
+            c.model.t5 = dict(d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=2, feed_forward_proj="gated-gelu")
         return c
     c.data = common.shapes_data()
     c.steps, c.batch_size = 20000, 32
@@ -40,4 +46,6 @@ def get_config(variant: str = "shapes"):
                        scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint=SHIPPED)
+    if variant == "t5":
+        c.model.t5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
     return c

@@ -354,15 +354,16 @@ class WordTokenizer:
 
 class MultiTokenizer:
     """Several tokenizers, each to its own length: prompts -> a tuple of input_ids arrays [B, length_i], the
-    ids of a pipeline with several text encoders (`jaxdiff.models.text_encoders`)."""
+    ids of a pipeline with several text encoders (`jaxdiff.models.text_encoders`). A length of None: the
+    tokenizer's own fixed one (a `WordTokenizer`'s)."""
 
-    def __init__(self, tokenizers: Sequence, lengths: Sequence[int]):
+    def __init__(self, tokenizers: Sequence, lengths: Sequence[int | None]):
         if len(tokenizers) != len(lengths):
             raise ValueError(f"{len(tokenizers)} tokenizers but {len(lengths)} lengths")
         self.tokenizers, self.lengths = tuple(tokenizers), tuple(lengths)
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, ...]:
-        return tuple(t(texts, max_length=n) for t, n in zip(self.tokenizers, self.lengths))
+        return tuple(t(texts) if n is None else t(texts, max_length=n) for t, n in zip(self.tokenizers, self.lengths))
 
 
 def clean_prompt(text: str) -> str:

@@ -110,3 +110,53 @@ def test_mmdit_run_exports_and_samples_as_its_own_transformer(runs, tmp_path):
                  rounded)
     with pytest.raises(ValueError, match="dtype='float16'; choose one of: float32, bfloat16"):
         export.export_run(workdir, str(tmp_path / "bad"), dtype="float16")
+
+
+def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, tmp_path):
+    """configs/mmdit.py:tiny_t5 trains a T5 encoder beside the MMDiT (the loss's gradient reaches it; the CLIP stays
+    frozen); the export adds text_encoder_2/ (T5EncoderModel) and tokenizer_2/, and the loaded folder's text
+    conditioning (T5's states, CLIP's pooled state) equals the recipe's on the run's EMA weights."""
+    from flax import linen as nn
+
+    from configs import mmdit as mmdit_config
+    from jaxdiff.models.t5 import T5EncoderModel
+    from jaxdiff.models.text_encoders import FluxTextEncoders
+    from jaxdiff.training import train
+    from jaxdiff.training.recipes.diffusion import Diffusion
+
+    c = mmdit_config.get_config("tiny_t5")
+    ld = evaluate.read_run_config(runs["ld"])
+    c.data, c.model.vae, c.model.text_encoder = ld.data, ld.model.vae, ld.model.text_encoder
+    c.model.mmdit.sample_size = 8
+    # 3 steps: from the zero-initialised output layer and gates, the third update opens the path to the text
+    c.steps, c.checkpoint_every, c.sample_every = 3, 0, 0
+    workdir = str(tmp_path / "run")
+    train(c, workdir)
+    d = Diffusion(c, data_spec(c.data))
+    frozen = jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen))
+    params = jax.tree.map(jnp.asarray, load_params(workdir, "params"))
+    assert set(params) == {"denoiser", "t5"}
+    batch = {"image": jnp.zeros((2, 16, 16, 3)), "tokens": jnp.asarray(d.spec.tokenize(["a red circle"] * 2))}
+    grads = jax.grad(lambda p: d.loss(p, frozen, batch, jax.random.key(1), 0)[0])(params)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["t5"]))
+    out = export.export_text_to_image(workdir, str(tmp_path / "model"))
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert index["tokenizer_2"] == ["jaxdiff", "WordTokenizer"]
+    pipe = TextToImage.from_pretrained(out)
+    assert isinstance(pipe.text_encoder, FluxTextEncoders) and isinstance(pipe.text_encoder.text_encoder_2,
+                                                                          T5EncoderModel)
+    ema = load_params(workdir, "ema")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.denoiser_params), ema["denoiser"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.text_params["text_encoder_2"]), ema["t5"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.text_params["text_encoder"]),
+                 load_params(runs["clip"], "ema")["text_model"])
+    prompts = ["a red circle to the left of a blue square", "a blue square to the left of a red circle"]
+    ids = pipe.tokenize(prompts)
+    got = pipe.text_encoder.apply({"params": pipe.text_params}, ids)
+    want = d.encode_text(ema, frozen, jnp.asarray(d.spec.tokenize(prompts)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # the bidirectional T5 states of the first object differ with the words after it (the causal CLIP's cannot)
+    assert float(jnp.abs(got[0][0, 1:4] - got[0][1, 1:4]).max()) > 1e-3
+    assert pipe.generate(prompts[:1], steps=2, seed=0)["images"].shape == (1, 16, 16, 3)

@@ -319,7 +319,7 @@ def test_wan_run_exports_and_samples_as_its_flow_euler_sampler(wan_run, tmp_path
 
     d = Diffusion(c, data_spec(c.data))
     frozen = jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen))
-    encode = lambda ids: d.encoder.apply({"params": frozen["text"]}, jnp.asarray(ids))[0]
+    encode = lambda ids: d.encode_text(ema, frozen, jnp.asarray(ids))
     apply_fn = lambda x, t, ctx: d.net.apply({"params": ema}, x, t, ctx)
     model_fn = guidance.cfg(apply_fn, encode(d.spec.tokenize(prompts)), encode(d.spec.tokenize(["", ""])), 3.0)
     noise = jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 4))

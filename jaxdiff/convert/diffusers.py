@@ -41,7 +41,7 @@ from jaxdiff.models.unet import UNet2DCondition, UNetConfig
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.models.wan import WanConfig, WanTransformer3D
 from jaxdiff.models.wan_vae import AutoencoderKLWan, AutoencoderKLWanConfig
-from jaxdiff.tokenizers import MultiTokenizer, T5Tokenizer, WanTokenizer, load_tokenizer
+from jaxdiff.tokenizers import MultiTokenizer, T5Tokenizer, WanTokenizer, WordTokenizer, load_tokenizer
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # Written as `_diffusers_version`: the config layout we emit is the one of this release.
@@ -221,6 +221,9 @@ def _text_conditioning(path: str, index: dict, denoiser, *load_args) -> tuple:
         _widths(path, [("the text encoder's hidden_size", width, f"the denoiser's {field}", getattr(c, field))
                        for field in fields])
         return modules["text_encoder"], params["text_encoder"], tokenizers["text_encoder"]
+    if isinstance(denoiser, SD3Transformer2D) and names == ["text_encoder", "text_encoder_2"] \
+            and isinstance(modules["text_encoder_2"], T5EncoderModel):
+        return _mmdit_t5_conditioning(path, modules, params, tokenizers, c)
     t5 = modules.get({SD3Transformer2D: "text_encoder_3", FluxTransformer2D: "text_encoder_2"}.get(type(denoiser)))
     clips = [tokenizers[n] for n in names if isinstance(modules[n], (CLIPTextModel, CLIPTextModelWithProjection))]
     lengths = [t.model_max_length for t in clips] + ([T5_LENGTH[type(denoiser)]] if t5 is not None else [])
@@ -260,6 +263,23 @@ def _text_conditioning(path: str, index: dict, denoiser, *load_args) -> tuple:
                               f"supported; supported: SD3 and Flux folders, and SDXL's (a text_time U-Net on "
                               f"text_encoder and text_encoder_2)")
     return module, params, tokenizer
+
+
+def _mmdit_t5_conditioning(path: str, modules: dict, params: dict, tokenizers: dict, c) -> tuple:
+    """jaxdiff's MMDiT folders with a T5 trained beside the transformer (`config.model.t5`): T5's states are the text
+    tokens and CLIP's pooled state the pooled embedding, as Flux reads its two encoders (`FluxTextEncoders`); both
+    tokenizers are the captions' WordTokenizer."""
+    clip, t5 = modules["text_encoder"], modules["text_encoder_2"]
+    _need(path, "an MMDiT on CLIP and T5", [("text_encoder", clip, CLIPTextModel)])
+    _widths(path, [("CLIP's hidden_size", clip.config.hidden_size, "the transformer's pooled_projection_dim",
+                    c.pooled_projection_dim),
+                   ("T5's d_model", t5.config.d_model, "the transformer's joint_attention_dim", c.joint_attention_dim)])
+    words = [t for t in tokenizers.values() if isinstance(t, WordTokenizer)]
+    if len(words) != 2:
+        raise CheckpointError(f"pipeline {path!r}: an MMDiT on CLIP and T5 reads caption-vocabulary tokens; "
+                              f"tokenizer/ and tokenizer_2/ must both be WordTokenizers")
+    return (FluxTextEncoders(clip, t5), params,
+            MultiTokenizer([tokenizers["text_encoder"], tokenizers["text_encoder_2"]], [None, None]))
 
 
 def _wan_conditioning(path: str, index: dict, denoiser: WanTransformer3D, vae: AutoencoderKLWan, *load_args) -> tuple:
@@ -315,7 +335,7 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     its force_zeros_for_empty_prompt); SD3 / SD3.5 (StableDiffusion3Pipeline: CLIP-L, CLIP-G and T5, or no T5 when
     the folder has none, as diffusers runs it); Flux (FluxPipeline: CLIP-L and T5); jaxdiff's own MMDiT folders
     (SD3Transformer2DModel on one CLIP whose states are its text tokens and whose pooled state its pooled
-    embedding). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
+    embedding, or with a trained T5 in text_encoder_2/ whose states are the text tokens instead). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
     `denoiser_type=(TemporalUNet, WanTransformer3D)` loads text-to-video folders: diffusers' TextToVideoSDPipeline,
     and Wan 2.1's WanPipeline / WanImageToVideoPipeline (UMT5, the causal video VAE, and for image-to-video CLIP
     vision's image_encoder/ with its image_processor/, as one `WanEncoders` module: see `_wan_conditioning`), and

@@ -20,6 +20,8 @@ The run's `config.model.backbone` picks the pipeline:
 - `mmdit`: transformer/ an SD3Transformer2DModel on the one CLIP text encoder (its states the text tokens, its
   pooled state the pooled embedding) and a FlowMatchEulerDiscreteScheduler config; model_index.json names the
   class MMDiTPipeline (diffusers' StableDiffusion3Pipeline takes three text encoders); `TextToImage` loads it.
+  A run with a trained T5 encoder (`config.model.t5`) adds text_encoder_2/ (transformers' T5EncoderModel, whose
+  states are then the text tokens; CLIP gives the pooled embedding, as in FluxPipeline) and tokenizer_2/.
 - `temporal_unet`: TextToVideoSDPipeline (unet/ a UNet3DConditionModel, from scratch or inflated
   from the image run `config.model.init_from`, whose config.json must still be there);
   `TextToVideo.from_pretrained` loads it. The video U-Net's jaxdiff-only settings (frame position
@@ -60,6 +62,7 @@ from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.lora import apply_lora, save_lora
 from jaxdiff.convert.transformers import to_transformers
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
+from jaxdiff.models.t5 import T5EncoderModel
 from jaxdiff.training import sources
 from jaxdiff.training.checkpoint import latest_step, load_params
 from jaxdiff.training.evaluate import read_run_config
@@ -217,6 +220,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
     from jaxdiff.training.recipes.diffusion.backbones import network
     from jaxdiff.training.recipes.diffusion.config import ModelConfig
+    from jaxdiff.training.recipes.diffusion.latents import t5_config_for
 
     pipeline, video_unet = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
@@ -247,12 +251,16 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
                                      "sample_size": spec.image_size})
     latent_size = spec.image_size // vae_cfg.downsample_factor
     text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
+    t5 = T5EncoderModel(t5_config_for(m.t5.to_dict(), spec)) if m.get("t5") is not None else None
+    clip_width = text_encoder.config.hidden_size
     # The recipe's own builder: an inflated video U-Net's architecture comes from its image run.
     denoiser = network(ModelConfig.of(m), vae_cfg.latent_channels, latent_size, jnp.float32,
-                       text_encoder.config.hidden_size)
+                       t5.config.d_model if t5 else clip_width, clip_width)
     clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
     clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
     denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
+    if t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
+        denoiser_params, t5_params = denoiser_params["denoiser"], denoiser_params["t5"]
     text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
     if "lora" in config:   # the checkpoint holds adapters of the base U-Net (and text encoder); clip/ stays the base's
         base = sources.ema_params(_lora_base(config, workdir), "unet")
@@ -267,13 +275,18 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
         to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
         to_transformers(clip, clip_params, os.path.join(folder, "clip"))
         shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer"))
+        if t5:
+            to_transformers(t5, t5_params, os.path.join(folder, "text_encoder_2"))
+            shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer_2"))
         os.makedirs(os.path.join(folder, "scheduler"))
         _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(folder, "model_index.json"), {
             "_class_name": pipeline.class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
             pipeline.denoiser: ["diffusers", pipeline.denoiser_class], "vae": ["diffusers", "AutoencoderKL"],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
-            "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
+            "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index,
+            **({"text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["jaxdiff", "WordTokenizer"]}
+               if t5 else {})})
         _write_json(os.path.join(folder, "training.json"), relative_paths(records))
         write_checksums(folder)
 

@@ -1,7 +1,8 @@
 """Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a U-Net,
 a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video model, optionally
-conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et al. 2022) with caption dropout for
-classifier-free guidance (Ho & Salimans 2022); text-to-video and image-to-video with a TemporalUNet
+conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et al. 2022; an MMDiT also on a T5
+encoder trained alongside, `config.model.t5`) with caption dropout for classifier-free guidance (Ho &
+Salimans 2022); text-to-video and image-to-video with a TemporalUNet
 (ModelScope, Wang et al. 2023), text-to-video with Wan's video transformer (Wan Team 2025) on videos
 batch["image"] [B, T, H, W, 3].
 
@@ -24,7 +25,7 @@ from jaxdiff import diffusion, guidance, samplers
 from jaxdiff.training.lora import LoRAConfig, lora_task
 from jaxdiff.training.recipes.diffusion.backbones import backbone
 from jaxdiff.training.recipes.diffusion.config import ModelConfig
-from jaxdiff.training.recipes.diffusion.latents import Latents, text_encoder, vae_config
+from jaxdiff.training.recipes.diffusion.latents import Latents, Text, vae_config
 from jaxdiff.training.task import Task, init_boxed, rebox
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,15 @@ class Diffusion:
         if self.latents:
             self.frozen["vae"] = self.latents.frozen(m.vae, size, f"{m.space} diffusion's vae", key(1))
             size, channels = size // self.latents.config.downsample_factor, self.latents.config.latent_channels
-        self.encoder = None
+        self.text = None
         if m.text:
-            self.encoder, self.frozen["text"] = text_encoder(m.text_encoder, spec, dtype,
-                                                             f"{m.space} diffusion's text", key(2))
+            self.text = Text(m, spec, dtype, f"{m.space} diffusion's text", key(2))
+            self.frozen["text"] = self.text.frozen
             self.empty = jnp.asarray(spec.empty_tokens, jnp.int32)
         self.emphasized = emphasis_ids(m, spec)
         self.mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
-        self.net, self.initial = backbone(m, channels, size, dtype, self.encoder.config.hidden_size if m.text else None)
+        self.net, self.initial = backbone(m, channels, size, dtype, *((self.text.width, self.text.pooled_width)
+                                                                      if m.text else ()))
         # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
         self.example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
         self.cond_channels = self.net.config.conditioning_frame_channels if m.backbone == "temporal_unet" else 0
@@ -76,26 +78,31 @@ class Diffusion:
             raise ValueError(f"config.model.wan.patch_size={patch} does not tile the latent videos' {self.example[0]} "
                              f"frames of {size}x{size}")
 
-    def encode_text(self, frozen, tokens):
-        states, pooled = self.encoder.apply({"params": frozen["text"]}, tokens)
+    def parts(self, params):
+        """(the network's params, the trained T5's or None): a run with config.model.t5 trains
+        {"denoiser": ..., "t5": ...}, any other the network's params alone."""
+        return (params["denoiser"], params["t5"]) if self.m.t5 is not None else (params, None)
+
+    def encode_text(self, params, frozen, tokens):
+        states, pooled = self.text.encode(self.parts(params)[1], frozen["text"], tokens)
         return (states, pooled) if self.mmdit else states
 
     def apply(self, params, x, t, ctx, **kwargs):
-        return self.net.apply({"params": params}, x, t, *(ctx if self.mmdit else (ctx,)), **kwargs)
+        return self.net.apply({"params": self.parts(params)[0]}, x, t, *(ctx if self.mmdit else (ctx,)), **kwargs)
 
     def fresh(self, key):
         """The network's random init (boxed)."""
         ctx = None
         if self.m.text:
-            width = self.encoder.config.hidden_size
-            ctx = jnp.zeros((1, self.spec.max_length, width))
-            ctx = (ctx, jnp.zeros((1, width))) if self.mmdit else ctx
+            ctx = jnp.zeros((1, self.spec.max_length, self.text.width))
+            ctx = (ctx, jnp.zeros((1, self.text.pooled_width))) if self.mmdit else ctx
         return init_boxed(self.net, key, jnp.zeros((1, *self.example)), jnp.zeros((1,)),
                           *(ctx if self.mmdit else (ctx,)))
 
     def init(self, key):
         params = self.fresh(key)
-        return params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
+        params = params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
+        return params if self.m.t5 is None else {"denoiser": params, "t5": self.text.init_t5(jax.random.fold_in(key, 1))}
 
     def base(self, key):
         """The U-Net a LoRA adapts, boxed: init_from's weights, or (smoke runs) a random init, warned."""
@@ -116,7 +123,7 @@ class Diffusion:
         context, net_kwargs, weights = None, {}, None
         if m.text:
             drop = jax.random.bernoulli(k_drop, m.caption_dropout, (x0.shape[0],))
-            context = self.encode_text(frozen, jnp.where(drop[:, None], self.empty[None], batch["tokens"]))
+            context = self.encode_text(params, frozen, jnp.where(drop[:, None], self.empty[None], batch["tokens"]))
         if self.cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
             keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.image_dropout, (x0.shape[0],))
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
@@ -134,8 +141,8 @@ class Diffusion:
         noise = diffusion.frame_correlated_noise(key, (n, *self.example), correlation)
         apply_fn = lambda x, t, ctx: self.apply(params, x, t, ctx)
         if m.text:
-            context = self.encode_text(frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
-            uncond = self.encode_text(frozen, jnp.broadcast_to(self.empty, (n, self.empty.size)))
+            context = self.encode_text(params, frozen, jnp.asarray(spec.tokenize(list(spec.preview_prompts))))
+            uncond = self.encode_text(params, frozen, jnp.broadcast_to(self.empty, (n, self.empty.size)))
             model_fn = guidance.cfg(apply_fn, context, uncond, m.guidance_scale)
         else:
             model_fn = lambda x, t: apply_fn(x, t, None)

@@ -34,17 +34,20 @@ def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[Tempora
     return TemporalUNet(inflated_config(unet.config, **(m.temporal or {})), dtype=dtype), unet
 
 
-def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
+def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None,
+            pooled_width: int | None = None):
     """The denoising network of `m` on `channels` x size x size latents (no weights: an inflated video U-Net's
-    architecture is read from its image run's config). `text_width`: the text encoder's state width (an MMDiT's
-    joint_attention_dim and pooled_projection_dim, a Wan transformer's text_dim)."""
+    architecture is read from its image run's config). `text_width`: the text states' width (an MMDiT's
+    joint_attention_dim, a Wan transformer's text_dim); `pooled_width`: the pooled text embedding's (an MMDiT's
+    pooled_projection_dim; default text_width)."""
     fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "wan":
         return WanTransformer3D(WanConfig(**{**m.wan, "in_channels": channels, "out_channels": channels,
                                              "text_dim": text_width}), dtype=dtype, remat=m.remat)
     if m.backbone == "mmdit":
         return SD3Transformer2D(SD3Config(**{**m.mmdit, **fields, "joint_attention_dim": text_width,
-                                             "pooled_projection_dim": text_width}), dtype=dtype, remat=m.remat)
+                                             "pooled_projection_dim": pooled_width or text_width}),
+                                dtype=dtype, remat=m.remat)
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit, **fields}), dtype=dtype, remat=m.remat)
     if m.backbone == "unet":
@@ -52,13 +55,14 @@ def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | N
     return video_unet(m, channels, size, dtype)[0]
 
 
-def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None):
+def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None,
+             pooled_width: int | None = None):
     """(`network(...)`, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh random init:
     the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet), Wan's training init (wan))."""
     if m.backbone == "wan":
         return network(m, channels, size, dtype, text_width), wan_training_init
     if not m.init_from:
-        return network(m, channels, size, dtype, text_width), None
+        return network(m, channels, size, dtype, text_width, pooled_width), None
     if m.backbone == "unet":
         net, source = image_unet(m.unet, channels, size, dtype), source_unet(m, size, dtype)
         if source.config != net.config:

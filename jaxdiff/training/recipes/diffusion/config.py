@@ -17,7 +17,7 @@ VIDEO_BACKBONES = ("temporal_unet", "wan")
 SPACES = ("pixel", "latent")
 TRANSFORMERS = ("dit", "mmdit", "wan")   # backbones of transformer blocks, which `remat` checkpoints
 # sub-configs: a dict of the module config's fields, or absent
-SUB_CONFIGS = ("unet", "dit", "mmdit", "temporal_unet", "wan", "temporal", "vae", "text_encoder")
+SUB_CONFIGS = ("unet", "dit", "mmdit", "temporal_unet", "wan", "temporal", "vae", "text_encoder", "t5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,10 @@ class ModelConfig:
     folder that jaxdiff.training.export wrote, such as jaxdiff/assets/shapes). text_encoder: CLIPTextConfig
     fields + `checkpoint` (a clip run or model folder); absent: unconditional. A frozen part without a
     checkpoint is randomly initialised (for tests and smoke runs) and says so.
+    t5 (backbone mmdit): T5Config fields of a bidirectional T5 encoder trained from scratch with the denoiser, over
+    the captions' vocabulary: its states are the MMDiT's text stream and the frozen CLIP keeps only the pooled
+    embedding (Flux's split of the two encoders); its params train beside the network's
+    (`{"denoiser": ..., "t5": ...}`).
     init_from: a latent text-to-image run or model folder whose EMA U-Net is the start: fine-tuned as it is
     (backbone unet, same U-Net config), or inflated into a video U-Net (backbone temporal_unet; `temporal`
     holds the video-only TemporalUNetConfig fields).
@@ -52,6 +56,7 @@ class ModelConfig:
     init_from: str = ""
     vae: dict | None = None
     text_encoder: dict | None = None
+    t5: dict | None = None
     caption_dropout: float = 0.1
     emphasis_words: tuple = ()
     emphasis_weight: float = 1.0
@@ -74,6 +79,10 @@ class ModelConfig:
             raise ValueError(f"config.model.backbone={self.backbone!r} needs config.model.{self.backbone} (its fields)")
         if self.backbone == "mmdit" and not self.text:
             raise ValueError("config.model.backbone='mmdit' needs config.model.text_encoder (its text stream)")
+        if self.t5 is not None and not (self.backbone == "mmdit" and self.text):
+            raise ValueError(f"config.model.t5 (a trained T5 text encoder) is for backbone 'mmdit' beside a CLIP "
+                             f"config.model.text_encoder (its pooled embedding), not backbone {self.backbone!r}"
+                             f"{'' if self.text else ' without a text encoder'}")
         if self.latent and self.vae is None:
             raise ValueError("config.model.space='latent' needs config.model.vae")
         for name in ("caption_dropout", "image_dropout"):

@@ -1,5 +1,7 @@
 """The frozen parts of latent diffusion: the VAE that maps images (and every frame of a video) to scaled
-latents and back, and the text encoder; each loaded from a run or model folder, or randomly initialised."""
+latents and back, and the text encoder; each loaded from a run or model folder, or randomly initialised.
+`Text` is the run's text conditioning: the frozen CLIP, and with config.model.t5 a T5 encoder trained beside
+the denoiser."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
+from jaxdiff.models.t5 import T5Config, T5EncoderModel
+from jaxdiff.models.text_encoders import FluxTextEncoders
 from jaxdiff.models.vae import sample_posterior
 from jaxdiff.training import sources
 from jaxdiff.training.recipes.clip import text_config_for
@@ -73,3 +77,32 @@ def text_encoder(fields: dict, spec, dtype, what: str, key) -> tuple[CLIPTextMod
     params = frozen_params(encoder, (jnp.zeros((1, spec.max_length), jnp.int32),), fields.get("checkpoint", ""),
                            "text_encoder", what, key)
     return encoder, params
+
+
+def t5_config_for(fields: dict, spec) -> T5Config:
+    """A T5 encoder config from `fields`, with the vocabulary and special ids of the data's tokenizer."""
+    return T5Config(**{**fields, "vocab_size": spec.vocab_size, "pad_token_id": spec.pad_token_id,
+                       "eos_token_id": spec.eos_token_id})
+
+
+class Text:
+    """The text conditioning of a run with config.model.text_encoder: `encode(t5_params, clip_params, tokens)` ->
+    (states [B, L, width], pooled [B, pooled_width]). The frozen CLIP gives both; with config.model.t5 the
+    trained T5 encoder gives the states and CLIP the pooled state, as `FluxTextEncoders` reads an exported
+    folder's text_encoder/ (CLIP) and text_encoder_2/ (T5)."""
+
+    def __init__(self, m, spec, dtype, what: str, key):
+        self.clip, self.frozen = text_encoder(m.text_encoder, spec, dtype, what, key)
+        self.t5 = None if m.t5 is None else T5EncoderModel(t5_config_for(m.t5, spec), dtype=dtype)
+        self.length, self.pooled_width = spec.max_length, self.clip.config.hidden_size
+        self.width = self.t5.config.d_model if self.t5 else self.pooled_width
+
+    def init_t5(self, key):
+        """The trained T5's random init (boxed)."""
+        return init_boxed(self.t5, key, jnp.zeros((1, self.length), jnp.int32))
+
+    def encode(self, t5_params, clip_params, tokens):
+        if self.t5 is None:
+            return self.clip.apply({"params": clip_params}, tokens)
+        return FluxTextEncoders(self.clip, self.t5).apply(
+            {"params": {"text_encoder": clip_params, "text_encoder_2": t5_params}}, (tokens, tokens))
