@@ -31,6 +31,7 @@ def rebox(values, boxed_abstract):
     return treedef.unflatten([b.replace_boxed(v) if is_box(b) else v for b, v in zip(flat_boxes, flat_values)])
 
 
-def init_boxed(module, key, *args, **kwargs):
-    """module.init(...)['params'] (boxed)."""
-    return module.init(key, *args, **kwargs)["params"]
+def init_boxed(module, key, *args):
+    """module.init(key, *args)['params'] (boxed), compiled as one program: run op by op (a frozen part's random
+    init outside the jitted train state), a module's init compiles hundreds of small programs."""
+    return jax.jit(lambda k, a: module.init(k, *a)["params"])(key, args)
