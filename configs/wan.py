@@ -19,7 +19,11 @@ from configs.latent_diffusion import SCALING_FACTOR, SHIPPED
 from configs.video_diffusion import PREVIEW_PROMPTS, TINY_DATA, video_data
 from jaxdiff.training.config import base_config
 
-VARIANTS = ("shapes", "tiny")
+VARIANTS = ("shapes", "t5", "tiny", "tiny_t5")
+# `t5`: the Wan transformer cross-attends to a bidirectional T5 encoder trained with it (Wan's UMT5 role) instead of
+# the frozen CLIP, whose states barely tell "moving left" from "moving right" (docs/video.md)
+T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
+TINY_T5 = dict(d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=2, feed_forward_proj="gated-gelu")
 # SD3's resolution rule for the time shift, sqrt(tokens / 256) (Esser et al. 2024, 5.3.2): 512 patch tokens per
 # video; the mmdit recipe's 256-token images train unshifted.
 FLOW_SHIFT = 2.0 ** 0.5
@@ -32,7 +36,7 @@ def get_config(variant: str = "shapes"):
     c.recipe = "diffusion"
     c.model = common.diffusion_model("wan", "latent", prediction_type="flow", flow_shift=FLOW_SHIFT,
                                      guidance_scale=5.0)
-    if variant == "tiny":
+    if variant.startswith("tiny"):
         common.tiny_run(c)
         c.data = video_data(TINY_DATA, 16, prompts=PREVIEW_PROMPTS[:2])
         c.batch_size, c.optim.lr = 4, 3e-3
@@ -41,6 +45,8 @@ def get_config(variant: str = "shapes"):
         c.model.vae = dict(common.tiny_vae(), checkpoint="")
         c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
         c.model.sample_steps = 3
+        if variant == "tiny_t5":
+            c.model.t5, c.model.text_encoder = TINY_T5, None
         return c
     c.data = video_data("moving_shapes/32px-8f", 32)
     # 0.86 steps/s at batch 8 alone on the 2 cores (a 60-step smoke run, blocked attention; 0.32 before it): ~3.2 h
@@ -53,4 +59,6 @@ def get_config(variant: str = "shapes"):
                        scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint=SHIPPED)
+    if variant == "t5":
+        c.model.t5, c.model.text_encoder = T5, None
     return c

@@ -315,21 +315,28 @@ class WordTokenizer:
 
         return cls(caption_vocabulary(), max_length)
 
-    def __call__(self, texts: str | Sequence[str], return_attention_mask: bool = False):
-        """texts -> input_ids [B, max_length] int32 (and the mask, 1 = real token, if asked)."""
+    def __call__(self, texts: str | Sequence[str], max_length: int | None = None, return_attention_mask: bool = False):
+        """texts -> input_ids [B, max_length] int32 (and the mask, 1 = real token, if asked); max_length defaults
+        to the tokenizer's own."""
+        max_length = max_length or self.max_length
         rows = []
         for text in _as_list(texts):  # a loop, not a comprehension: warnings point at the caller
-            rows.append(self._encode(text))
-        return _pack(rows, self.max_length, self.pad_token_id, return_attention_mask)
+            rows.append(self._encode(text, max_length))
+        return _pack(rows, max_length, self.pad_token_id, return_attention_mask)
 
-    def _encode(self, text: str) -> list[int]:
+    @property
+    def model_max_length(self) -> int:
+        """The length its model was trained on (as CLIP's and T5's tokenizers name it)."""
+        return self.max_length
+
+    def _encode(self, text: str, max_length: int) -> list[int]:
         words = WORD_PATTERN.findall(text.lower())
         unknown = sorted({w for w in words if w not in self._ids})
         if unknown:
             warnings.warn(f"words not in the vocabulary, mapped to <unk>: {unknown} (in {text!r})", stacklevel=3)
-        if len(words) > self.max_length - 2:
-            _warn_truncated(text, " ".join(words[self.max_length - 2:]), self.max_length, stacklevel=3)
-            words = words[:self.max_length - 2]
+        if len(words) > max_length - 2:
+            _warn_truncated(text, " ".join(words[max_length - 2:]), max_length, stacklevel=3)
+            words = words[:max_length - 2]
         return [self.bos_token_id, *(self._ids.get(w, self.unk_token_id) for w in words), self.eos_token_id]
 
     def decode(self, ids) -> str:
@@ -354,16 +361,15 @@ class WordTokenizer:
 
 class MultiTokenizer:
     """Several tokenizers, each to its own length: prompts -> a tuple of input_ids arrays [B, length_i], the
-    ids of a pipeline with several text encoders (`jaxdiff.models.text_encoders`). A length of None: the
-    tokenizer's own fixed one (a `WordTokenizer`'s)."""
+    ids of a pipeline with several text encoders (`jaxdiff.models.text_encoders`)."""
 
-    def __init__(self, tokenizers: Sequence, lengths: Sequence[int | None]):
+    def __init__(self, tokenizers: Sequence, lengths: Sequence[int]):
         if len(tokenizers) != len(lengths):
             raise ValueError(f"{len(tokenizers)} tokenizers but {len(lengths)} lengths")
         self.tokenizers, self.lengths = tuple(tokenizers), tuple(lengths)
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, ...]:
-        return tuple(t(texts) if n is None else t(texts, max_length=n) for t, n in zip(self.tokenizers, self.lengths))
+        return tuple(t(texts, max_length=n) for t, n in zip(self.tokenizers, self.lengths))
 
 
 def clean_prompt(text: str) -> str:
@@ -379,9 +385,10 @@ def clean_prompt(text: str) -> str:
 
 class WanTokenizer:
     """UMT5's tokenizer as diffusers' Wan pipelines call it: each prompt cleaned (`clean_prompt`), then T5's ids
-    padded to `max_length` (their max_sequence_length, 512) with the attention mask."""
+    padded to `max_length` (their max_sequence_length, 512) with the attention mask. (jaxdiff's Wan folders on a
+    trained T5 wrap their WordTokenizer so.)"""
 
-    def __init__(self, tokenizer: T5Tokenizer, max_length: int = T5_DEFAULT_MAX_LENGTH):
+    def __init__(self, tokenizer: T5Tokenizer | WordTokenizer, max_length: int = T5_DEFAULT_MAX_LENGTH):
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

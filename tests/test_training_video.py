@@ -364,3 +364,36 @@ def test_wan_config_errors_are_named(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"config.model.wan.patch_size=\(1, 3, 3\) does not tile the latent "
                                          r"videos' 4 frames of 8x8"):
         recipes.build(c, data_spec(c.data))
+
+
+def test_wan_on_a_trained_t5_exports_it_as_its_text_encoder(data_dir, tmp_path):
+    """configs/wan.py:tiny_t5 trains a T5 encoder with the transformer (no CLIP); the export writes it as
+    text_encoder/ (T5EncoderModel) over the WordTokenizer, and the loaded folder reads it as Wan reads UMT5 (ids and
+    mask): its states equal the recipe's on the run's EMA weights, zero past each prompt's tokens."""
+    from jaxdiff.models.t5 import T5EncoderModel
+    from jaxdiff.models.text_encoders import WanEncoders
+
+    c = wan_config.get_config("tiny_t5")
+    c.model.vae = wan_config.get_config("shapes").model.vae
+    c.data.data_dir = data_dir
+    c.steps, c.checkpoint_every, c.sample_every = 3, 0, 0
+    result = train(c, str(tmp_path / "run"))
+    out = export.export_text_to_video(result.workdir, str(tmp_path / "model"))
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"] and "text_encoder_2" not in index
+    assert not os.path.exists(os.path.join(out, "clip"))
+    assert "clip" not in json.load(open(os.path.join(out, "training.json")))
+
+    pipe = TextToVideo.from_pretrained(out)
+    assert isinstance(pipe.text_encoder, WanEncoders) and isinstance(pipe.text_encoder.text_encoder, T5EncoderModel)
+    ema = load_params(result.workdir, "ema")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.denoiser_params), ema["denoiser"])
+    prompts = ["a red circle moving left", "a blue square moving up"]
+    states, _ = pipe.text_encoder.apply({"params": pipe.text_params}, pipe.tokenize(prompts))
+    d = Diffusion(c, data_spec(c.data))
+    want = d.encode_text(ema, jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen)),
+                         jnp.asarray(d.spec.tokenize(prompts)))
+    np.testing.assert_allclose(states, want, rtol=1e-5, atol=1e-6)
+    n = len(d.spec.tokenize(prompts[:1])[0].nonzero()[0])   # BOS, the words, EOS
+    assert not np.any(np.asarray(states)[0, n:]) and np.all(np.abs(np.asarray(states)[0, :n]).sum(-1) > 0)
+    assert pipe.generate(prompts[:1], steps=2, seed=0)["videos"].shape == (1, 4, 16, 16, 3)

@@ -213,6 +213,13 @@ def _text_conditioning(path: str, index: dict, denoiser, *load_args) -> tuple:
         raise CheckpointError(f"pipeline {path!r}: its U-Net reads a pooled text embedding and size ids "
                               f"(addition_embed_type='text_time', SDXL's) but the folder has one text encoder; an "
                               f"SDXL folder has text_encoder and text_encoder_2")
+    if len(names) == 1 and isinstance(denoiser, WanTransformer3D) and isinstance(modules["text_encoder"],
+                                                                                  T5EncoderModel):
+        # jaxdiff's Wan folders on a T5 trained with the transformer: read as Wan reads UMT5, over the captions' words
+        t5, tokenizer = modules["text_encoder"], tokenizers["text_encoder"]
+        _need(path, "a Wan transformer on a trained T5", [("tokenizer", tokenizer, WordTokenizer)])
+        _widths(path, [("T5's d_model", t5.config.d_model, "the transformer's text_dim", c.text_dim)])
+        return WanEncoders(t5), params, WanTokenizer(tokenizer, tokenizer.model_max_length)
     if len(names) == 1:  # Stable Diffusion 1/2, jaxdiff's MMDiT and Wan folders: one CLIP, its last states (and pooled)
         _need(path, "a one-encoder pipeline", [("text_encoder", modules["text_encoder"], CLIPTextModel)])
         width = modules["text_encoder"].config.hidden_size
@@ -279,7 +286,7 @@ def _mmdit_t5_conditioning(path: str, modules: dict, params: dict, tokenizers: d
         raise CheckpointError(f"pipeline {path!r}: an MMDiT on CLIP and T5 reads caption-vocabulary tokens; "
                               f"tokenizer/ and tokenizer_2/ must both be WordTokenizers")
     return (FluxTextEncoders(clip, t5), params,
-            MultiTokenizer([tokenizers["text_encoder"], tokenizers["text_encoder_2"]], [None, None]))
+            MultiTokenizer(words, [t.model_max_length for t in words]))
 
 
 def _wan_conditioning(path: str, index: dict, denoiser: WanTransformer3D, vae: AutoencoderKLWan, *load_args) -> tuple:
@@ -339,7 +346,8 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     `denoiser_type=(TemporalUNet, WanTransformer3D)` loads text-to-video folders: diffusers' TextToVideoSDPipeline,
     and Wan 2.1's WanPipeline / WanImageToVideoPipeline (UMT5, the causal video VAE, and for image-to-video CLIP
     vision's image_encoder/ with its image_processor/, as one `WanEncoders` module: see `_wan_conditioning`), and
-    jaxdiff's own Wan folders (a Wan transformer on an image VAE's per-frame latents and one CLIP's states).
+    jaxdiff's own Wan folders (a Wan transformer on an image VAE's per-frame latents and one CLIP's states, or a
+    trained T5's, read as UMT5 is).
 
     Several encoders become one module (`jaxdiff.models.text_encoders`) whose params are keyed by component
     name, with a `MultiTokenizer`. The text encoders go through `jaxdiff.convert.from_transformers`, the

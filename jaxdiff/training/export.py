@@ -32,6 +32,7 @@ The run's `config.model.backbone` picks the pipeline:
   FlowMatchEulerDiscreteScheduler config (the run's flow_shift); model_index.json names the class
   WanFrameVAEPipeline and says how it differs from diffusers' WanPipeline (an image VAE on every frame and CLIP's
   states instead of the causal video VAE and UMT5), which cannot run it; `TextToVideo.from_pretrained` loads it.
+  A Wan run on a trained T5 (`config.model.t5`) writes that T5 as text_encoder/ (T5EncoderModel) and no CLIP.
 
 A LoRA run (configs/lora.py) exports its adapters as a diffusers LoRA folder instead
 (`--out my_lora` -> my_lora/pytorch_lora_weights.safetensors, which diffusers' `pipe.load_lora_weights` and
@@ -124,8 +125,9 @@ PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
                      {"_note": "transformer/ is diffusers' WanTransformer3DModel, but unlike diffusers' WanPipeline "
                                "its latents are an image VAE's (vae/ AutoencoderKL encodes and decodes every frame "
                                "alone: one latent frame per video frame, scaled by scaling_factor, no latents_mean/"
-                               "std) and its text context is CLIP's last hidden states (text_encoder/ CLIPTextModel, "
-                               "tokenizer/ jaxdiff's WordTokenizer), not UMT5's; jaxdiff's TextToVideo runs it"}),
+                               "std) and its text context is CLIP's last hidden states (text_encoder/ CLIPTextModel) or "
+                               "a T5 trained with it (text_encoder/ T5EncoderModel), over jaxdiff's WordTokenizer "
+                               "(tokenizer/), not UMT5's; jaxdiff's TextToVideo runs it"}),
 }
 
 
@@ -225,11 +227,12 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     pipeline, video_unet = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
     m = config.model
-    if config.recipe != "diffusion" or m.get("space") != "latent" or "text_encoder" not in m \
+    has_clip, has_t5 = m.get("text_encoder") is not None, m.get("t5") is not None
+    if config.recipe != "diffusion" or m.get("space") != "latent" or not (has_clip or has_t5) \
             or m.get("backbone") != backbone:
         raise ValueError(f"{workdir!r} is not a latent {pipeline.task} run (recipe {config.recipe!r}, "
                          f"space {m.get('space')!r}, backbone {m.get('backbone')!r}, text encoder: "
-                         f"{'text_encoder' in m}; need recipe 'diffusion', space 'latent', backbone {backbone!r} "
+                         f"{has_clip or has_t5}; need recipe 'diffusion', space 'latent', backbone {backbone!r} "
                          f"and a text encoder)")
     if config.data.get("source") != "shapes":
         raise ValueError(f"data.source={config.data.get('source')!r}: only runs on captioned data (shapes) have a "
@@ -238,11 +241,14 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     scheduler = {**scheduler_config(m), "_diffusers_version": DIFFUSERS_FORMAT_VERSION}
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out!r} exists; pass overwrite=True (--overwrite) to replace it")
-    vae_source, clip_source = _frozen_run(m, "vae"), _frozen_run(m, "text_encoder")
+    vae_source = _frozen_run(m, "vae")
+    clip_source = _frozen_run(m, "text_encoder") if has_clip else None
     # what is loaded is what is recorded
     records = {"diffusion": {"step": latest_step(workdir), "weights": weights, "seed": config.seed,
                              "config": config.to_dict()},
-               "vae": sources.record(vae_source, "vae"), "clip": sources.record(clip_source, "clip")}
+               "vae": sources.record(vae_source, "vae")}
+    if has_clip:
+        records["clip"] = sources.record(clip_source, "clip")
     if m.get("init_from") and os.path.exists(m.init_from):   # the run it started from, with that one's history
         records["diffusion"]["init_from"] = sources.record(m.init_from, "unet")
     spec = data_spec(config.data)
@@ -250,21 +256,23 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
                                      "sample_size": spec.image_size})
     latent_size = spec.image_size // vae_cfg.downsample_factor
-    text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec))
-    t5 = T5EncoderModel(t5_config_for(m.t5.to_dict(), spec)) if m.get("t5") is not None else None
-    clip_width = text_encoder.config.hidden_size
+    text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec)) if has_clip else None
+    t5 = T5EncoderModel(t5_config_for(m.t5.to_dict(), spec)) if has_t5 else None
+    clip_width = text_encoder.config.hidden_size if has_clip else None
     # The recipe's own builder: an inflated video U-Net's architecture comes from its image run.
     denoiser = network(ModelConfig.of(m), vae_cfg.latent_channels, latent_size, jnp.float32,
                        t5.config.d_model if t5 else clip_width, clip_width)
-    clip = clip_model_for(sources.run_config(clip_source, "clip"), spec)
-    clip_params = sources.ema_params(clip_source, "clip", records["clip"]["step"])
     denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
     if t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
         denoiser_params, t5_params = denoiser_params["denoiser"], denoiser_params["t5"]
-    text_params = sources.ema_params(clip_source, "text_encoder", records["clip"]["step"])
+    # text_encoder/ holds CLIP (and text_encoder_2/ a T5 beside it), or the one T5 (Wan on T5)
+    encoders = ([("CLIPTextModel", text_encoder, sources.ema_params(clip_source, "text_encoder",
+                                                                     records["clip"]["step"]))] if has_clip else []) \
+        + ([("T5EncoderModel", t5, t5_params)] if has_t5 else [])
     if "lora" in config:   # the checkpoint holds adapters of the base U-Net (and text encoder); clip/ stays the base's
         base = sources.ema_params(_lora_base(config, workdir), "unet")
-        denoiser_params, text_params = _merged(config, denoiser_params, base, text_params)
+        denoiser_params, text_params = _merged(config, denoiser_params, base, encoders[0][2])
+        encoders[0] = (*encoders[0][:2], text_params)
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
     denoiser_params = jax.tree.map(lambda p: jnp.asarray(p, DTYPES[dtype]), denoiser_params)
     records["diffusion"]["stored_dtype"] = dtype
@@ -272,21 +280,23 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     def write(folder: str) -> None:
         to_diffusers(denoiser, denoiser_params, os.path.join(folder, pipeline.denoiser), jaxdiff_fields=video_unet)
         to_diffusers(AutoencoderKL(vae_cfg), vae_params, os.path.join(folder, "vae"))
-        to_transformers(text_encoder, text_params, os.path.join(folder, "text_encoder"))
-        to_transformers(clip, clip_params, os.path.join(folder, "clip"))
-        shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer"))
-        if t5:
-            to_transformers(t5, t5_params, os.path.join(folder, "text_encoder_2"))
-            shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer_2"))
+        index = {}
+        for i, (class_name, module, params) in enumerate(encoders):
+            suffix = f"_{i + 1}" if i else ""
+            to_transformers(module, params, os.path.join(folder, "text_encoder" + suffix))
+            shapes_tokenizer(config.data).save(os.path.join(folder, "tokenizer" + suffix))
+            index.update({"text_encoder" + suffix: ["transformers", class_name],
+                          "tokenizer" + suffix: ["jaxdiff", "WordTokenizer"]})
+        if has_clip:   # both CLIP towers, for zero-shot use
+            to_transformers(clip_model_for(sources.run_config(clip_source, "clip"), spec),
+                            sources.ema_params(clip_source, "clip", records["clip"]["step"]),
+                            os.path.join(folder, "clip"))
         os.makedirs(os.path.join(folder, "scheduler"))
         _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(folder, "model_index.json"), {
             "_class_name": pipeline.class_name, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
             pipeline.denoiser: ["diffusers", pipeline.denoiser_class], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["jaxdiff", "WordTokenizer"],
-            "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index,
-            **({"text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["jaxdiff", "WordTokenizer"]}
-               if t5 else {})})
+            **index, "scheduler": ["diffusers", scheduler["_class_name"]], **pipeline.model_index})
         _write_json(os.path.join(folder, "training.json"), relative_paths(records))
         write_checksums(folder)
 

@@ -1,7 +1,7 @@
 """Denoising diffusion and flow matching, in pixel space or in a frozen VAE's latent space, with a U-Net,
 a DiT, an MMDiT (SD3's joint text-image transformer, Esser et al. 2024) or a video model, optionally
-conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et al. 2022; an MMDiT also on a T5
-encoder trained alongside, `config.model.t5`) with caption dropout for classifier-free guidance (Ho &
+conditioned on a frozen CLIP text encoder (latent diffusion, Rombach et al. 2022) or a T5 encoder trained
+alongside (`config.model.t5`, MMDiT and Wan) with caption dropout for classifier-free guidance (Ho &
 Salimans 2022); text-to-video and image-to-video with a TemporalUNet
 (ModelScope, Wang et al. 2023), text-to-video with Wan's video transformer (Wan Team 2025) on videos
 batch["image"] [B, T, H, W, 3].
@@ -64,7 +64,8 @@ class Diffusion:
         self.text = None
         if m.text:
             self.text = Text(m, spec, dtype, f"{m.space} diffusion's text", key(2))
-            self.frozen["text"] = self.text.frozen
+            if self.text.frozen is not None:
+                self.frozen["text"] = self.text.frozen
             self.empty = jnp.asarray(spec.empty_tokens, jnp.int32)
         self.emphasized = emphasis_ids(m, spec)
         self.mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
@@ -84,7 +85,7 @@ class Diffusion:
         return (params["denoiser"], params["t5"]) if self.m.t5 is not None else (params, None)
 
     def encode_text(self, params, frozen, tokens):
-        states, pooled = self.text.encode(self.parts(params)[1], frozen["text"], tokens)
+        states, pooled = self.text.encode(self.parts(params)[1], (frozen or {}).get("text"), tokens)
         return (states, pooled) if self.mmdit else states
 
     def apply(self, params, x, t, ctx, **kwargs):
@@ -95,7 +96,7 @@ class Diffusion:
         ctx = None
         if self.m.text:
             ctx = jnp.zeros((1, self.spec.max_length, self.text.width))
-            ctx = (ctx, jnp.zeros((1, self.text.pooled_width))) if self.mmdit else ctx
+            ctx = (ctx, jnp.zeros((1, self.text.pooled_width))) if self.mmdit else ctx   # (an MMDiT has CLIP)
         return init_boxed(self.net, key, jnp.zeros((1, *self.example)), jnp.zeros((1,)),
                           *(ctx if self.mmdit else (ctx,)))
 

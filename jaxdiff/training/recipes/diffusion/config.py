@@ -31,10 +31,11 @@ class ModelConfig:
     folder that jaxdiff.training.export wrote, such as jaxdiff/assets/shapes). text_encoder: CLIPTextConfig
     fields + `checkpoint` (a clip run or model folder); absent: unconditional. A frozen part without a
     checkpoint is randomly initialised (for tests and smoke runs) and says so.
-    t5 (backbone mmdit): T5Config fields of a bidirectional T5 encoder trained from scratch with the denoiser, over
-    the captions' vocabulary: its states are the MMDiT's text stream and the frozen CLIP keeps only the pooled
-    embedding (Flux's split of the two encoders); its params train beside the network's
-    (`{"denoiser": ..., "t5": ...}`).
+    t5 (backbones mmdit and wan): T5Config fields of a bidirectional T5 encoder trained from scratch with the
+    denoiser, over the captions' vocabulary; its params train beside the network's (`{"denoiser": ..., "t5": ...}`).
+    An MMDiT reads its states as the text stream, the frozen CLIP (text_encoder) giving only the pooled embedding
+    (Flux's split of the two encoders); a Wan transformer cross-attends to them instead of CLIP's (Wan's UMT5
+    role: padding masked in the encoder and zeroed in its states), with no text_encoder.
     init_from: a latent text-to-image run or model folder whose EMA U-Net is the start: fine-tuned as it is
     (backbone unet, same U-Net config), or inflated into a video U-Net (backbone temporal_unet; `temporal`
     holds the video-only TemporalUNetConfig fields).
@@ -77,12 +78,10 @@ class ModelConfig:
                              f"({', '.join(TRANSFORMERS)}), not {self.backbone!r}")
         if self.backbone != "temporal_unet" and getattr(self, self.backbone) is None:   # (an inflated one has none)
             raise ValueError(f"config.model.backbone={self.backbone!r} needs config.model.{self.backbone} (its fields)")
-        if self.backbone == "mmdit" and not self.text:
+        if self.backbone == "mmdit" and self.text_encoder is None:
             raise ValueError("config.model.backbone='mmdit' needs config.model.text_encoder (its text stream)")
-        if self.t5 is not None and not (self.backbone == "mmdit" and self.text):
-            raise ValueError(f"config.model.t5 (a trained T5 text encoder) is for backbone 'mmdit' beside a CLIP "
-                             f"config.model.text_encoder (its pooled embedding), not backbone {self.backbone!r}"
-                             f"{'' if self.text else ' without a text encoder'}")
+        if self.t5 is not None:
+            self._check_t5()
         if self.latent and self.vae is None:
             raise ValueError("config.model.space='latent' needs config.model.vae")
         for name in ("caption_dropout", "image_dropout"):
@@ -101,6 +100,14 @@ class ModelConfig:
                              f"'unet' (fine-tuning) or 'temporal_unet' (inflating an image U-Net), not "
                              f"{self.backbone!r} in {self.space!r} space{'' if self.text else ' without a text encoder'}")
 
+    def _check_t5(self) -> None:
+        if self.backbone == "wan" and self.text_encoder is not None:
+            raise ValueError("config.model.t5 on backbone 'wan' replaces config.model.text_encoder (the transformer "
+                             "cross-attends to one encoder's states): leave text_encoder out")
+        if self.backbone not in ("mmdit", "wan"):
+            raise ValueError(f"config.model.t5 (a trained T5 text encoder) is for backbones 'mmdit' and 'wan', not "
+                             f"{self.backbone!r}")
+
     def _check_video(self) -> None:
         what = f"config.model.backbone={self.backbone!r}"
         if not self.latent:
@@ -108,7 +115,7 @@ class ModelConfig:
                              f"'latent'")
         if not self.text:
             raise ValueError(f"{what} needs config.model.text_encoder (the video model's cross-attention needs a "
-                             f"text context)")
+                             f"text context{'; or config.model.t5 for wan' if self.backbone == 'wan' else ''})")
         if self.backbone == "wan":
             self._check_wan(what)
             return
@@ -138,7 +145,7 @@ class ModelConfig:
 
     @property
     def text(self) -> bool:
-        return self.text_encoder is not None
+        return self.text_encoder is not None or self.t5 is not None
 
     @property
     def video(self) -> bool:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
 from jaxdiff.models.t5 import T5Config, T5EncoderModel
-from jaxdiff.models.text_encoders import FluxTextEncoders
+from jaxdiff.models.text_encoders import FluxTextEncoders, WanEncoders
 from jaxdiff.models.vae import sample_posterior
 from jaxdiff.training import sources
 from jaxdiff.training.recipes.clip import text_config_for
@@ -86,15 +86,20 @@ def t5_config_for(fields: dict, spec) -> T5Config:
 
 
 class Text:
-    """The text conditioning of a run with config.model.text_encoder: `encode(t5_params, clip_params, tokens)` ->
-    (states [B, L, width], pooled [B, pooled_width]). The frozen CLIP gives both; with config.model.t5 the
-    trained T5 encoder gives the states and CLIP the pooled state, as `FluxTextEncoders` reads an exported
-    folder's text_encoder/ (CLIP) and text_encoder_2/ (T5)."""
+    """The text conditioning of a text-conditioned run: `encode(t5_params, clip_params, tokens)` -> (states [B, L,
+    width], pooled [B, pooled_width] or None). The frozen CLIP (config.model.text_encoder) gives both; with
+    config.model.t5 the trained T5 encoder gives the states, beside CLIP's pooled state (an MMDiT: as
+    `FluxTextEncoders` reads an exported folder's text_encoder/ and text_encoder_2/) or alone (Wan: as `WanEncoders`
+    reads UMT5, padding masked). `frozen`: CLIP's params, or None without CLIP."""
 
     def __init__(self, m, spec, dtype, what: str, key):
-        self.clip, self.frozen = text_encoder(m.text_encoder, spec, dtype, what, key)
-        self.t5 = None if m.t5 is None else T5EncoderModel(t5_config_for(m.t5, spec), dtype=dtype)
-        self.length, self.pooled_width = spec.max_length, self.clip.config.hidden_size
+        self.clip = self.frozen = self.t5 = None
+        if m.text_encoder is not None:
+            self.clip, self.frozen = text_encoder(m.text_encoder, spec, dtype, what, key)
+        if m.t5 is not None:
+            self.t5 = T5EncoderModel(t5_config_for(m.t5, spec), dtype=dtype)
+        self.length, self.pad_token_id = spec.max_length, spec.pad_token_id
+        self.pooled_width = self.clip.config.hidden_size if self.clip else None
         self.width = self.t5.config.d_model if self.t5 else self.pooled_width
 
     def init_t5(self, key):
@@ -104,5 +109,8 @@ class Text:
     def encode(self, t5_params, clip_params, tokens):
         if self.t5 is None:
             return self.clip.apply({"params": clip_params}, tokens)
+        if self.clip is None:
+            mask = (tokens != self.pad_token_id).astype(jnp.int32)
+            return WanEncoders(self.t5).apply({"params": {"text_encoder": t5_params}}, (tokens, mask))
         return FluxTextEncoders(self.clip, self.t5).apply(
             {"params": {"text_encoder": clip_params, "text_encoder_2": t5_params}}, (tokens, tokens))
