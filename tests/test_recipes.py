@@ -81,8 +81,8 @@ def test_model_config_names_unknown_fields_and_bad_values(runs):
                                   ("backbone", "gan", r"config.model.backbone='gan': choose one of: unet, dit"),
                                   ("weighting", "max_snr", r"config.model.weighting='max_snr': choose one of"),
                                   ("frame_noise_correlation", 0.5, r"frame_noise_correlation is for videos"),
-                                  ("t5", {"d_model": 16}, r"config.model.t5 .* is for backbone 'mmdit' .* not "
-                                                          r"backbone 'unet'")):
+                                  ("t5", {"d_model": 16}, r"config.model.t5 .* is for backbones 'mmdit' and 'wan', "
+                                                          r"not 'unet'")):
         bad = c.copy_and_resolve_references()
         bad.model[field] = value
         with pytest.raises(ValueError, match=message):

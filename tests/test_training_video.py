@@ -374,6 +374,10 @@ def test_wan_on_a_trained_t5_exports_it_as_its_text_encoder(data_dir, tmp_path):
     from jaxdiff.models.text_encoders import WanEncoders
 
     c = wan_config.get_config("tiny_t5")
+    both = c.model.copy_and_resolve_references()
+    both.text_encoder = wan_config.get_config("tiny").model.text_encoder
+    with pytest.raises(ValueError, match="config.model.t5 on backbone 'wan' replaces config.model.text_encoder"):
+        ModelConfig.of(both)
     c.model.vae = wan_config.get_config("shapes").model.vae
     c.data.data_dir = data_dir
     c.steps, c.checkpoint_every, c.sample_every = 3, 0, 0
