@@ -62,22 +62,29 @@ def test_export_never_clobbers(runs, tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
 
 
+def _tiny_mmdit_run(runs, variant: str, steps: int, tmp_path):
+    """(config, workdir) of configs/mmdit.py:`variant` trained `steps` steps on the tiny CLIP and VAE runs."""
+    from configs import mmdit as mmdit_config
+    from jaxdiff.training import train
+
+    c = mmdit_config.get_config(variant)
+    ld = evaluate.read_run_config(runs["ld"])
+    c.data, c.model.vae, c.model.text_encoder = ld.data, ld.model.vae, ld.model.text_encoder
+    c.model.mmdit.sample_size = 8
+    c.steps, c.checkpoint_every, c.sample_every = steps, 0, 0
+    workdir = str(tmp_path / "run")
+    train(c, workdir)
+    return c, workdir
+
+
 def test_mmdit_run_exports_and_samples_as_its_own_transformer(runs, tmp_path):
     """A flow-matching MMDiT run (configs/mmdit.py:tiny on the tiny CLIP and VAE runs) exports transformer/ (an
     SD3Transformer2DModel) with a FlowMatchEulerDiscreteScheduler; TextToImage loads it, and its guided flow-Euler
     sampling equals the sampler driven by hand with the run's EMA transformer on CLIP's states and pooled state."""
-    from configs import mmdit as mmdit_config
     from jaxdiff import guidance, samplers
     from jaxdiff.models import SD3Transformer2D
-    from jaxdiff.training import train
 
-    c = mmdit_config.get_config("tiny")
-    ld = evaluate.read_run_config(runs["ld"])
-    c.data, c.model.vae, c.model.text_encoder = ld.data, ld.model.vae, ld.model.text_encoder
-    c.model.mmdit.sample_size = 8
-    c.steps, c.checkpoint_every, c.sample_every = 2, 0, 0
-    workdir = str(tmp_path / "run")
-    train(c, workdir)
+    _, workdir = _tiny_mmdit_run(runs, "tiny", 2, tmp_path)
     out = export.export_text_to_image(workdir, str(tmp_path / "model"))
     index = json.load(open(os.path.join(out, "model_index.json")))
     assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"] and "unet" not in index
@@ -118,20 +125,12 @@ def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, tmp_path):
     conditioning (T5's states, CLIP's pooled state) equals the recipe's on the run's EMA weights."""
     from flax import linen as nn
 
-    from configs import mmdit as mmdit_config
     from jaxdiff.models.t5 import T5EncoderModel
     from jaxdiff.models.text_encoders import FluxTextEncoders
-    from jaxdiff.training import train
     from jaxdiff.training.recipes.diffusion import Diffusion
 
-    c = mmdit_config.get_config("tiny_t5")
-    ld = evaluate.read_run_config(runs["ld"])
-    c.data, c.model.vae, c.model.text_encoder = ld.data, ld.model.vae, ld.model.text_encoder
-    c.model.mmdit.sample_size = 8
     # 3 steps: from the zero-initialised output layer and gates, the third update opens the path to the text
-    c.steps, c.checkpoint_every, c.sample_every = 3, 0, 0
-    workdir = str(tmp_path / "run")
-    train(c, workdir)
+    c, workdir = _tiny_mmdit_run(runs, "tiny_t5", 3, tmp_path)
     d = Diffusion(c, data_spec(c.data))
     frozen = jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen))
     params = jax.tree.map(jnp.asarray, load_params(workdir, "params"))
