@@ -342,7 +342,8 @@ def load_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     its force_zeros_for_empty_prompt); SD3 / SD3.5 (StableDiffusion3Pipeline: CLIP-L, CLIP-G and T5, or no T5 when
     the folder has none, as diffusers runs it); Flux (FluxPipeline: CLIP-L and T5); jaxdiff's own MMDiT folders
     (SD3Transformer2DModel on one CLIP whose states are its text tokens and whose pooled state its pooled
-    embedding, or with a trained T5 in text_encoder_2/ whose states are the text tokens instead). Other components (safety_checker, feature_extractor, image_encoder) are not loaded.
+    embedding, or with a trained T5 in text_encoder_2/ whose states are the text tokens instead). Other
+    components (safety_checker, feature_extractor, image_encoder) are not loaded.
     `denoiser_type=(TemporalUNet, WanTransformer3D)` loads text-to-video folders: diffusers' TextToVideoSDPipeline,
     and Wan 2.1's WanPipeline / WanImageToVideoPipeline (UMT5, the causal video VAE, and for image-to-video CLIP
     vision's image_encoder/ with its image_processor/, as one `WanEncoders` module: see `_wan_conditioning`), and

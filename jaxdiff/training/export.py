@@ -125,8 +125,8 @@ PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
                      {"_note": "transformer/ is diffusers' WanTransformer3DModel, but unlike diffusers' WanPipeline "
                                "its latents are an image VAE's (vae/ AutoencoderKL encodes and decodes every frame "
                                "alone: one latent frame per video frame, scaled by scaling_factor, no latents_mean/"
-                               "std) and its text context is CLIP's last hidden states (text_encoder/ CLIPTextModel) or "
-                               "a T5 trained with it (text_encoder/ T5EncoderModel), over jaxdiff's WordTokenizer "
+                               "std) and its text context is CLIP's last hidden states (text_encoder/ CLIPTextModel) "
+                               "or a T5 trained with it (text_encoder/ T5EncoderModel), over jaxdiff's WordTokenizer "
                                "(tokenizer/), not UMT5's; jaxdiff's TextToVideo runs it"}),
 }
 

@@ -103,7 +103,9 @@ class Diffusion:
     def init(self, key):
         params = self.fresh(key)
         params = params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
-        return params if self.m.t5 is None else {"denoiser": params, "t5": self.text.init_t5(jax.random.fold_in(key, 1))}
+        if self.m.t5 is None:
+            return params
+        return {"denoiser": params, "t5": self.text.init_t5(jax.random.fold_in(key, 1))}
 
     def base(self, key):
         """The U-Net a LoRA adapts, boxed: init_from's weights, or (smoke runs) a random init, warned."""

@@ -79,7 +79,8 @@ class ModelConfig:
         if self.backbone != "temporal_unet" and getattr(self, self.backbone) is None:   # (an inflated one has none)
             raise ValueError(f"config.model.backbone={self.backbone!r} needs config.model.{self.backbone} (its fields)")
         if self.backbone == "mmdit" and self.text_encoder is None:
-            raise ValueError("config.model.backbone='mmdit' needs config.model.text_encoder (its text stream)")
+            raise ValueError("config.model.backbone='mmdit' needs config.model.text_encoder (its text stream, or "
+                             "beside config.model.t5 its pooled embedding)")
         if self.t5 is not None:
             self._check_t5()
         if self.latent and self.vae is None:
