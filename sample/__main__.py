@@ -65,7 +65,9 @@ def parse_args(argv):
                         "81 for Wan folders, which take 1 + 4k frames)")
     p.add_argument("--fps", type=int, default=8, help="video frames per second")
     p.add_argument("--video-format", default="gif", choices=["gif", "mp4"], help="file type with --prompts-file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="a per-step progress bar: its host callback is part of the compiled program, which the "
+                        "compilation cache cannot store, so every run compiles it anew")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.prompts_file is None):
@@ -290,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = {"method": args.sampler} if args.sampler else {}
     true_cfg = {"true_cfg_scale": args.true_cfg} if args.true_cfg != 1.0 else {}
     common = {"steps": args.steps, "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
-              "seed": args.seed, "height": args.height, "width": args.width, "progress": not args.no_progress,
+              "seed": args.seed, "height": args.height, "width": args.width, "progress": args.progress,
               **sampler, **true_cfg}
     meta = {"negative_prompt": args.negative or "",
             "sampler": sampler.get("method", pipe.sampler_defaults.get("method")),
@@ -335,7 +337,7 @@ def run_video(p, args, prompts: list[str], paths: list[str], image: np.ndarray |
             videos = pipe(chunk, negatives(args, len(chunk)), steps=args.steps,
                           guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                           seed=args.seed + start, height=args.height, width=args.width, init_image=init,
-                          progress=not args.no_progress, **sampler)
+                          progress=args.progress, **sampler)
             for i, video in enumerate(np.asarray(videos)):
                 write_video(paths[start + i], video, fps=args.fps)
                 print(paths[start + i])

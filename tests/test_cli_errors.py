@@ -91,7 +91,7 @@ def assert_one_line(status, err, expected, want_status=2):
 
 def test_each_failure_class_is_one_line(files, tmp_path):
     d, out = files["dir"], str(tmp_path / "o.png")
-    sample = ["sample", "a red circle", "--no-progress", "--model", MODEL, "--out", out]
+    sample = ["sample", "a red circle", "--model", MODEL, "--out", out]
     cases = [  # (command, what stderr names, exit status)
         (sample + ["--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'", 2),
         (sample + ["--seed", str(2**32)], "--seed must be an integer in 0..4294967295, got 4294967296", 2),
@@ -100,11 +100,11 @@ def test_each_failure_class_is_one_line(files, tmp_path):
         (sample[:-1] + ["/proc/o.png"], "cannot write to folder '/proc'", 2),
         (sample + ["--init-image", str(d / "big.png")],
          "--init-image is 1000x1000; this model takes positive multiples of 4", 2),
-        (sample[:4] + [files["nan"]] + sample[5:], "unet/: checkpoint does not fit the module (1 problems): "
+        (sample[:3] + [files["nan"]] + sample[4:], "unet/: checkpoint does not fit the module (1 problems): "
                                                     "tensor 'conv_in.weight' holds NaN or inf", 2),
-        (sample[:4] + [files["huge"]] + sample[5:] + ["--steps", "1"],
+        (sample[:3] + [files["huge"]] + sample[4:] + ["--steps", "1"],
          "the generated batch holds NaN or inf (1 of 1 examples), so nothing is returned", 2),
-        (sample[:4] + [files["escaping"]] + sample[5:],
+        (sample[:3] + [files["escaping"]] + sample[4:],
          "unet/: diffusion_pytorch_model.safetensors.index.json's weight_map names '../../elsewhere.safetensors', "
          "which is outside the folder", 2),
         (["jaxdiff.pipelines.shapes_eval", "--write_prompts", "/proc/none/p.txt"],

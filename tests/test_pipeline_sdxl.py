@@ -77,8 +77,7 @@ def test_sample_cli_runs_the_folder(pipe, tmp_path):
     from sample.__main__ import main
 
     out = tmp_path / "x.png"
-    assert main(["a red circle", "--model", FOLDER, "--out", str(out), "--steps", "2", "--seed", "4",
-                 "--no-progress"]) == 0
+    assert main(["a red circle", "--model", FOLDER, "--out", str(out), "--steps", "2", "--seed", "4"]) == 0
     # no --negative: zeros, as diffusers' SDXL pipeline guides without a negative prompt
     with open(os.path.join(FOLDER, "scheduler", "scheduler_config.json")) as f:
         pipe.schedule, _ = schedule_from_config(json.load(f))

@@ -146,13 +146,13 @@ def test_video_gif_and_prompts_file(tmp_path, video_model):
 
     out = tmp_path / "clip.gif"
     assert main(["--video", "a red circle moving left", "--model", VIDEO_MODEL, "--out", str(out), "--frames", "3",
-                 "--steps", "2", "--no-progress"]) == 0
+                 "--steps", "2", "--progress"]) == 0
     assert read_video(out).shape == (3, 16, 16, 3)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle moving left\na blue square moving up\n")
     folder = tmp_path / "vids"
     assert main(["--video", "--prompts-file", str(prompts), "--model", VIDEO_MODEL, "--out", str(folder),
-                 "--frames", "3", "--steps", "2", "--no-progress"]) == 0
+                 "--frames", "3", "--steps", "2"]) == 0
     assert sorted(os.listdir(folder)) == ["0000.gif", "0001.gif"]
 
 
@@ -174,5 +174,5 @@ def test_video_wan_folder(tmp_path):
     wan = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_wan")
     out = tmp_path / "wan.gif"
     assert main(["--video", "a red circle moving left", "--model", wan, "--out", str(out), "--frames", "1",
-                 "--height", "32", "--width", "48", "--steps", "2", "--no-progress"]) == 0
+                 "--height", "32", "--width", "48", "--steps", "2"]) == 0
     assert read_video(out).shape == (1, 32, 48, 3)

@@ -120,7 +120,7 @@ def from_diffusers(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.f
     state_dict = _check_fixed_buffers(module, load_state_dict(weights if os.path.isfile(weights) else path, lazy=True))
     template, shardings = placement(param_shapes(module, boxed=True), param_dtype, mesh, rules)
     params = import_params(state_dict, template, torch_key_of, shardings=shardings)
-    return module, jax.tree.map(jnp.asarray, params)
+    return module, jax.device_put(params)
 
 
 def to_diffusers(module: nn.Module, params, path: str, jaxdiff_fields: bool = False) -> None:

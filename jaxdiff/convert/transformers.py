@@ -124,8 +124,7 @@ def _strip_tower_prefix(state: dict, prefix: str) -> dict:
 def param_template(module: nn.Module, arch: Architecture, boxed: bool = False):
     """Shapes and dtypes of `module`'s params (plain, or with `boxed` in their logical-axis boxes), without
     allocating them."""
-    inputs = arch.example_inputs(module.config)
-    params = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), *arch.example_inputs(module.config)))["params"]
     return params if boxed else nn.meta.unbox(params)
 
 
@@ -151,7 +150,7 @@ def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32, mes
         state = arch.prepare_state(state)
     template, shardings = placement(param_template(module, arch, boxed=True), param_dtype, mesh, rules)
     params = import_params(state, template, torch_key, ignore=arch.buffers.__contains__, shardings=shardings)
-    return module, jax.tree.map(jnp.asarray, params)
+    return module, jax.device_put(params)
 
 
 def _architecture_name(module: nn.Module) -> str:

@@ -98,9 +98,13 @@ def layer_norm(eps: float, *, affine: bool = True, dtype: Dtype, param_dtype: Dt
 
 def param_shapes(module: nn.Module, boxed: bool = False):
     """Shapes and dtypes of a model's params, without allocating them: its init traced on the module's
-    `example_inputs()`; unboxed, or with `boxed` in their `nn.Partitioned` boxes (logical axis names)."""
-    args, kwargs = module.example_inputs()
-    params = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+    `example_inputs()`; unboxed, or with `boxed` in their `nn.Partitioned` boxes (logical axis names). The inputs are
+    made inside the trace, so nothing runs on a device (an eager op compiles a program in every fresh process)."""
+    def init():
+        args, kwargs = module.example_inputs()
+        return module.init(jax.random.key(0), *args, **kwargs)
+
+    params = jax.eval_shape(init)["params"]
     return params if boxed else nn.meta.unbox(params)
 
 

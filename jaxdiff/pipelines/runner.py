@@ -57,7 +57,8 @@ def check_finite_outputs(outputs) -> None:
     for a in jax.tree.leaves(outputs):
         if not jnp.issubdtype(a.dtype, jnp.inexact):
             continue
-        bad = ~jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+        # on the host: an eager device op would compile a program in every fresh process
+        bad = ~np.isfinite(np.asarray(a, np.float32)).reshape(a.shape[0], -1).all(axis=1)
         if bool(bad.any()):
             raise NonFiniteOutputError(
                 f"the generated batch holds NaN or inf ({int(bad.sum())} of {a.shape[0]} examples), so nothing is "
