@@ -150,3 +150,41 @@ def test_hard_negative_clip_fine_tune(runs, tmp_path):
     c.model.update(hard_negatives=False, text=dict(c.model.text.to_dict(), num_hidden_layers=2))
     with pytest.raises(ValueError, match="that run's CLIP differs from config.model's towers"):
         recipes.build(c, spec)
+
+
+def test_t5_masked_word_loss_is_the_cross_entropy_of_the_masked_words(runs):
+    """configs/t5.py's recipe on the runs' captions: words (never BOS, EOS or padding) are replaced by the unknown
+    id, at least one per caption, and the loss is the mean negative log-likelihood of the original words at those
+    places under the final states against the tied embedding (scaled by d_model^-0.5), recomputed here in numpy."""
+    from flax import linen as nn
+
+    from configs import t5 as t5_config
+    from jaxdiff.training.recipes.t5 import masked_inputs
+
+    c = t5_config.get_config("tiny")
+    c.data = evaluate.read_run_config(runs["ld"]).data
+    spec = data_spec(c.data)
+    task = recipes.build(c, spec)
+    params = jax.tree.map(np.asarray, nn.meta.unbox(task.init(jax.random.key(0))))
+    tokens = np.asarray(spec.tokenize(["a red circle to the left of a blue square", "two green triangles",
+                                       "a circle"] * 4))
+    key = jax.random.key(3)
+    inputs, where = map(np.asarray, masked_inputs(jnp.asarray(tokens), key, c.model.mask_rate, spec))
+    special = (tokens == spec.pad_token_id) | (tokens == spec.bos_token_id) | (tokens == spec.eos_token_id)
+    assert not (where & special).any() and where.any(axis=1).all()
+    np.testing.assert_array_equal(inputs, np.where(where, spec.unk_token_id, tokens))
+    loss, metrics = task.loss(params, None, {"tokens": jnp.asarray(tokens)}, key, 0)
+    from jaxdiff.models.t5 import T5EncoderModel
+    from jaxdiff.training.recipes.diffusion.latents import t5_config_for
+
+    model = T5EncoderModel(t5_config_for(c.model.t5.to_dict(), spec))
+    states = np.asarray(model.apply({"params": params}, jnp.asarray(inputs)), np.float64)
+    logits = states * c.model.t5.d_model ** -0.5 @ params["shared"]["embedding"].astype(np.float64).T
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss), nll[where].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["masked_accuracy"]), (logp.argmax(-1) == tokens)[where].mean())
+    c.model.mask_rate = 1.5
+    with pytest.raises(ValueError, match=r"config.model.mask_rate=1.5: must lie in \(0, 1\)"):
+        recipes.build(c, spec)

@@ -20,8 +20,9 @@ The run's `config.model.backbone` picks the pipeline:
 - `mmdit`: transformer/ an SD3Transformer2DModel on the one CLIP text encoder (its states the text tokens, its
   pooled state the pooled embedding) and a FlowMatchEulerDiscreteScheduler config; model_index.json names the
   class MMDiTPipeline (diffusers' StableDiffusion3Pipeline takes three text encoders); `TextToImage` loads it.
-  A run with a trained T5 encoder (`config.model.t5`) adds text_encoder_2/ (transformers' T5EncoderModel, whose
-  states are then the text tokens; CLIP gives the pooled embedding, as in FluxPipeline) and tokenizer_2/.
+  A run with a T5 encoder (`config.model.t5`) adds text_encoder_2/ (transformers' T5EncoderModel, whose
+  states are then the text tokens; CLIP gives the pooled embedding, as in FluxPipeline) and tokenizer_2/: the
+  T5 trained with the denoiser, or the pretrained one it read frozen (its run recorded as "t5").
 - `temporal_unet`: TextToVideoSDPipeline (unet/ a UNet3DConditionModel, from scratch or inflated
   from the image run `config.model.init_from`, whose config.json must still be there);
   `TextToVideo.from_pretrained` loads it. The video U-Net's jaxdiff-only settings (frame position
@@ -62,8 +63,7 @@ from jaxdiff.convert.common import write_checksums
 from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.lora import apply_lora, save_lora
 from jaxdiff.convert.transformers import to_transformers
-from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig, CLIPTextModel
-from jaxdiff.models.t5 import T5EncoderModel
+from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig
 from jaxdiff.training import sources
 from jaxdiff.training.checkpoint import latest_step, load_params
 from jaxdiff.training.evaluate import read_run_config
@@ -219,10 +219,10 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
             dtype: str = "float32") -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
-    from jaxdiff.training.recipes.clip import model_for as clip_model_for, text_config_for
+    from jaxdiff.training.recipes.clip import model_for as clip_model_for
     from jaxdiff.training.recipes.diffusion.backbones import network
     from jaxdiff.training.recipes.diffusion.config import ModelConfig
-    from jaxdiff.training.recipes.diffusion.latents import t5_config_for
+    from jaxdiff.training.recipes.diffusion.latents import text_modules
 
     pipeline, video_unet = PIPELINES[backbone], backbone == "temporal_unet"
     config = read_run_config(workdir)
@@ -249,6 +249,9 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
                "vae": sources.record(vae_source, "vae")}
     if has_clip:
         records["clip"] = sources.record(clip_source, "clip")
+    t5_source = m.t5.get("checkpoint", "") if has_t5 else ""   # a pretrained T5, read frozen by the run
+    if t5_source:
+        records["t5"] = sources.record(t5_source, "t5")
     if m.get("init_from") and os.path.exists(m.init_from):   # the run it started from, with that one's history
         records["diffusion"]["init_from"] = sources.record(m.init_from, "unet")
     spec = data_spec(config.data)
@@ -256,14 +259,14 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
                                      "sample_size": spec.image_size})
     latent_size = spec.image_size // vae_cfg.downsample_factor
-    text_encoder = CLIPTextModel(text_config_for(m.text_encoder.to_dict(), spec)) if has_clip else None
-    t5 = T5EncoderModel(t5_config_for(m.t5.to_dict(), spec)) if has_t5 else None
-    clip_width = text_encoder.config.hidden_size if has_clip else None
-    # The recipe's own builder: an inflated video U-Net's architecture comes from its image run.
-    denoiser = network(ModelConfig.of(m), vae_cfg.latent_channels, latent_size, jnp.float32,
-                       t5.config.d_model if t5 else clip_width, clip_width)
+    model = ModelConfig.of(m)
+    text_encoder, t5, width, pooled_width = text_modules(model, spec)   # the recipe's own builders
+    # an inflated video U-Net's architecture comes from its image run
+    denoiser = network(model, vae_cfg.latent_channels, latent_size, jnp.float32, width, pooled_width)
     denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
-    if t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
+    if t5_source:
+        t5_params = sources.ema_params(t5_source, "t5", records["t5"]["step"])
+    elif t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
         denoiser_params, t5_params = denoiser_params["denoiser"], denoiser_params["t5"]
     # text_encoder/ holds CLIP (and text_encoder_2/ a T5 beside it), or the one T5 (Wan on T5)
     encoders = ([("CLIPTextModel", text_encoder, sources.ema_params(clip_source, "text_encoder",

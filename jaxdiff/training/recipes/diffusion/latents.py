@@ -71,18 +71,21 @@ class Latents:
                              fields.get("checkpoint", ""), "vae", what, key)
 
 
-def text_encoder(fields: dict, spec, dtype, what: str, key) -> tuple[CLIPTextModel, object]:
-    """(the CLIP text encoder of `fields` over the data's vocabulary, its frozen params)."""
-    encoder = CLIPTextModel(text_config_for(fields, spec), dtype=dtype)
-    params = frozen_params(encoder, (jnp.zeros((1, spec.max_length), jnp.int32),), fields.get("checkpoint", ""),
-                           "text_encoder", what, key)
-    return encoder, params
-
-
 def t5_config_for(fields: dict, spec) -> T5Config:
-    """A T5 encoder config from `fields`, with the vocabulary and special ids of the data's tokenizer."""
+    """A T5 encoder config from `fields` (less a run's `checkpoint`), with the vocabulary and special ids of the
+    data's tokenizer."""
+    fields = {k: v for k, v in fields.items() if k != "checkpoint"}
     return T5Config(**{**fields, "vocab_size": spec.vocab_size, "pad_token_id": spec.pad_token_id,
                        "eos_token_id": spec.eos_token_id})
+
+
+def text_modules(m, spec, dtype=jnp.float32) -> tuple[CLIPTextModel | None, T5EncoderModel | None, int, int | None]:
+    """(the frozen CLIP of config.model.text_encoder, the trained T5 of config.model.t5, each None when absent, the
+    width of the text states: T5's if any, else CLIP's, the width of the pooled embedding: CLIP's, or None)."""
+    clip = None if m.text_encoder is None else CLIPTextModel(text_config_for(dict(m.text_encoder), spec), dtype=dtype)
+    t5 = None if m.t5 is None else T5EncoderModel(t5_config_for(dict(m.t5), spec), dtype=dtype)
+    pooled_width = clip.config.hidden_size if clip else None
+    return clip, t5, t5.config.d_model if t5 else pooled_width, pooled_width
 
 
 class Text:
@@ -90,17 +93,17 @@ class Text:
     width], pooled [B, pooled_width] or None). The frozen CLIP (config.model.text_encoder) gives both; with
     config.model.t5 the trained T5 encoder gives the states, beside CLIP's pooled state (an MMDiT: as
     `FluxTextEncoders` reads an exported folder's text_encoder/ and text_encoder_2/) or alone (Wan: as `WanEncoders`
-    reads UMT5, padding masked). `frozen`: CLIP's params, or None without CLIP."""
+    reads UMT5, padding masked). `frozen`: CLIP's params, or None without CLIP; `frozen_t5`: a pretrained T5's
+    (config.model.t5's checkpoint), or None (no T5, or one that trains with the denoiser)."""
 
     def __init__(self, m, spec, dtype, what: str, key):
-        self.clip = self.frozen = self.t5 = None
-        if m.text_encoder is not None:
-            self.clip, self.frozen = text_encoder(m.text_encoder, spec, dtype, what, key)
-        if m.t5 is not None:
-            self.t5 = T5EncoderModel(t5_config_for(m.t5, spec), dtype=dtype)
+        self.clip, self.t5, self.width, self.pooled_width = text_modules(m, spec, dtype)
+        tokens = (jnp.zeros((1, spec.max_length), jnp.int32),)
+        self.frozen = None if self.clip is None else frozen_params(
+            self.clip, tokens, m.text_encoder.get("checkpoint", ""), "text_encoder", what, key)
+        self.frozen_t5 = None if self.t5 is None or m.trains_t5 else frozen_params(
+            self.t5, tokens, m.t5["checkpoint"], "t5", f"{what} (t5)", key)
         self.length, self.pad_token_id = spec.max_length, spec.pad_token_id
-        self.pooled_width = self.clip.config.hidden_size if self.clip else None
-        self.width = self.t5.config.d_model if self.t5 else self.pooled_width
 
     def init_t5(self, key):
         """The trained T5's random init (boxed)."""
