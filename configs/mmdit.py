@@ -10,18 +10,14 @@ the text tokens and the image's patch tokens attend jointly in every block, each
 CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes. `t5` reads instead the states of a
 bidirectional T5 encoder (4 layers, 128 wide) trained from scratch with the transformer, the frozen CLIP giving
 only the pooled embedding (Flux's split): every caption word sees every other before the image does, where the
-causal CLIP's state of the first object cannot see the relation word after it. Trained so, from scratch beside the
-denoiser, the T5 learns to ignore word order (docs/shapes-mmdit.md); `t5_frozen` reads instead a T5 pretrained by
-masked-word prediction (`python -m train --config configs/t5.py --workdir runs/t5_shapes` first; override its path
-with --config.model.t5.checkpoint), frozen, as SD3, Flux and Wan read theirs. `tiny_t5`: the tiny run with a T5.
+causal CLIP's state of the first object cannot see the relation word after it. `tiny_t5`: the tiny run so.
 """
 from configs import common
 from configs.latent_diffusion import SCALING_FACTOR
-from configs.t5 import SHAPES_T5
 from jaxdiff.pipelines import SHAPES_MODEL as SHIPPED
 from jaxdiff.training.config import base_config
 
-VARIANTS = ("shapes", "t5", "t5_frozen", "tiny", "tiny_t5")
+VARIANTS = ("shapes", "t5", "tiny", "tiny_t5")
 
 
 def get_config(variant: str = "shapes"):
@@ -38,8 +34,7 @@ def get_config(variant: str = "shapes"):
         c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
         c.model.sample_steps = 5
         if variant == "tiny_t5":
-            c.model.t5 = dict(d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=2, feed_forward_proj="gated-gelu",
-                              checkpoint="")
+            c.model.t5 = dict(d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=2, feed_forward_proj="gated-gelu")
         return c
     c.data = common.shapes_data()
     c.steps, c.batch_size = 20000, 32
@@ -51,8 +46,6 @@ def get_config(variant: str = "shapes"):
                        scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint=SHIPPED)
-    if variant.startswith("t5"):
-        c.model.t5 = dict(SHAPES_T5, checkpoint="")
-    if variant == "t5_frozen":   # the T5 of a configs/t5.py run, pretrained by masked-word prediction, read frozen
-        c.model.t5["checkpoint"] = "runs/t5_shapes"
+    if variant == "t5":
+        c.model.t5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
     return c

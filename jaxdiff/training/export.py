@@ -20,9 +20,8 @@ The run's `config.model.backbone` picks the pipeline:
 - `mmdit`: transformer/ an SD3Transformer2DModel on the one CLIP text encoder (its states the text tokens, its
   pooled state the pooled embedding) and a FlowMatchEulerDiscreteScheduler config; model_index.json names the
   class MMDiTPipeline (diffusers' StableDiffusion3Pipeline takes three text encoders); `TextToImage` loads it.
-  A run with a T5 encoder (`config.model.t5`) adds text_encoder_2/ (transformers' T5EncoderModel, whose
-  states are then the text tokens; CLIP gives the pooled embedding, as in FluxPipeline) and tokenizer_2/: the
-  T5 trained with the denoiser, or the pretrained one it read frozen (its run recorded as "t5").
+  A run with a trained T5 encoder (`config.model.t5`) adds text_encoder_2/ (transformers' T5EncoderModel, whose
+  states are then the text tokens; CLIP gives the pooled embedding, as in FluxPipeline) and tokenizer_2/.
 - `temporal_unet`: TextToVideoSDPipeline (unet/ a UNet3DConditionModel, from scratch or inflated
   from the image run `config.model.init_from`, whose config.json must still be there);
   `TextToVideo.from_pretrained` loads it. The video U-Net's jaxdiff-only settings (frame position
@@ -249,9 +248,6 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
                "vae": sources.record(vae_source, "vae")}
     if has_clip:
         records["clip"] = sources.record(clip_source, "clip")
-    t5_source = m.t5.get("checkpoint", "") if has_t5 else ""   # a pretrained T5, read frozen by the run
-    if t5_source:
-        records["t5"] = sources.record(t5_source, "t5")
     if m.get("init_from") and os.path.exists(m.init_from):   # the run it started from, with that one's history
         records["diffusion"]["init_from"] = sources.record(m.init_from, "unet")
     spec = data_spec(config.data)
@@ -264,9 +260,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     # an inflated video U-Net's architecture comes from its image run
     denoiser = network(model, vae_cfg.latent_channels, latent_size, jnp.float32, width, pooled_width)
     denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
-    if t5_source:
-        t5_params = sources.ema_params(t5_source, "t5", records["t5"]["step"])
-    elif t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
+    if t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
         denoiser_params, t5_params = denoiser_params["denoiser"], denoiser_params["t5"]
     # text_encoder/ holds CLIP (and text_encoder_2/ a T5 beside it), or the one T5 (Wan on T5)
     encoders = ([("CLIPTextModel", text_encoder, sources.ema_params(clip_source, "text_encoder",

@@ -66,8 +66,6 @@ class Diffusion:
             self.text = Text(m, spec, dtype, f"{m.space} diffusion's text", key(2))
             if self.text.frozen is not None:
                 self.frozen["text"] = self.text.frozen
-            if self.text.frozen_t5 is not None:
-                self.frozen["t5"] = self.text.frozen_t5
             self.empty = jnp.asarray(spec.empty_tokens, jnp.int32)
         self.emphasized = emphasis_ids(m, spec)
         self.mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
@@ -82,14 +80,12 @@ class Diffusion:
                              f"frames of {size}x{size}")
 
     def parts(self, params):
-        """(the network's params, the trained T5's or None): a run that trains its T5 (config.model.t5 without a
-        checkpoint) trains {"denoiser": ..., "t5": ...}, any other the network's params alone."""
-        return (params["denoiser"], params["t5"]) if self.m.trains_t5 else (params, None)
+        """(the network's params, the trained T5's or None): a run with config.model.t5 trains
+        {"denoiser": ..., "t5": ...}, any other the network's params alone."""
+        return (params["denoiser"], params["t5"]) if self.m.t5 is not None else (params, None)
 
     def encode_text(self, params, frozen, tokens):
-        frozen = frozen or {}
-        t5_params = self.parts(params)[1] if self.m.trains_t5 else frozen.get("t5")
-        states, pooled = self.text.encode(t5_params, frozen.get("text"), tokens)
+        states, pooled = self.text.encode(self.parts(params)[1], (frozen or {}).get("text"), tokens)
         return (states, pooled) if self.mmdit else states
 
     def apply(self, params, x, t, ctx, **kwargs):
@@ -107,7 +103,7 @@ class Diffusion:
     def init(self, key):
         params = self.fresh(key)
         params = params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
-        if not self.m.trains_t5:
+        if self.m.t5 is None:
             return params
         return {"denoiser": params, "t5": self.text.init_t5(jax.random.fold_in(key, 1))}
 

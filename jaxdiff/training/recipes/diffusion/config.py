@@ -31,10 +31,8 @@ class ModelConfig:
     folder that jaxdiff.training.export wrote, such as jaxdiff/assets/shapes). text_encoder: CLIPTextConfig
     fields + `checkpoint` (a clip run or model folder); absent: unconditional. A frozen part without a
     checkpoint is randomly initialised (for tests and smoke runs) and says so.
-    t5 (backbones mmdit and wan): T5Config fields of a bidirectional T5 encoder over the captions' vocabulary: with
-    a `checkpoint` (a t5 run, `configs/t5.py`: pretrained by masked-word prediction) read frozen, as SD3, Flux and
-    Wan read theirs; without one trained from scratch with the denoiser, its params beside the network's
-    (`{"denoiser": ..., "t5": ...}`).
+    t5 (backbones mmdit and wan): T5Config fields of a bidirectional T5 encoder trained from scratch with the
+    denoiser, over the captions' vocabulary; its params train beside the network's (`{"denoiser": ..., "t5": ...}`).
     An MMDiT reads its states as the text stream, the frozen CLIP (text_encoder) giving only the pooled embedding
     (Flux's split of the two encoders); a Wan transformer cross-attends to them instead of CLIP's (Wan's UMT5
     role: padding masked in the encoder and zeroed in its states), with no text_encoder.
@@ -149,11 +147,6 @@ class ModelConfig:
     @property
     def text(self) -> bool:
         return self.text_encoder is not None or self.t5 is not None
-
-    @property
-    def trains_t5(self) -> bool:
-        """Whether the T5 trains with the denoiser (config.model.t5 without a checkpoint)."""
-        return self.t5 is not None and not self.t5.get("checkpoint")
 
     @property
     def video(self) -> bool:

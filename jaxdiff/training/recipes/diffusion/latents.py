@@ -72,9 +72,7 @@ class Latents:
 
 
 def t5_config_for(fields: dict, spec) -> T5Config:
-    """A T5 encoder config from `fields` (less a run's `checkpoint`), with the vocabulary and special ids of the
-    data's tokenizer."""
-    fields = {k: v for k, v in fields.items() if k != "checkpoint"}
+    """A T5 encoder config from `fields`, with the vocabulary and special ids of the data's tokenizer."""
     return T5Config(**{**fields, "vocab_size": spec.vocab_size, "pad_token_id": spec.pad_token_id,
                        "eos_token_id": spec.eos_token_id})
 
@@ -93,16 +91,13 @@ class Text:
     width], pooled [B, pooled_width] or None). The frozen CLIP (config.model.text_encoder) gives both; with
     config.model.t5 the trained T5 encoder gives the states, beside CLIP's pooled state (an MMDiT: as
     `FluxTextEncoders` reads an exported folder's text_encoder/ and text_encoder_2/) or alone (Wan: as `WanEncoders`
-    reads UMT5, padding masked). `frozen`: CLIP's params, or None without CLIP; `frozen_t5`: a pretrained T5's
-    (config.model.t5's checkpoint), or None (no T5, or one that trains with the denoiser)."""
+    reads UMT5, padding masked). `frozen`: CLIP's params (from its checkpoint), or None without CLIP."""
 
     def __init__(self, m, spec, dtype, what: str, key):
         self.clip, self.t5, self.width, self.pooled_width = text_modules(m, spec, dtype)
-        tokens = (jnp.zeros((1, spec.max_length), jnp.int32),)
         self.frozen = None if self.clip is None else frozen_params(
-            self.clip, tokens, m.text_encoder.get("checkpoint", ""), "text_encoder", what, key)
-        self.frozen_t5 = None if self.t5 is None or m.trains_t5 else frozen_params(
-            self.t5, tokens, m.t5["checkpoint"], "t5", f"{what} (t5)", key)
+            self.clip, (jnp.zeros((1, spec.max_length), jnp.int32),), m.text_encoder.get("checkpoint", ""),
+            "text_encoder", what, key)
         self.length, self.pad_token_id = spec.max_length, spec.pad_token_id
 
     def init_t5(self, key):
