@@ -97,7 +97,7 @@ def main():
         f"`python benchmarks/bench_lora.py --batch {args.batch} --steps {args.steps}` on {platform.machine()}, "
         f"{os.cpu_count()} cores (shared with other jobs while measured: treat times as indicative), jax "
         f"{jax.__version__}, float32.",
-        "The shipped shapes model (jaxdiff/assets/shapes), batch of 32x32 `shapes` test images: the whole recipe step "
+        "The shipped shapes U-Net model (jaxdiff/assets/shapes_unet), batch of 32x32 `shapes` test images: the whole recipe step "
         "(VAE encode, text encoder, U-Net fwd/bwd, AdamW, EMA). LoRA: rank 4 on to_q/to_k/to_v/to_out.0 "
         f"(configs/lora.py). Best of {args.steps} warm steps, timed in turn; the optimizer state of LoRA is "
         f"{full / low:.0f}x smaller. Frozen input: the VAE and text encoder (and the LoRA's base U-Net), read, never "

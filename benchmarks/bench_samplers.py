@@ -25,14 +25,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jaxdiff as jd  # noqa: E402
-from jaxdiff.pipelines import SHAPES_MODEL  # noqa: E402
+from jaxdiff.pipelines import SHAPES_UNET_MODEL  # noqa: E402
 from jaxdiff.samplers import driver  # noqa: E402
 from report import write_section  # noqa: E402
 
 
 def shipped_model(batch: int):
-    """The shipped shapes model's U-Net (jaxdiff/assets/shapes) as model_fn(x, t), on a fixed text context."""
-    unet, params = jd.convert.from_diffusers(os.path.join(SHAPES_MODEL, "unet"))
+    """The shipped shapes U-Net model (jaxdiff/assets/shapes_unet) as model_fn(x, t), on a fixed text context."""
+    unet, params = jd.convert.from_diffusers(os.path.join(SHAPES_UNET_MODEL, "unet"))
     context = jax.random.normal(jax.random.key(3), (batch, 16, unet.config.cross_attention_dim))
     return lambda x, t: unet.apply({"params": params}, x, t, context), unet.config.sample_size
 

@@ -12,7 +12,7 @@ objective of the shipped model's fine-tunes (README, "The shipped shapes model")
 drawn towards the noisy end, and captions with a place or relation word weighted 6 times in the loss.
 """
 from configs import common
-from jaxdiff.pipelines import SHAPES_MODEL as SHIPPED
+from jaxdiff.pipelines import SHAPES_UNET_MODEL as SHIPPED_UNET
 from jaxdiff.training.config import base_config
 
 # 1 / 1.028, the std of the shapes VAE's latents (step 4000) on 1000 test images
@@ -50,9 +50,9 @@ def get_config(variant: str = "shapes"):
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint=common.run_dir("clip_shapes"))
     if variant == "emphasis":
-        c.model.update(init_from=SHIPPED, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
+        c.model.update(init_from=SHIPPED_UNET, rescale_zero_terminal_snr=True, prediction_type="v_prediction",
                        weighting="simple", timestep_distribution="logit_normal", timestep_logit_mean=0.5,
                        emphasis_words=PLACE_WORDS, emphasis_weight=6.0)
-        c.model.vae.checkpoint = c.model.text_encoder.checkpoint = SHIPPED
+        c.model.vae.checkpoint = c.model.text_encoder.checkpoint = SHIPPED_UNET
         c.steps, c.optim.lr, c.optim.warmup_steps = 6000, 5e-4, 200
     return c

@@ -7,14 +7,14 @@ the text tokens and the image's patch tokens attend jointly in every block, each
   python -m train --config configs/mmdit.py:tiny --workdir /tmp/mmdit           # seconds, synthetic squares
 
 `shapes` works in the shipped model's VAE latent space (16x16x4 for 32 px images) and reads the shipped
-CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes. `t5` reads instead the states of a
+CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes_unet. `t5` reads instead the states of a
 bidirectional T5 encoder (4 layers, 128 wide) trained from scratch with the transformer, the frozen CLIP giving
 only the pooled embedding (Flux's split): every caption word sees every other before the image does, where the
 causal CLIP's state of the first object cannot see the relation word after it. `tiny_t5`: the tiny run so.
 """
 from configs import common
 from configs.latent_diffusion import SCALING_FACTOR
-from jaxdiff.pipelines import SHAPES_MODEL as SHIPPED
+from jaxdiff.pipelines import SHAPES_UNET_MODEL as SHIPPED_UNET
 from jaxdiff.training.config import base_config
 
 VARIANTS = ("shapes", "t5", "tiny", "tiny_t5")
@@ -43,9 +43,9 @@ def get_config(variant: str = "shapes"):
     c.model.mmdit = dict(patch_size=2, num_layers=6, attention_head_dim=32, num_attention_heads=6,
                          caption_projection_dim=192, pos_embed_max_size=None)
     c.model.vae = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
-                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
+                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED_UNET)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
-                                num_attention_heads=4, checkpoint=SHIPPED)
+                                num_attention_heads=4, checkpoint=SHIPPED_UNET)
     if variant == "t5":
         c.model.t5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
     return c

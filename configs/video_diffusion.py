@@ -7,7 +7,7 @@ first-frame conditioning (conditioning_frame_channels: 4 latent channels + 1 ind
   python -m train --config configs/video_diffusion.py:scratch --workdir runs/vd_scratch    # video U-Net from scratch
   python -m train --config configs/video_diffusion.py:inflated --workdir runs/vd_inflated  # from the shipped model
 
-The `inflated` variant starts from the shipped text-to-image model (jaxdiff/assets/shapes, the `emphasis`
+The `inflated` variant starts from the shipped U-Net model (jaxdiff/assets/shapes_unet, the `emphasis`
 fine-tune of configs/latent_diffusion.py exported: its U-Net inflated, so that before training it is that
 U-Net on every frame, with its objective, v-prediction to a zero-terminal-SNR schedule); both variants use the same architecture and the shipped VAE and text encoder. Tests and smoke runs (seconds; prepare the tiny dataset first):
 
@@ -20,7 +20,7 @@ U-Net on every frame, with its objective, v-prediction to a zero-terminal-SNR sc
 import ml_collections
 
 from configs import common
-from configs.latent_diffusion import SCALING_FACTOR, SHIPPED
+from configs.latent_diffusion import SCALING_FACTOR, SHIPPED_UNET
 from jaxdiff.training.config import base_config
 
 VARIANTS = ("scratch", "inflated", "tiny", "tiny_inflated")
@@ -70,9 +70,9 @@ def get_config(variant: str = "scratch"):
     c.batch_size, c.ema_decay = 16, 0.999
     c.checkpoint_every, c.sample_every, c.log_every = 500, 1000, 50
     c.model.vae = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
-                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
+                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED_UNET)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
-                                num_attention_heads=4, checkpoint=SHIPPED)
+                                num_attention_heads=4, checkpoint=SHIPPED_UNET)
     if variant == "scratch":
         c.steps = 15000
         c.optim.lr, c.optim.warmup_steps = 3e-4, 500
@@ -90,7 +90,7 @@ def get_config(variant: str = "scratch"):
         c.steps, c.batch_size, c.sample_every = 4000, 4, 2000
         c.optim.lr, c.optim.warmup_steps = 3e-4, 200
         c.model.image_dropout = 0.5
-        c.model.init_from = SHIPPED
+        c.model.init_from = SHIPPED_UNET
         c.model.temporal = video_only
         # the objective the shipped U-Net was fine-tuned to (configs/latent_diffusion.py:emphasis): min-SNR
         # weighting would give the pure-noise end, where the motion is laid out, weight ~0

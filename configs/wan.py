@@ -10,12 +10,12 @@ cross-attending to the text; trained with rectified flow, logit-normal timesteps
 As configs/video_diffusion.py's video U-Net, it works in the shipped model's VAE latent space, every frame
 encoded and decoded by the image VAE (8 frames of 16x16x4 latents for 32 px videos: 8 x 8 x 8 = 512 patch tokens),
 and reads the shipped CLIP text encoder's states as its context (text_dim 128); both frozen, from
-jaxdiff/assets/shapes. Tests and smoke runs (seconds; prepare the tiny dataset first, as for video_diffusion):
+jaxdiff/assets/shapes_unet. Tests and smoke runs (seconds; prepare the tiny dataset first, as for video_diffusion):
 
   python -m train --config configs/wan.py:tiny --workdir /tmp/wan --config.data.data_dir=/tmp/tfds
 """
 from configs import common
-from configs.latent_diffusion import SCALING_FACTOR, SHIPPED
+from configs.latent_diffusion import SCALING_FACTOR, SHIPPED_UNET
 from configs.video_diffusion import PREVIEW_PROMPTS, TINY_DATA, video_data
 from jaxdiff.training.config import base_config
 
@@ -56,9 +56,9 @@ def get_config(variant: str = "shapes"):
     c.model.wan = dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=32, ffn_dim=768,
                        freq_dim=256, num_layers=6)
     c.model.vae = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
-                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED)
+                       scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED_UNET)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
-                                num_attention_heads=4, checkpoint=SHIPPED)
+                                num_attention_heads=4, checkpoint=SHIPPED_UNET)
     if variant == "t5":
         c.model.t5, c.model.text_encoder = T5, None
     return c

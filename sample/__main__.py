@@ -40,8 +40,9 @@ def parse_args(argv):
     p.add_argument("--sampler", default=None, choices=list(METHODS), help="default: the model's scheduler")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=cli.finite_float, default=None,
-                   help="classifier-free guidance scale (Flux: its embedded guidance); default: the model family's "
-                        "(7.5 SD, 5 SDXL, 7 SD3, 3.5 Flux)")
+                   help="classifier-free guidance scale (Flux: its embedded guidance); default: the scale a folder "
+                        "trained here was trained for (its training.json: 5 for the shipped model), else the model "
+                        "family's (7.5 SD, 5 SDXL, 7 SD3, 3.5 Flux)")
     p.add_argument("--true-cfg", type=cli.finite_float, default=1.0,
                    help="Flux only: with --negative, classifier-free guidance at this scale against it (> 1)")
     p.add_argument("--guidance-rescale", type=cli.finite_float, default=0.0)

@@ -244,7 +244,8 @@ def test_cli_evaluates_a_model_folder(capsys):
 
 def test_guidance_rescale_reaches_the_pipeline(capsys):
     """--guidance_rescale: model_generator's images are the pipeline's with that rescale (and differ from
-    rescale 0); values outside [0, 1] are refused by name."""
+    rescale 0), by default with the folder's sampler and guidance, else the chosen ones; rescales outside [0, 1]
+    are refused by name."""
     import os
 
     from jaxdiff.pipelines import TextToImage
@@ -253,10 +254,14 @@ def test_guidance_rescale_reaches_the_pipeline(capsys):
     prompts = ["a red circle"]
     images = shapes_eval.model_generator(model, steps=2, guidance_rescale=0.7)(prompts)
     pipe = TextToImage.from_pretrained(model)
-    direct = pipe(prompts, steps=2, guidance_scale=7.5, guidance_rescale=0.7, seed=0, method="dpmpp_2m")
+    direct = pipe(prompts, steps=2, guidance_rescale=0.7, seed=0)          # the folder's sampler and guidance
     np.testing.assert_array_equal(np.asarray(images), np.asarray(direct))
-    plain = pipe(prompts, steps=2, guidance_scale=7.5, seed=0, method="dpmpp_2m")
+    plain = pipe(prompts, steps=2, seed=0)
     assert np.abs(np.asarray(plain) - np.asarray(direct)).max() > 1e-4
+    chosen = shapes_eval.model_generator(model, steps=2, guidance_scale=3.0, method="euler")(prompts)
+    np.testing.assert_array_equal(np.asarray(chosen), np.asarray(pipe(prompts, steps=2, guidance_scale=3.0, seed=0,
+                                                                     method="euler")))
+    assert np.abs(np.asarray(chosen) - np.asarray(plain)).max() > 1e-4
     with pytest.raises(SystemExit):
         shapes_eval.main(["--model", model, "--guidance_rescale", "1.5"])
     assert "--guidance_rescale=1.5: must be in [0, 1]" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from configs import lora as lora_config
 from jaxdiff import convert
 from jaxdiff.convert.lora import apply_lora, read_lora
-from jaxdiff.pipelines import SHAPES_MODEL, TextToImage
+from jaxdiff.pipelines import SHAPES_UNET_MODEL, TextToImage
 from jaxdiff.training import export, load_params, train
 from jaxdiff.training.lora import (
     TEXT_ATTENTION,
@@ -151,10 +151,10 @@ def test_exported_lora_loads_back_as_the_trained_model(runs, tmp_path):
 
 def test_diffusers_reads_the_example_lora_with_our_outputs():
     """The worked example's LoRA (configs/lora.py on the shipped model) loaded by diffusers'
-    `load_lora_weights` onto jaxdiff/assets/shapes gives the U-Net outputs jaxdiff gives (golden file made by
+    `load_lora_weights` onto jaxdiff/assets/shapes_unet gives the U-Net outputs jaxdiff gives (golden file made by
     tests/fixtures/make_lora_training_fixtures.py)."""
     ref = load_file(os.path.join(FIXTURES, "reference.safetensors"))
-    unet, params = convert.from_diffusers(os.path.join(SHAPES_MODEL, "unet"))
+    unet, params = convert.from_diffusers(os.path.join(SHAPES_UNET_MODEL, "unet"))
     adapted = apply_lora(params, read_lora(FIXTURES, params, "unet"))
     for name, p in (("base", params), ("lora", adapted)):
         got = np.asarray(unet.apply({"params": p}, ref["x"], ref["t"], ref["context"]))

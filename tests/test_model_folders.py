@@ -1,5 +1,6 @@
 """Model folders are read only inside themselves, checked against their checksums, and refused with
-non-finite weights; the shipped folder carries checksums of its current weights."""
+non-finite weights; the shipped folders carry checksums of their current weights; a folder trained here samples
+by default at its training run's guidance."""
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxdiff.convert.common import CheckpointError, load_state_dict, verify_checksums, write_checksums
-from jaxdiff.pipelines import SHAPES_MODEL, TextToImage
+from jaxdiff.pipelines import SHAPES_MODEL, SHAPES_UNET_MODEL, TextToImage
 
 MODEL = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_sd")
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -31,11 +32,29 @@ def model(tmp_path):
     return str(folder)
 
 
-def test_shipped_model_checksums_match_its_weights():
-    sums = json.load(open(os.path.join(SHAPES_MODEL, "checksums.json")))["sha256"]
-    assert sorted(sums) == ["clip/model.safetensors", "text_encoder/model.safetensors", UNET_WEIGHTS,
-                            "vae/diffusion_pytorch_model.safetensors"]
-    verify_checksums(SHAPES_MODEL)
+@pytest.mark.parametrize("folder, weights", [
+    (SHAPES_MODEL, ["text_encoder_2/model.safetensors", "transformer/diffusion_pytorch_model.safetensors"]),
+    (SHAPES_UNET_MODEL, [UNET_WEIGHTS])])
+def test_shipped_model_checksums_match_its_weights(folder, weights):
+    sums = json.load(open(os.path.join(folder, "checksums.json")))["sha256"]
+    assert sorted(sums) == sorted(["clip/model.safetensors", "text_encoder/model.safetensors", *weights,
+                                   "vae/diffusion_pytorch_model.safetensors"])
+    verify_checksums(folder)
+
+
+def test_default_guidance_is_the_training_runs(model):
+    """Without training.json the reference pipeline's default (Stable Diffusion's 7.5); with one, the run's
+    config.model.guidance_scale, which the images then use."""
+    prompts = ["a red circle"]
+    plain = TextToImage.from_pretrained(model)
+    assert plain.default_guidance == plain.reference_guidance == 7.5
+    with open(os.path.join(model, "training.json"), "w") as f:
+        json.dump({"diffusion": {"config": {"model": {"guidance_scale": 3.0}}}}, f)
+    trained = TextToImage.from_pretrained(model)
+    assert trained.default_guidance == 3.0
+    images = np.asarray(trained(prompts, steps=2, seed=0))
+    np.testing.assert_array_equal(images, np.asarray(plain(prompts, steps=2, seed=0, guidance_scale=3.0)))
+    assert np.abs(images - np.asarray(plain(prompts, steps=2, seed=0))).max() > 1e-4
 
 
 def test_checksum_mismatch_names_the_file(model):

@@ -1,7 +1,8 @@
-"""The shipped shapes model (jaxdiff/assets/shapes), checked the way a user meets it: the README's
+"""The shipped shapes model (jaxdiff/assets/shapes, an MMDiT), checked the way a user meets it: the README's
 first command makes an image that ShapesEval scores as matching its prompt; inversion editing of a
 real image ("a red circle" -> "a blue circle") changes the colour, which ShapesEval confirms, and
-keeps the object where it was; the folder fits the 30 MB budget and records how it was made."""
+keeps the object where it was; both shipped folders (it and the U-Net model, jaxdiff/assets/shapes_unet) fit
+the 30 MB budget and record how they were made; the recipes that start from the U-Net folder do so exactly."""
 import json
 import os
 import re
@@ -10,11 +11,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from jaxdiff.data import eval as ev
 from jaxdiff.data import render
-from jaxdiff.pipelines import SHAPES_MODEL
+from jaxdiff.pipelines import SHAPES_MODEL, SHAPES_UNET_MODEL
 from sample.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,19 +59,24 @@ def test_editing_a_real_image_changes_the_named_colour_only(tmp_path):
     assert abs(found.x - circle.x) < 0.1 and abs(found.y - circle.y) < 0.1   # within 3 px of 32
 
 
-def test_shipped_folder_fits_the_budget_and_records_its_runs():
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(SHAPES_MODEL) for f in files)
+@pytest.mark.parametrize("folder, backbone", [(SHAPES_MODEL, "mmdit"), (SHAPES_UNET_MODEL, "unet")])
+def test_shipped_folder_fits_the_budget_and_records_its_runs(folder, backbone):
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
     assert size <= 30 * 2**20, size
-    runs = json.load(open(os.path.join(SHAPES_MODEL, "training.json")))
+    runs = json.load(open(os.path.join(folder, "training.json")))
     assert set(runs) == {"diffusion", "vae", "clip"}
     assert all(run["seed"] == 0 and run["step"] > 0 for run in runs.values())
-    assert runs["diffusion"]["config"]["model"]["vae"]["scaling_factor"] == \
-        json.load(open(os.path.join(SHAPES_MODEL, "vae", "config.json")))["scaling_factor"]
+    model = runs["diffusion"]["config"]["model"]
+    assert model["backbone"] == backbone
+    vae = json.load(open(os.path.join(folder, "vae", "config.json")))
+    assert model["vae"]["scaling_factor"] == vae["scaling_factor"]
+    # parts read from another folder name it relative to the project, as it is now
+    assert {model["vae"]["checkpoint"], model["text_encoder"]["checkpoint"]} <= {"", "jaxdiff/assets/shapes_unet"}
 
 
-def test_emphasis_fine_tune_builds_on_the_shipped_folder():
-    """configs/latent_diffusion.py:emphasis (the shipped model's fine-tune objective) takes VAE, text encoder and
-    starting U-Net from the shipped folder: at step 0 its U-Net is the shipped one exactly."""
+def test_emphasis_fine_tune_builds_on_the_shipped_unet_folder():
+    """configs/latent_diffusion.py:emphasis (the shipped U-Net's fine-tune objective) takes VAE, text encoder and
+    starting U-Net from the shipped U-Net folder: at step 0 its U-Net is the shipped one exactly."""
     import flax.linen
     import jax
 
@@ -79,14 +86,14 @@ def test_emphasis_fine_tune_builds_on_the_shipped_folder():
     from jaxdiff.training.data import data_spec
 
     c = latent_diffusion.get_config("emphasis")
-    assert c.model.init_from == c.model.vae.checkpoint == c.model.text_encoder.checkpoint == SHAPES_MODEL
+    assert c.model.init_from == c.model.vae.checkpoint == c.model.text_encoder.checkpoint == SHAPES_UNET_MODEL
     task = recipes.build(c, data_spec(c.data))
     start = jax.device_get(flax.linen.meta.unbox(task.init(jax.random.key(0))))
-    shipped = jax.device_get(from_diffusers(os.path.join(SHAPES_MODEL, "unet"))[1])
+    shipped = jax.device_get(from_diffusers(os.path.join(SHAPES_UNET_MODEL, "unet"))[1])
     jax.tree.map(np.testing.assert_array_equal, start, shipped)
 
 
-def test_video_inflation_builds_on_the_shipped_folder():
+def test_video_inflation_builds_on_the_shipped_unet_folder():
     """configs/video_diffusion.py:inflated inflates the shipped U-Net: at step 0 the video U-Net holds the
     shipped U-Net's spatial weights (conv_in: for the latent channels, before the conditioning frame's)."""
     import flax
@@ -98,11 +105,28 @@ def test_video_inflation_builds_on_the_shipped_folder():
     from jaxdiff.training.data import data_spec
 
     c = video_diffusion.get_config("inflated")
-    assert c.model.init_from == c.model.vae.checkpoint == c.model.text_encoder.checkpoint == SHAPES_MODEL
+    assert c.model.init_from == c.model.vae.checkpoint == c.model.text_encoder.checkpoint == SHAPES_UNET_MODEL
     start = jax.device_get(flax.linen.meta.unbox(recipes.build(c, data_spec(c.data)).init(jax.random.key(0))))
-    shipped = jax.device_get(from_diffusers(os.path.join(SHAPES_MODEL, "unet"))[1])
+    shipped = jax.device_get(from_diffusers(os.path.join(SHAPES_UNET_MODEL, "unet"))[1])
     latent = shipped["conv_in"]["kernel"].shape[2]
     np.testing.assert_array_equal(start["conv_in"]["kernel"][:, :, :latent], shipped["conv_in"]["kernel"])
     proj_in = shipped["mid_block"]["attentions_0"]["proj_in"]["kernel"]     # a 1x1 conv; the video U-Net's is linear
     np.testing.assert_array_equal(start["mid_block"]["attentions_0"]["proj_in"]["kernel"].reshape(proj_in.shape),
                                   proj_in)
+
+
+def test_diffusers_and_transformers_give_the_shipped_mmdit_and_t5_outputs():
+    """The shipped MMDiT and T5, read by jaxdiff, give the outputs diffusers' SD3Transformer2DModel and
+    transformers' T5EncoderModel give from the same folder (golden file: tests/fixtures/make_shipped_fixtures.py)."""
+    from safetensors.numpy import load_file
+
+    from jaxdiff.convert import from_diffusers, from_transformers
+
+    ref = load_file(os.path.join(ROOT, "tests", "fixtures", "shipped", "reference.safetensors"))
+    transformer, params = from_diffusers(os.path.join(SHAPES_MODEL, "transformer"))
+    got = np.asarray(transformer.apply({"params": params}, ref["x"], ref["t"], ref["context"], ref["pooled"]))
+    assert np.abs(got - ref["transformer"]).max() < 1e-4 * np.abs(ref["transformer"]).max()
+    t5, params = from_transformers(os.path.join(SHAPES_MODEL, "text_encoder_2"))
+    states = np.asarray(t5.apply({"params": params}, ref["ids"], (ref["ids"] > 0).astype(np.int32)))
+    real = ref["ids"] > 0                       # padded positions' states are not read downstream
+    assert np.abs(states - ref["t5"])[real].max() < 1e-4 * np.abs(ref["t5"]).max()

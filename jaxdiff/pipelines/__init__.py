@@ -1,13 +1,17 @@
 """Pipelines: text-to-image, editing real images with it (img2img, inpainting, outpainting,
 inversion editing; each `fn(pipe, prompts, images, ...)`), and text-to-video. `SHAPES_MODEL` is the
-folder of the shipped text-to-image model, trained here on the built-in `shapes` dataset (see the
-README for how); `python -m jaxdiff.pipelines.shapes_eval` scores a model folder on ShapesEval."""
+folder of the shipped text-to-image model (an MMDiT), trained here on the built-in `shapes` dataset (see the
+README for how); `SHAPES_UNET_MODEL` the shipped U-Net model whose VAE and CLIP text encoder the MMDiT and the
+video runs read, and which the LoRA and video-inflation recipes start from; `python -m jaxdiff.pipelines.shapes_eval`
+scores a model folder on ShapesEval."""
 import os
 
 from jaxdiff.pipelines.editing import edit, img2img, inpaint, invert, outpaint
 from jaxdiff.pipelines.text_to_image import TextToImage
 from jaxdiff.pipelines.text_to_video import TextToVideo
 
-SHAPES_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+SHAPES_MODEL = os.path.join(ASSETS, "shapes")
+SHAPES_UNET_MODEL = os.path.join(ASSETS, "shapes_unet")
 
-__all__ = ["SHAPES_MODEL", "TextToImage", "TextToVideo", "edit", "img2img", "inpaint", "invert", "outpaint"]
+__all__ = ["SHAPES_MODEL", "SHAPES_UNET_MODEL", "TextToImage", "TextToVideo", "edit", "img2img", "inpaint", "invert", "outpaint"]

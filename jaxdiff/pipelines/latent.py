@@ -9,6 +9,8 @@ extends the other. Each owns a `Runner` (`jaxdiff.pipelines.runner`) that compil
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Sequence
 
 import jax
@@ -45,6 +47,23 @@ def as_images(images, name: str = "images") -> jnp.ndarray:
     return jnp.asarray(a, jnp.float32)
 
 
+def training_config(path: str) -> dict:
+    """The config of the diffusion run a model folder was exported from, as its training.json records it
+    (`jaxdiff.training.export`); {} if the folder has none."""
+    listing = os.path.join(path, "training.json")
+    if not os.path.isfile(listing):
+        return {}
+    with open(listing) as f:
+        return json.load(f).get("diffusion", {}).get("config", {})
+
+
+def trained_guidance(path: str) -> float | None:
+    """The guidance scale a model folder's diffusion run sampled its previews with (config.model.guidance_scale),
+    None if the folder does not say."""
+    scale = training_config(path).get("model", {}).get("guidance_scale")
+    return None if scale is None else float(scale)
+
+
 @dataclasses.dataclass
 class LatentDiffusion:
     """Modules, their params, tokenizer, schedule and sampler defaults of a latent diffusion model. The
@@ -54,7 +73,8 @@ class LatentDiffusion:
 
     `sampler_defaults` are `samplers.sample` keyword arguments (method, prediction_type,
     timestep_spacing, steps_offset, set_alpha_to_one, ...) that each call may override;
-    `scheduler_config` is the folder's scheduler config (dynamic shifting's constants).
+    `scheduler_config` is the folder's scheduler config (dynamic shifting's constants); `trained_guidance` the
+    guidance scale the folder's training run sampled with (its training.json), the default when set.
     """
 
     denoiser: Any
@@ -67,18 +87,20 @@ class LatentDiffusion:
     schedule: Schedule
     sampler_defaults: dict = dataclasses.field(default_factory=dict)
     scheduler_config: dict = dataclasses.field(default_factory=dict)
+    trained_guidance: float | None = None
     runner: Runner = dataclasses.field(default_factory=Runner, init=False, repr=False, compare=False)
 
     @classmethod
     def _components(cls, path: str, **load_kwargs) -> tuple:
         """The constructor's positional fields from a diffusers folder (see `jaxdiff.convert.load_pipeline`);
-        the folder's scheduler gives the schedule and the sampler defaults (DDIM where it names no sampler)."""
+        the folder's scheduler gives the schedule and the sampler defaults (DDIM where it names no sampler), its
+        training.json (a folder exported here) the default guidance."""
         from jaxdiff.convert import load_pipeline
 
         sd = load_pipeline(path, **load_kwargs)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
         return (sd.denoiser, sd.denoiser_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                schedule, {"method": "ddim", **defaults}, sd.scheduler_config)
+                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, trained_guidance(path))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,6 +134,11 @@ class LatentDiffusion:
 
     @property
     def default_guidance(self) -> float:
+        """`trained_guidance` for a folder trained here, else `reference_guidance`."""
+        return self.reference_guidance if self.trained_guidance is None else self.trained_guidance
+
+    @property
+    def reference_guidance(self) -> float:
         """The reference pipeline's default guidance scale: Flux's embedded guidance 3.5, SD3's CFG 7.0,
         Stable Diffusion's 7.5 (and SDXL's 5.0)."""
         if self.patch_transformer:

@@ -20,16 +20,18 @@ from jaxdiff.data.eval import (evaluate, evaluate_model, folder_prompts, format_
 from jaxdiff.pipelines.text_to_image import TextToImage
 from jaxdiff.pipelines.runner import MAX_SEED, check_seed
 from jaxdiff.pipelines.text_to_video import TextToVideo, default_frames
+from jaxdiff.samplers import METHODS
 
 PROG = "python -m jaxdiff.pipelines.shapes_eval"
 
 
-def model_generator(path: str, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0,
-                    num_frames: int | None = None, guidance_rescale: float = 0.0):
-    """generate(prompts) for `evaluate_model` from a model folder: DPM-Solver++ (2M) with CFG (the issue's
-    protocol). Images with TextToImage; with `num_frames`, videos of that many frames with TextToVideo."""
+def model_generator(path: str, steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
+                    num_frames: int | None = None, guidance_rescale: float = 0.0, method: str | None = None):
+    """generate(prompts) for `evaluate_model` from a model folder, sampled as `python -m sample` samples it: the
+    folder's sampler and default guidance unless `method` / `guidance_scale` say otherwise. Images with
+    TextToImage; with `num_frames`, videos of that many frames with TextToVideo."""
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                  method="dpmpp_2m")
+                  **({"method": method} if method else {}))
     if num_frames is None:
         pipe = TextToImage.from_pretrained(path)
     else:
@@ -57,9 +59,11 @@ def parse_args(argv):
     g.add_argument("--model", help="a text-to-image (or with --videos text-to-video) model folder: generate the "
                                    "held-out prompts and score them")
     p.add_argument("--per_family", type=int, default=100, help="held-out prompts per family (videos: one family)")
-    p.add_argument("--steps", type=int, default=25, help="with --model: DPM-Solver++ steps")
-    p.add_argument("--guidance", type=cli.finite_float, default=7.5,
-                   help="with --model: classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=25, help="with --model: sampling steps")
+    p.add_argument("--sampler", choices=list(METHODS), default=None,
+                   help="with --model: the sampling method (default: the folder's scheduler's)")
+    p.add_argument("--guidance", type=cli.finite_float, default=None,
+                   help="with --model: classifier-free guidance scale (default: the model's, as python -m sample)")
     p.add_argument("--guidance_rescale", type=cli.finite_float, default=0.0,
                    help="with --model: guidance rescale (Lin et al. 2024), in [0, 1]")
     p.add_argument("--seed", type=int, default=0, help=f"with --model: sampling seed, 0..{MAX_SEED}")
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         if args.model:
             frames = (args.frames or default_frames(args.model)) if args.videos else None
             generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames,
-                                       guidance_rescale=args.guidance_rescale)
+                                       guidance_rescale=args.guidance_rescale, method=args.sampler)
             result = evaluate_model(generate, args.per_family, num_frames=frames)
         else:
             pairs = folder_prompts(args.images)

@@ -78,7 +78,8 @@ class TextToImage(LatentDiffusion):
         pipeline rounds: `strength_rounding`); with `latent_mask` [B, h, w, 1] (1 = generate) and
         inpaint='blend' (any U-Net) or 'channels' (9-channel U-Nets) it is inpainting.
         SDXL: without `negative_prompts`, the folder's force_zeros_for_empty_prompt (default True) guides against
-        zeros, as diffusers does. `guidance_scale` None is the reference pipeline's default (`default_guidance`).
+        zeros, as diffusers does. `guidance_scale` None is `default_guidance` (the training run's, else the
+        reference pipeline's).
         Flux: `guidance_scale` is what its guidance embedding reads (a model without the embedding ignores it),
         and with negative prompts a `true_cfg_scale` > 1 runs CFG
         against them (diffusers' true CFG); other models take `true_cfg_scale` 1 only.

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -47,7 +45,7 @@ import jax.numpy as jnp
 from jaxdiff import diffusion, samplers
 from jaxdiff.models.wan import WanTransformer3D
 from jaxdiff.models.wan_vae import AutoencoderKLWan, denormalize_latents, normalize_latents
-from jaxdiff.pipelines.latent import LatentDiffusion, as_images
+from jaxdiff.pipelines.latent import LatentDiffusion, as_images, training_config
 from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
 
 
@@ -55,20 +53,10 @@ DEFAULT_FRAMES = 8  # for a video U-Net folder whose training.json does not say 
 WAN_FRAMES, WAN_SIZE = 81, (480, 832)  # diffusers' Wan pipelines' defaults: 81 frames of 480x832 (height, width)
 
 
-def _training_config(path: str) -> dict:
-    """The config of the diffusion run a model folder was exported from, as its training.json records it
-    (`jaxdiff.training.export`); {} if the folder has none."""
-    listing = os.path.join(path, "training.json")
-    if not os.path.isfile(listing):
-        return {}
-    with open(listing) as f:
-        return json.load(f).get("diffusion", {}).get("config", {})
-
-
 def trained_frames(path: str) -> int | None:
     """The frames per clip of the videos a model folder's diffusion run trained on: the run's
     moving_shapes data name, else its config.model.num_frames; None if the folder does not say."""
-    config = _training_config(path)
+    config = training_config(path)
     from jaxdiff.data.moving_shapes import frames_of
 
     frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
@@ -78,7 +66,7 @@ def trained_frames(path: str) -> int | None:
 def trained_noise_correlation(path: str) -> float:
     """The frame noise correlation a model folder's diffusion run trained with (config.model.
     frame_noise_correlation; 0 if the folder does not say)."""
-    return float(_training_config(path).get("model", {}).get("frame_noise_correlation", 0.0))
+    return float(training_config(path).get("model", {}).get("frame_noise_correlation", 0.0))
 
 
 def default_frames(path: str) -> int:
@@ -89,7 +77,7 @@ def default_frames(path: str) -> int:
 def trained_size(path: str) -> tuple[int, int] | None:
     """(height, width) of the videos a model folder's diffusion run trained on (its config.data.image_size); None
     if the folder does not say."""
-    size = _training_config(path).get("data", {}).get("image_size")
+    size = training_config(path).get("data", {}).get("image_size")
     return (int(size), int(size)) if size else None
 
 
@@ -153,9 +141,9 @@ class TextToVideo(LatentDiffusion):
         return super().size_multiple
 
     @property
-    def default_guidance(self) -> float:
+    def reference_guidance(self) -> float:
         """diffusers' Wan pipelines' default guidance scale, 5.0; a video U-Net's as `LatentDiffusion`'s."""
-        return 5.0 if self.wan else super().default_guidance
+        return 5.0 if self.wan else super().reference_guidance
 
     @property
     def video_size(self) -> tuple[int, int]:

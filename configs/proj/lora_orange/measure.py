@@ -24,7 +24,7 @@ from make_data import ORANGE, WORD  # noqa: E402
 from jaxdiff.convert import load_lora  # noqa: E402
 from jaxdiff.data import eval as shapes_eval  # noqa: E402
 from jaxdiff.data import heldout_prompts, render  # noqa: E402
-from jaxdiff.pipelines import SHAPES_MODEL, TextToImage  # noqa: E402
+from jaxdiff.pipelines import SHAPES_UNET_MODEL, TextToImage  # noqa: E402
 
 # background, the palette, orange: a pixel takes the nearest within ShapesEval's distance, else none (-1)
 COLOURS = np.array([render.BACKGROUND, *render.PALETTE.values(), ORANGE], np.float32)
@@ -66,7 +66,7 @@ def main() -> None:
                    "file); repeat to compare several")
     p.add_argument("--per-family", type=int, default=100)
     args = p.parse_args()
-    base = TextToImage.from_pretrained(SHAPES_MODEL)
+    base = TextToImage.from_pretrained(SHAPES_UNET_MODEL)
     models = {"shipped model": base, **{f"+ {os.path.basename(os.path.normpath(path))}": dataclasses.replace(
         base, denoiser_params=load_lora(base.denoiser_params, path)) for path in args.lora}}
     prompts = heldout_prompts(args.per_family)
