@@ -1,4 +1,4 @@
-"""LoRA training vs full fine-tuning of the shipped shapes model: step time, trainable parameters, optimizer
+"""LoRA training vs full fine-tuning of the shipped shapes U-Net model: step time, trainable parameters, optimizer
 state and train state bytes, in one run.
 
     python benchmarks/bench_lora.py [--batch 32] [--steps 5]

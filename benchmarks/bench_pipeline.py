@@ -6,8 +6,8 @@ Rows, each measured in one run:
   first image, fresh process  wall time of a new Python process that imports, loads the folder and
                               writes one image (jaxdiff: cold, then warm persistent compilation cache)
   images/s at batch 1 / 16    warm throughput in a running process
-Same sampler (DPM-Solver++ 2M unless --sampler names jaxdiff's), steps and guidance on both sides. Needs the
-[dev] extra for torch.
+Same sampler (DPM-Solver++ 2M unless --sampler names jaxdiff's), steps and guidance (the folder's default) on
+both sides. Needs the [dev] extra for torch.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ pipe(["a red circle above a blue square"], num_inference_steps=int(sys.argv[3]),
 """
 
 
-def fresh_process(code: str, model: str, cache: str, steps: int, sampler: str = "dpmpp_2m") -> float:
+def fresh_process(code: str, model: str, cache: str, steps: int, sampler: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, model, cache, str(steps), sampler], check=True, capture_output=True)
     return time.perf_counter() - t0
@@ -92,7 +92,7 @@ def main():
         cold = fresh_process(JAX_FIRST, model, cache, args.steps, args.sampler)
         warm = fresh_process(JAX_FIRST, model, cache, args.steps, args.sampler)
     rows = [("first image, fresh process (s)", f"{cold:.1f} cold cache / {warm:.1f} warm cache",
-             f"{fresh_process(TORCH_FIRST, model, '', args.steps):.1f}" if have_torch else "n/a")]
+             f"{fresh_process(TORCH_FIRST, model, '', args.steps, args.sampler):.1f}" if have_torch else "n/a")]
     for batch in (1, 16):
         rows.append((f"images/s, batch {batch}", f"{jax_throughput(model, args.steps, batch, args.sampler):.2f}",
                      f"{torch_throughput(model, args.steps, batch):.2f}" if have_torch else "n/a"))

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_samplers.py [--steps 20] [--batch 4]
 
-For every sampler, on the shipped shapes model's latents [B, 16, 16, 4], its U-Net as the model (text context from
+For every sampler, on the shipped shapes U-Net model's latents [B, 16, 16, 4], its U-Net as the model (text context from
 a fixed random [B, 16, 128], no guidance):
   compile   seconds to trace + compile the whole run (first call minus a warm call)
   scan      warm ms per step of the whole run as one jitted lax.scan
@@ -120,7 +120,7 @@ def main():
     lines = [f"| {m} | {n} | {c:.2f} | {s:.2f} | {mo:.2f} | {a:.3f} | {a / mo:.2%} | {lp:.2f} |"
              for m, n, c, s, mo, a, lp in rows]
     table = "\n".join([header, *lines])
-    meta = (f"Latents [{args.batch}, {size}, {size}, 4], the shipped shapes model's U-Net "
+    meta = (f"Latents [{args.batch}, {size}, {size}, 4], the shipped shapes U-Net model's U-Net "
             f"({model_ms:.2f} ms per call inside a scan), float32, jax {jax.__version__} on {jax.devices()[0].platform} "
             f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores). Sampler alone: the same "
             f"compiled scan with the model replaced by 0.5 * x, i.e. what the sampler's own per-step work and the "

@@ -2,13 +2,13 @@
 caption dropout for classifier-free guidance.
 
   python -m train --config configs/latent_diffusion.py --workdir runs/ld_shapes             # the base shapes model
-  python -m train --config configs/latent_diffusion.py:emphasis --workdir runs/ld_emphasis  # fine-tunes the shipped one
+  python -m train --config configs/latent_diffusion.py:emphasis --workdir runs/ld_emphasis  # fine-tunes the shipped U-Net
   python -m train --config configs/latent_diffusion.py:tiny --workdir /tmp/ld               # seconds, synthetic squares
 
 `shapes` trains from scratch on the frozen CLIP and VAE runs `runs/clip_shapes`, `runs/vae_shapes`
 (configs/clip.py, configs/vae.py; the folder is $JAXDIFF_RUNS, default `runs`). `emphasis` is the
-objective of the shipped model's fine-tunes (README, "The shipped shapes model"): from the shipped folder
-(its U-Net, VAE and text encoder), v-prediction to a schedule ending at SNR 0 (Lin et al. 2024), timesteps
+objective of the shipped U-Net's fine-tunes (README, "The shipped shapes models"): from the shipped U-Net folder
+jaxdiff/assets/shapes_unet (its U-Net, VAE and text encoder), v-prediction to a schedule ending at SNR 0 (Lin et al. 2024), timesteps
 drawn towards the noisy end, and captions with a place or relation word weighted 6 times in the loss.
 """
 from configs import common

@@ -33,8 +33,8 @@ def parse_args(argv):
     p = cli.Parser(prog=PROG, description="Generate and edit images from text prompts.")
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line; writes NNNN.png into --out")
-    p.add_argument("--model", help="a diffusers Stable Diffusion folder (model_index.json, unet/, ...); default: "
-                                    "the shipped shapes model (images only)")
+    p.add_argument("--model", help="a diffusers pipeline folder (model_index.json; unet/ or transformer/, ...); "
+                                    "default: the shipped shapes model (images only)")
     p.add_argument("--out", default="sample.png", help="a .png file, or a folder for several images")
     p.add_argument("--negative", help="negative prompt (none given: SDXL guides against zeros, as diffusers does)")
     p.add_argument("--sampler", default=None, choices=list(METHODS), help="default: the model's scheduler")

@@ -136,7 +136,8 @@ def test_export_loads_back_as_text_to_video_and_shapes_eval_scores_it(video_run,
     table = json.loads(printed.strip().splitlines()[-1])
     [(asked, kwargs, videos)] = calls
     assert asked == shapes_eval.heldout_video_prompts(2, num_frames=4)    # the run trained on 4-frame clips
-    assert kwargs == dict(steps=2, guidance_scale=None, guidance_rescale=0.0, seed=0)   # the folder's sampler, guidance
+    # the folder's sampler and its run's guidance
+    assert kwargs == dict(steps=2, guidance_scale=4.0, guidance_rescale=0.0, seed=0, method="dpmpp_2m")
     assert videos.shape == (2, 4, 16, 16, 3) and np.all(np.isfinite(videos))   # the folder's default frames
     assert videos.min() >= 0 and videos.max() <= 1
     hits = [shapes_eval.score_video(p, shapes_eval.to_uint8(v)) for p, v in zip(asked, videos)]

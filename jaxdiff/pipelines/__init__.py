@@ -10,8 +10,8 @@ from jaxdiff.pipelines.editing import edit, img2img, inpaint, invert, outpaint
 from jaxdiff.pipelines.text_to_image import TextToImage
 from jaxdiff.pipelines.text_to_video import TextToVideo
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-SHAPES_MODEL = os.path.join(ASSETS, "shapes")
-SHAPES_UNET_MODEL = os.path.join(ASSETS, "shapes_unet")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+SHAPES_MODEL = os.path.join(_ASSETS, "shapes")
+SHAPES_UNET_MODEL = os.path.join(_ASSETS, "shapes_unet")
 
 __all__ = ["SHAPES_MODEL", "SHAPES_UNET_MODEL", "TextToImage", "TextToVideo", "edit", "img2img", "inpaint", "invert", "outpaint"]

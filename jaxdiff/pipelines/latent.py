@@ -57,7 +57,7 @@ def training_config(path: str) -> dict:
         return json.load(f).get("diffusion", {}).get("config", {})
 
 
-def trained_guidance(path: str) -> float | None:
+def recorded_guidance(path: str) -> float | None:
     """The guidance scale a model folder's diffusion run sampled its previews with (config.model.guidance_scale),
     None if the folder does not say."""
     scale = training_config(path).get("model", {}).get("guidance_scale")
@@ -100,7 +100,7 @@ class LatentDiffusion:
         sd = load_pipeline(path, **load_kwargs)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
         return (sd.denoiser, sd.denoiser_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, trained_guidance(path))
+                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, recorded_guidance(path))
 
     @property
     def vae_scale_factor(self) -> int:

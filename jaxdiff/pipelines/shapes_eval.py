@@ -9,6 +9,7 @@ prompts, or generate them with a model folder and score the result. The analysis
 
 A failure is one line on stderr and a non-zero exit (the traceback with --debug or JAXDIFF_DEBUG=1).
 """
+import functools
 import json
 import os
 import sys
@@ -28,15 +29,16 @@ PROG = "python -m jaxdiff.pipelines.shapes_eval"
 def model_generator(path: str, steps: int = 25, guidance_scale: float | None = None, seed: int = 0,
                     num_frames: int | None = None, guidance_rescale: float = 0.0, method: str | None = None):
     """generate(prompts) for `evaluate_model` from a model folder, sampled as `python -m sample` samples it: the
-    folder's sampler and default guidance unless `method` / `guidance_scale` say otherwise. Images with
-    TextToImage; with `num_frames`, videos of that many frames with TextToVideo."""
-    kwargs = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                  **({"method": method} if method else {}))
+    folder's sampler and default guidance unless `method` / `guidance_scale` say otherwise (a partial of the
+    pipeline: `.keywords` are the settings). Images with TextToImage; with `num_frames`, videos of that many
+    frames with TextToVideo."""
     if num_frames is None:
         pipe = TextToImage.from_pretrained(path)
     else:
         pipe = TextToVideo.from_pretrained(path, num_frames=num_frames)
-    return lambda prompts: pipe(prompts, **kwargs)
+    guidance_scale = pipe.default_guidance if guidance_scale is None else guidance_scale
+    return functools.partial(pipe, steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                             seed=seed, method=method or pipe.sampler_defaults["method"])
 
 
 def write_prompts(p, args) -> int:
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
             frames = (args.frames or default_frames(args.model)) if args.videos else None
             generate = model_generator(args.model, args.steps, args.guidance, args.seed, num_frames=frames,
                                        guidance_rescale=args.guidance_rescale, method=args.sampler)
+            print(", ".join(f"{k} {v}" for k, v in generate.keywords.items()))
             result = evaluate_model(generate, args.per_family, num_frames=frames)
         else:
             pairs = folder_prompts(args.images)

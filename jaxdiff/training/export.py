@@ -1,6 +1,6 @@
 """A trained latent text-to-image or text-to-video run -> a diffusers pipeline folder.
 
-    python -m jaxdiff.training.export --workdir runs/ld_shapes --out jaxdiff/assets/shapes
+    python -m jaxdiff.training.export --workdir runs/ld_shapes --out shapes_model
     python -m jaxdiff.training.export --workdir runs/vd_inflated --out /tmp/vd_inflated_model
     python -m jaxdiff.training.export --workdir runs/lora --out my_lora [--merge]
 

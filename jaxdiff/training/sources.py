@@ -1,6 +1,6 @@
 """Where a recipe's frozen parts and initial weights come from: a training run's workdir (its EMA
 params and config.json) or a model folder that `jaxdiff.training.export` wrote (diffusers /
-transformers sub-folders and training.json, e.g. the shipped `jaxdiff/assets/shapes`).
+transformers sub-folders and training.json, e.g. the shipped `jaxdiff/assets/shapes_unet`).
 
 A part is one of PARTS: `vae` (a vae run), `text_encoder` (the text tower of a clip run), `clip`
 (both towers of a clip run) and `unet` (a latent text-to-image diffusion run). From a run workdir

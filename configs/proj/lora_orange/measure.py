@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--per-family", type=int, default=100)
     args = p.parse_args()
     base = TextToImage.from_pretrained(SHAPES_UNET_MODEL)
-    models = {"shipped model": base, **{f"+ {os.path.basename(os.path.normpath(path))}": dataclasses.replace(
+    models = {"shipped U-Net": base, **{f"+ {os.path.basename(os.path.normpath(path))}": dataclasses.replace(
         base, denoiser_params=load_lora(base.denoiser_params, path)) for path in args.lora}}
     prompts = heldout_prompts(args.per_family)
     groups = {f"with '{WORD}'": [i for i, q in enumerate(prompts) if WORD in q.split()],
