@@ -14,4 +14,5 @@ _ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SHAPES_MODEL = os.path.join(_ASSETS, "shapes")
 SHAPES_UNET_MODEL = os.path.join(_ASSETS, "shapes_unet")
 
-__all__ = ["SHAPES_MODEL", "SHAPES_UNET_MODEL", "TextToImage", "TextToVideo", "edit", "img2img", "inpaint", "invert", "outpaint"]
+__all__ = ["SHAPES_MODEL", "SHAPES_UNET_MODEL", "TextToImage", "TextToVideo", "edit", "img2img", "inpaint",
+           "invert", "outpaint"]
