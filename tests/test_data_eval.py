@@ -154,14 +154,15 @@ def test_heldout_video_prompts_are_the_test_split_captions_of_that_many_frames(d
 def test_default_frames_from_a_model_folder(tmp_path):
     """Video frames for `--model --videos`: the run's moving_shapes data name, else model.num_frames;
     the frame noise correlation the run trained with."""
-    def folder(name, config):
+    from jaxdiff.pipelines.latent import training_config
+    from jaxdiff.pipelines.text_to_video import (DEFAULT_FRAMES, default_frames, trained_frames,
+                                                  trained_noise_correlation)
+
+    def folder(name, config):   # a model folder with this training.json config, read back as the loader reads it
         (tmp_path / name).mkdir()
         if config is not None:
             (tmp_path / name / "training.json").write_text(json.dumps({"diffusion": {"step": 1, "config": config}}))
-        return str(tmp_path / name)
-
-    from jaxdiff.pipelines.text_to_video import (DEFAULT_FRAMES, default_frames, trained_frames,
-                                                  trained_noise_correlation)
+        return training_config(str(tmp_path / name))
 
     model = {"backbone": "temporal_unet", "num_frames": 6}
     assert trained_frames(folder("data", {"data": {"name": "moving_shapes/32px-8f"}, "model": model})) == 8
@@ -170,7 +171,8 @@ def test_default_frames_from_a_model_folder(tmp_path):
     assert trained_frames(folder("bare", None)) is None
     assert default_frames(str(tmp_path / "preview")) == 6 and default_frames(str(tmp_path / "bare")) == DEFAULT_FRAMES
     assert trained_noise_correlation(folder("pyoco", {"model": {**model, "frame_noise_correlation": 0.8}})) == 0.8
-    assert trained_noise_correlation(str(tmp_path / "data")) == trained_noise_correlation(str(tmp_path / "bare")) == 0
+    bare = training_config(str(tmp_path / "bare"))
+    assert trained_noise_correlation(training_config(str(tmp_path / "image"))) == trained_noise_correlation(bare) == 0
 
 
 def test_evaluate_model_with_an_oracle_and_a_constant_generator():

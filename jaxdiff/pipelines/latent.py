@@ -57,10 +57,10 @@ def training_config(path: str) -> dict:
         return json.load(f).get("diffusion", {}).get("config", {})
 
 
-def recorded_guidance(path: str) -> float | None:
-    """The guidance scale a model folder's diffusion run sampled its previews with (config.model.guidance_scale),
-    None if the folder does not say."""
-    scale = training_config(path).get("model", {}).get("guidance_scale")
+def recorded_guidance(record: dict) -> float | None:
+    """The guidance scale a model folder's diffusion run sampled its previews with (config.model.guidance_scale of
+    its `training_config` record), None if the record does not say."""
+    scale = record.get("model", {}).get("guidance_scale")
     return None if scale is None else float(scale)
 
 
@@ -91,16 +91,16 @@ class LatentDiffusion:
     runner: Runner = dataclasses.field(default_factory=Runner, init=False, repr=False, compare=False)
 
     @classmethod
-    def _components(cls, path: str, **load_kwargs) -> tuple:
+    def _components(cls, path: str, record: dict, **load_kwargs) -> tuple:
         """The constructor's positional fields from a diffusers folder (see `jaxdiff.convert.load_pipeline`);
         the folder's scheduler gives the schedule and the sampler defaults (DDIM where it names no sampler), its
-        training.json (a folder exported here) the default guidance."""
+        training.json `record` (`training_config`; {} for a folder not exported here) the default guidance."""
         from jaxdiff.convert import load_pipeline
 
         sd = load_pipeline(path, **load_kwargs)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
         return (sd.denoiser, sd.denoiser_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, recorded_guidance(path))
+                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, recorded_guidance(record))
 
     @property
     def vae_scale_factor(self) -> int:

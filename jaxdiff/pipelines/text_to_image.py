@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import samplers
-from jaxdiff.pipelines.latent import LatentDiffusion
+from jaxdiff.pipelines.latent import LatentDiffusion, training_config
 from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists
 from jaxdiff.samplers.driver import check_number
 
@@ -37,7 +37,7 @@ class TextToImage(LatentDiffusion):
         `jaxdiff.convert.load_pipeline`); `verify` checks the weights against the folder's checksums.json when it has one. Params are held in
         `param_dtype` (e.g. jnp.bfloat16) and, with a `mesh`, placed straight into the shardings of the default
         logical axis rules (fsdp / tensor axes split the large kernels); pass the same mesh to `generate`."""
-        return cls(*cls._components(path, verify=verify, param_dtype=param_dtype, mesh=mesh))
+        return cls(*cls._components(path, training_config(path), verify=verify, param_dtype=param_dtype, mesh=mesh))
 
     def _build(self, steps: int, sampler: tuple, strength: float | None, inpaint: str | None, true_cfg: bool,
                zero_uncond: bool, trajectory: bool, progress: bool):

@@ -53,31 +53,31 @@ DEFAULT_FRAMES = 8  # for a video U-Net folder whose training.json does not say 
 WAN_FRAMES, WAN_SIZE = 81, (480, 832)  # diffusers' Wan pipelines' defaults: 81 frames of 480x832 (height, width)
 
 
-def trained_frames(path: str) -> int | None:
-    """The frames per clip of the videos a model folder's diffusion run trained on: the run's
-    moving_shapes data name, else its config.model.num_frames; None if the folder does not say."""
-    config = training_config(path)
+def trained_frames(config: dict) -> int | None:
+    """The frames per clip of the videos a model folder's diffusion run trained on, from its training.json
+    record (`training_config`): the run's moving_shapes data name, else its config.model.num_frames; None if the
+    record does not say."""
     from jaxdiff.data.moving_shapes import frames_of
 
     frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
     return int(frames) if frames else None
 
 
-def trained_noise_correlation(path: str) -> float:
+def trained_noise_correlation(config: dict) -> float:
     """The frame noise correlation a model folder's diffusion run trained with (config.model.
-    frame_noise_correlation; 0 if the folder does not say)."""
-    return float(training_config(path).get("model", {}).get("frame_noise_correlation", 0.0))
+    frame_noise_correlation of its training.json record; 0 if the record does not say)."""
+    return float(config.get("model", {}).get("frame_noise_correlation", 0.0))
 
 
 def default_frames(path: str) -> int:
     """The video length a model folder generates by default: the frames it trained on, else DEFAULT_FRAMES."""
-    return trained_frames(path) or DEFAULT_FRAMES
+    return trained_frames(training_config(path)) or DEFAULT_FRAMES
 
 
-def trained_size(path: str) -> tuple[int, int] | None:
-    """(height, width) of the videos a model folder's diffusion run trained on (its config.data.image_size); None
-    if the folder does not say."""
-    size = training_config(path).get("data", {}).get("image_size")
+def trained_size(config: dict) -> tuple[int, int] | None:
+    """(height, width) of the videos a model folder's diffusion run trained on (config.data.image_size of its
+    training.json record); None if the record does not say."""
+    size = config.get("data", {}).get("image_size")
     return (int(size), int(size)) if size else None
 
 
@@ -103,10 +103,11 @@ class TextToVideo(LatentDiffusion):
         records (without one: the denoiser's size, and 0). `verify`: see `TextToImage.from_pretrained`."""
         from jaxdiff.models.temporal_unet import TemporalUNet
 
-        parts = cls._components(path, denoiser_type=(TemporalUNet, WanTransformer3D), verify=verify)
+        record = training_config(path)
+        parts = cls._components(path, record, denoiser_type=(TemporalUNet, WanTransformer3D), verify=verify)
         wan = isinstance(parts[0], WanTransformer3D)
-        return cls(*parts, num_frames=num_frames or trained_frames(path) or (WAN_FRAMES if wan else DEFAULT_FRAMES),
-                   frame_noise_correlation=trained_noise_correlation(path), frame_size=trained_size(path))
+        return cls(*parts, num_frames=num_frames or trained_frames(record) or (WAN_FRAMES if wan else DEFAULT_FRAMES),
+                   frame_noise_correlation=trained_noise_correlation(record), frame_size=trained_size(record))
 
     @property
     def wan(self) -> bool:
