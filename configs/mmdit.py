@@ -10,16 +10,14 @@ the text tokens and the image's patch tokens attend jointly in every block, each
 CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes_unet. `t5` reads instead the states of a
 bidirectional T5 encoder (4 layers, 128 wide) trained from scratch with the transformer, the frozen CLIP giving
 only the pooled embedding (Flux's split): every caption word sees every other before the image does, where the
-causal CLIP's state of the first object cannot see the relation word after it. `t5_positions`: `t5` with
-fixed 1-D positions added to the text tokens in the MMDiT (the jointly trained T5 drives word order out of its
-states; see docs/shapes-mmdit.md). `tiny_t5`: the tiny run so.
+causal CLIP's state of the first object cannot see the relation word after it. `tiny_t5`: the tiny run so.
 """
 from configs import common
 from configs.latent_diffusion import SCALING_FACTOR
 from jaxdiff.pipelines import SHAPES_UNET_MODEL as SHIPPED_UNET
 from jaxdiff.training.config import base_config
 
-VARIANTS = ("shapes", "t5", "t5_positions", "tiny", "tiny_t5")
+VARIANTS = ("shapes", "t5", "tiny", "tiny_t5")
 
 
 def get_config(variant: str = "shapes"):
@@ -48,8 +46,6 @@ def get_config(variant: str = "shapes"):
                        scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED_UNET)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint=SHIPPED_UNET)
-    if variant.startswith("t5"):
+    if variant == "t5":
         c.model.t5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
-    if variant == "t5_positions":
-        c.model.mmdit.text_positions = True
     return c

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ import jaxdiff as jd
 from jaxdiff.convert.common import CheckpointError
 from jaxdiff.models import SD3Config, SD3Transformer2D
 from jaxdiff.models.mmdit import position_table
-from jaxdiff.models.transformer_layers import sincos_position_embedding_1d
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmdit"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -96,38 +94,6 @@ def test_wrong_position_table_is_named(tmp_path):
     save_file(tensors, str(folder / WEIGHTS))
     with pytest.raises(CheckpointError, match="pos_embed.pos_embed"):
         jd.convert.from_diffusers(str(folder))
-
-
-def test_sincos_1d_is_the_closed_form():
-    table = sincos_position_embedding_1d(8, 5)
-    pos, k = np.arange(5)[:, None], np.arange(4)[None, :]
-    np.testing.assert_allclose(table, np.concatenate([np.sin(pos / 10000 ** (k / 4)), np.cos(pos / 10000 ** (k / 4))],
-                                                     axis=1), rtol=1e-12, atol=1e-12)
-
-
-def test_text_positions_shift_the_text_states():
-    """text_positions adds the 1-D table P after context_embedder (x @ W + b), so it equals the model without them
-    fed the text states + P @ inv(W); and the order of the text tokens then reaches the output."""
-    config = SD3Config(sample_size=4, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                       num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                       pooled_projection_dim=8, out_channels=4, pos_embed_max_size=None)
-    plain, positioned = SD3Transformer2D(config), SD3Transformer2D(dataclasses.replace(config, text_positions=True))
-    keys = iter(jax.random.split(jax.random.key(0), 256))
-    x, context, pooled = (jax.random.normal(next(keys), s) for s in ((2, 4, 4, 4), (2, 5, 16), (2, 8)))
-    t = jnp.array([300.0, 800.0])
-    params = nn.meta.unbox(plain.init(next(keys), x, t, context, pooled)["params"])   # adaLN-Zero: perturb so every path counts
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape), params)
-    shift = sincos_position_embedding_1d(16, 5) @ np.linalg.inv(np.asarray(params["context_embedder"]["kernel"]))
-    out = positioned.apply({"params": params}, x, t, context, pooled)
-    np.testing.assert_allclose(out, plain.apply({"params": params}, x, t, context + shift, pooled), rtol=1e-4,
-                               atol=1e-4)
-    assert np.abs(out - plain.apply({"params": params}, x, t, context, pooled)).max() > 1e-2
-    swapped = context[:, ::-1]   # the same set of text tokens in reverse order
-    assert np.allclose(plain.apply({"params": params}, x, t, swapped, pooled),
-                       plain.apply({"params": params}, x, t, context, pooled), atol=1e-5)
-    assert np.abs(positioned.apply({"params": params}, x, t, swapped, pooled) - out).max() > 1e-2
-    assert "text_positions" not in config.to_diffusers_config()
-    assert dataclasses.replace(config, text_positions=True).to_diffusers_config()["text_positions"] is True
 
 
 def test_jit_batch_of_two_with_different_t():

@@ -33,7 +33,7 @@ from jaxdiff.models.dit import unpatchify
 from jaxdiff.models.layers import (FeedForward, TimestepEmbedding, checkpointed, conv, constrain_tokens, dense,
                                    layer_norm, timestep_embedding)
 from jaxdiff.models.transformer_layers import (AdaLayerNormZero, apply_rotary, modulate, rms_norm,
-                                               sincos_position_embedding_1d, sincos_position_embedding_2d)
+                                               sincos_position_embedding_2d)
 
 QK_NORMS = (None, "layer_norm", "rms_norm")
 NORM_EPS = 1e-6   # diffusers fixes every norm of SD3 to 1e-6
@@ -42,9 +42,7 @@ NORM_EPS = 1e-6   # diffusers fixes every norm of SD3 to 1e-6
 @dataclasses.dataclass(frozen=True)
 class SD3Config:
     """SD3 transformer hyper-parameters, named as in diffusers' config (defaults: SD3-medium's shape
-    with diffusers' defaults; SD3.5-medium sets dual_attention_layers=(0, ..., 12), qk_norm='rms_norm').
-    text_positions (jaxdiff's, not in diffusers): fixed 1-D sin-cos positions added to the text tokens after
-    `context_embedder`, for text states that carry no word order of their own."""
+    with diffusers' defaults; SD3.5-medium sets dual_attention_layers=(0, ..., 12), qk_norm='rms_norm')."""
     sample_size: int = 128
     patch_size: int = 2
     in_channels: int = 16
@@ -58,7 +56,6 @@ class SD3Config:
     pos_embed_max_size: int | None = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-    text_positions: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dual_attention_layers", tuple(self.dual_attention_layers))
@@ -108,12 +105,7 @@ class SD3Config:
         return config_from_diffusers(cls, config, "SD3Transformer2DModel", **same)
 
     def to_diffusers_config(self) -> dict:
-        """The diffusers config; `text_positions` is written only when set (diffusers then warns that it ignores it:
-        such a transformer has no diffusers class)."""
-        config = config_to_diffusers(self, "SD3Transformer2DModel")
-        if not self.text_positions:
-            del config["text_positions"]
-        return config
+        return config_to_diffusers(self, "SD3Transformer2DModel")
 
 
 def position_grid(n: int, grid: int, base_size: int, offset: int = 0) -> np.ndarray:
@@ -319,8 +311,6 @@ class SD3Transformer2D(nn.Module):
         cond = TimestepTextEmbedding(c.inner_dim, name="time_text_embed", **kw)(t, pooled)
         context = dense(c.caption_projection_dim, ("mlp", "embed"), name="context_embedder",
                         **kw)(context.astype(self.dtype))
-        if c.text_positions:
-            context = context + jnp.asarray(sincos_position_embedding_1d(c.inner_dim, context.shape[1]), self.dtype)
 
         block = checkpointed(JointTransformerBlock, self.remat)
         for i in range(c.num_layers):

@@ -44,28 +44,21 @@ class AdaLayerNormZero(nn.Module):
         return h, jnp.split(mod[:, None, :], self.chunks, axis=-1)
 
 
-def sincos_position_embedding_1d(dim: int, positions) -> np.ndarray:
-    """Fixed 1-D sin-cos embedding [len(positions), dim] (float64 table): [sin | cos] of each position at
-    frequencies 10000^(-k/(dim/2)), k < dim/2 (the transformer's, Vaswani et al. 2017, with sines first).
-    positions: a count n (positions 0..n-1) or a 1-D array of positions."""
-    pos = np.arange(positions) if np.ndim(positions) == 0 else np.asarray(positions)
-    freqs = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim // 2))
-    angles = pos.astype(np.float64).reshape(-1)[:, None] * freqs[None, :]
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-
 def sincos_position_embedding_2d(dim: int, rows, cols) -> np.ndarray:
     """Fixed 2-D sin-cos embedding [len(rows)*len(cols), dim] (float64 table): the first half encodes the
-    column position, the second the row position, each a 1-D embedding of dim/2 (frequencies 10000^(-k/(dim/4))).
+    column position, the second the row position, each as [sin | cos] at frequencies 10000^(-k/(dim/4)).
 
     rows, cols: a count n (positions 0..n-1) or a 1-D array of positions (MMDiT's scaled, cropped grid).
     Tokens are in row-major order.
     """
     rows = np.arange(rows) if np.ndim(rows) == 0 else np.asarray(rows)
     cols = np.arange(cols) if np.ndim(cols) == 0 else np.asarray(cols)
+    freqs = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    def embed(pos):
+        angles = pos.reshape(-1)[:, None] * freqs[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
     row, col = np.meshgrid(rows.astype(np.float64), cols.astype(np.float64), indexing="ij")
-    return np.concatenate([sincos_position_embedding_1d(dim // 2, col), sincos_position_embedding_1d(dim // 2, row)],
-                          axis=1)
+    return np.concatenate([embed(col), embed(row)], axis=1)
 
 
 def rotary_table(ids: np.ndarray, axes_dim: Sequence[int], theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
