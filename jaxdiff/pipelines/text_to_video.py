@@ -53,20 +53,20 @@ DEFAULT_FRAMES = 8  # for a video U-Net folder whose training.json does not say 
 WAN_FRAMES, WAN_SIZE = 81, (480, 832)  # diffusers' Wan pipelines' defaults: 81 frames of 480x832 (height, width)
 
 
-def trained_frames(config: dict) -> int | None:
+def trained_frames(record: dict) -> int | None:
     """The frames per clip of the videos a model folder's diffusion run trained on, from its training.json
     record (`training_config`): the run's moving_shapes data name, else its config.model.num_frames; None if the
     record does not say."""
     from jaxdiff.data.moving_shapes import frames_of
 
-    frames = frames_of(config.get("data", {}).get("name", "")) or config.get("model", {}).get("num_frames")
+    frames = frames_of(record.get("data", {}).get("name", "")) or record.get("model", {}).get("num_frames")
     return int(frames) if frames else None
 
 
-def trained_noise_correlation(config: dict) -> float:
+def trained_noise_correlation(record: dict) -> float:
     """The frame noise correlation a model folder's diffusion run trained with (config.model.
     frame_noise_correlation of its training.json record; 0 if the record does not say)."""
-    return float(config.get("model", {}).get("frame_noise_correlation", 0.0))
+    return float(record.get("model", {}).get("frame_noise_correlation", 0.0))
 
 
 def default_frames(path: str) -> int:
@@ -74,10 +74,10 @@ def default_frames(path: str) -> int:
     return trained_frames(training_config(path)) or DEFAULT_FRAMES
 
 
-def trained_size(config: dict) -> tuple[int, int] | None:
+def trained_size(record: dict) -> tuple[int, int] | None:
     """(height, width) of the videos a model folder's diffusion run trained on (config.data.image_size of its
     training.json record); None if the record does not say."""
-    size = config.get("data", {}).get("image_size")
+    size = record.get("data", {}).get("image_size")
     return (int(size), int(size)) if size else None
 
 
