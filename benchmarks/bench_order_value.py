@@ -14,7 +14,8 @@ import argparse
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxdiff.data.render import FAMILIES, PALETTE, RELATIONS
+from jaxdiff.data.eval import parse_prompt
+from jaxdiff.data.render import FAMILIES, PALETTE
 
 COLOUR_TOLERANCE = 60   # summed |RGB difference| for a pixel to count as a palette colour (antialiased edges out)
 
@@ -28,17 +29,16 @@ def relation_examples(source):
         record = source[i]
         if record["family"] != relation_family:
             continue
-        caption = record["caption"].decode()
-        relation = next(r for r in sorted(RELATIONS, key=len, reverse=True) if f" {r} " in caption)
-        subject, obj = (next(c for c in PALETTE if f" {c} " in f" {part} ") for part in caption.split(f" {relation} "))
+        request = parse_prompt(record["caption"].decode())
+        subject, obj = (spec.colour for spec in request.objects)
         image = np.asarray(record["image"], np.float32)
         maps.append(np.stack([np.abs(image - rgb).sum(-1) < COLOUR_TOLERANCE for rgb in palette.values()]).ravel())
-        keys.append((relation, subject, obj))
+        keys.append((request.relation, subject, obj))
     return np.asarray(maps, np.float32), keys
 
 
 def loo_loss(maps, groups):
-    """Mean over examples of the squared distance to their group's mean without themselves."""
+    """Mean over examples of the squared distance to their group's mean without themselves; groups: tuples of str."""
     groups = np.unique(np.asarray([repr(g) for g in groups]), return_inverse=True)[1]
     total = 0.0
     for g in np.unique(groups):
@@ -55,7 +55,7 @@ def main():
     args = parser.parse_args()
     maps, keys = relation_examples(tfds.builder(args.name).as_data_source(split="train"))
     losses = {"relation only": loo_loss(maps, [k[0] for k in keys]),
-              "+ colours, unordered": loo_loss(maps, [(k[0], frozenset(k[1:])) for k in keys]),
+              "+ colours, unordered": loo_loss(maps, [(k[0], *sorted(k[1:])) for k in keys]),
               "+ colour order": loo_loss(maps, keys)}
     print(f"{len(maps)} relation images of {args.name}\n")
     print("| conditioned on | colour-map loss at t = 1 | removed from the row above |")
