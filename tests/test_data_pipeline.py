@@ -153,6 +153,31 @@ def test_image_folder(tmp_path):
     assert list(next(make_iterator(cfg))["caption"]) == ["zero", "one", "two"]
 
 
+def test_layout_maps_cover_the_rendered_shapes(data_dir):
+    """layout=True adds each record's layout map: every pixel the renderer painted lies in a box of its colour's
+    channel and the box channels hold nothing else than boxes (each channel's lit area is the union of its
+    objects' boxes, whose pixel count follows from the box side: the rendered mask of a square is its box)."""
+    from jaxdiff.data.layout import LAYOUT_CHANNELS, as_objects
+
+    cfg = DataConfig(name=SHAPES, data_dir=data_dir, batch_size=8, num_epochs=1, shuffle=False, layout=True)
+    batch = next(make_iterator(cfg))
+    source = tfds.data_source(SHAPES, data_dir=data_dir, split="train")
+    assert batch["layout"].shape == (8, 64, 64, LAYOUT_CHANNELS) and batch["layout"].dtype == np.float32
+    for j in range(8):
+        raw, maps = source[j], batch["layout"][j]
+        objects = as_objects(raw["objects"])
+        for colour_index, colour in enumerate(render.COLOURS):
+            painted = (raw["image"] == render.PALETTE[colour]).all(-1)
+            assert not (painted & (maps[..., colour_index] == 0)).any()
+            boxes = np.zeros((64, 64), bool)
+            for o in objects:
+                if o.colour == colour:
+                    boxes |= render.shape_mask(render.SceneObject("square", colour, o.size, o.x, o.y), 64)
+            np.testing.assert_array_equal(maps[..., colour_index], boxes)
+        shapes = maps[..., len(render.COLOURS):]
+        np.testing.assert_array_equal(shapes.max(-1), maps[..., :len(render.COLOURS)].max(-1))
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(data_dir="/no/such/dir"), FileNotFoundError,
      r"data_dir '/no/such/dir' does not exist; prepare it with `python -m jaxdiff.data.prepare shapes"),
@@ -169,6 +194,8 @@ def test_image_folder(tmp_path):
     (dict(crop="middle"), ValueError, r"unknown crop 'middle'; choose one of: center, random, none"),
     (dict(batch_size=64), ValueError, r"has 24 examples, fewer than one local batch \(64\)"),
     (dict(name="folder", data_dir="/no/such/folder"), FileNotFoundError, r"image folder '/no/such/folder' does not exist"),
+    (dict(name="tiny_digits", image_key="img", caption_key=None, layout=True), ValueError,
+     r"layout=True reads each record's 'objects', which 'tiny_digits' has not; its fields: img, label, vec"),
 ])
 def test_errors_name_the_problem(data_dir, kwargs, error, message):
     cfg = DataConfig(**{"name": SHAPES, "data_dir": data_dir, "batch_size": 4, **kwargs})

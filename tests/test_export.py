@@ -159,3 +159,68 @@ def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, tmp_path):
     # the bidirectional T5 states of the first object differ with the words after it (the causal CLIP's cannot)
     assert float(jnp.abs(got[0][0, 1:4] - got[0][1, 1:4]).max()) > 1e-3
     assert pipe.generate(prompts[:1], steps=2, seed=0)["images"].shape == (1, 16, 16, 3)
+
+
+def test_layout_fine_tune_of_an_mmdit_folder(runs, tmp_path):
+    """configs/mmdit.py:layout's route on the tiny runs: a T5 MMDiT folder is the start (init_from) of a run on
+    layout maps (config.data.layout). Its init is the folder's transformer and T5 with the patch embedding widened
+    by zero rows for the map's channels (so it computes what the folder did, whatever the map); the loss reaches
+    those rows; the export reads 4 + LAYOUT_CHANNELS channels, and TextToImage with `layouts` samples as the
+    sampler driven by hand with the map, pooled to the latent grid, appended to x_t in both guidance halves."""
+    from flax import linen as nn
+
+    from jaxdiff import guidance, samplers
+    from jaxdiff.data import render
+    from jaxdiff.data.layout import LAYOUT_CHANNELS, as_objects, downsampled, layout_map
+    from jaxdiff.training import train
+    from jaxdiff.training.recipes.diffusion import Diffusion
+
+    c, workdir = _tiny_mmdit_run(runs, "tiny_t5", 3, tmp_path)
+    source = export.export_text_to_image(workdir, str(tmp_path / "source"))
+    c.data.layout, c.model.init_from, c.steps = True, source, 2
+    d = Diffusion(c, data_spec(c.data))
+    params = nn.meta.unbox(d.init(jax.random.key(0)))
+    ema = load_params(workdir, "ema")
+    jax.tree.map(np.testing.assert_array_equal, params["t5"], ema["t5"])
+    kernel = params["denoiser"]["pos_embed"]["proj"]["kernel"]
+    assert kernel.shape[-2] == 4 + LAYOUT_CHANNELS and not np.asarray(kernel[..., 4:, :]).any()
+    np.testing.assert_array_equal(kernel[..., :4, :], ema["denoiser"]["pos_embed"]["proj"]["kernel"])
+    frozen = jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen))
+    objects = [render.SceneObject("circle", "red", "large", 0.3, 0.5)]
+    batch = {"image": jnp.zeros((2, 16, 16, 3)), "tokens": jnp.asarray(d.spec.tokenize(["a red circle"] * 2)),
+             "layout": jnp.asarray(np.stack([layout_map(objects, 16)] * 2))}
+    ctx = d.encode_text(params, frozen, batch["tokens"])
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    np.testing.assert_allclose(d.apply(params, x, jnp.full((2,), 500.0), ctx, layout=downsampled(batch["layout"], 2)),
+                               TextToImage.from_pretrained(source).denoiser.apply(
+                                   {"params": ema["denoiser"]}, x, jnp.full((2,), 500.0), *ctx), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda p: d.loss(p, frozen, batch, jax.random.key(2), 0)[0])(params)
+    assert float(jnp.abs(grads["denoiser"]["pos_embed"]["proj"]["kernel"][..., 4:, :]).max()) > 0
+
+    train(c, str(tmp_path / "layout_run"))
+    out = export.export_text_to_image(str(tmp_path / "layout_run"), str(tmp_path / "layout_model"))
+    record = json.load(open(os.path.join(out, "training.json")))["diffusion"]
+    assert record["init_from"]["step"] == 3 and not os.path.isabs(record["config"]["model"]["init_from"])
+    pipe = TextToImage.from_pretrained(out)
+    assert pipe.denoiser.config.in_channels == 4 + LAYOUT_CHANNELS and pipe.layout_channels == LAYOUT_CHANNELS
+    prompts = ["a red circle to the left of a blue square"]
+    layouts = [[{"shape": "circle", "colour": "red", "size": "large", "x": 0.25, "y": 0.5},
+                render.SceneObject("square", "blue", "small", 0.75, 0.5)]]
+    got = pipe.generate(prompts, layouts=layouts, steps=3, guidance_scale=3.0, seed=1)["latents"]
+    ema = load_params(str(tmp_path / "layout_run"), "ema")
+    maps = jnp.asarray(downsampled(layout_map(as_objects(layouts[0]), 16)[None], 2))
+    encode = lambda ids: pipe.text_encoder.apply({"params": pipe.text_params}, ids)
+    apply_fn = lambda x, t, ctx: pipe.denoiser.apply({"params": ema["denoiser"]}, jnp.concatenate(
+        [x, jnp.concatenate([maps, maps])], -1), t, *ctx)
+    model_fn = guidance.cfg(apply_fn, encode(pipe.tokenize(prompts)), encode(pipe.tokenize([""])), 3.0)
+    want = samplers.sample(model_fn, pipe.schedule, jax.random.normal(jax.random.key(1), got.shape),
+                           key=jax.random.key(2), method="flow_euler", steps=3, prediction_type="flow")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for kwargs, message in ((dict(), "its folder has no layout model to draw one: pass layouts="),
+                            (dict(layouts=layouts * 2), "2 layouts for 1 prompts"),
+                            (dict(layouts=[[{"shape": "star", "colour": "red", "size": "small", "x": 0.5, "y": 0.5}]]),
+                             "layout object shape 'star': choose one of: circle, square, triangle")):
+        with pytest.raises(ValueError, match=message):
+            pipe.generate(prompts, steps=1, **kwargs)
+    with pytest.raises(ValueError, match="layouts were given, but this model reads no layout map"):
+        TextToImage.from_pretrained(source).generate(prompts, layouts=layouts, steps=1)

@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxdiff.data.layout import layout_map
+
 CROPS = ("center", "random", "none")
 BUILT_IN = ("shapes", "moving_shapes")
 FOLDER = "folder"
@@ -46,6 +48,8 @@ class DataConfig:
       batch_size / process_count examples of it per step.
     num_epochs: None repeats forever.
     worker_count: grain worker processes (0 reads in this process with threads).
+    layout: also give 'layout' float32 [B, H, W, LAYOUT_CHANNELS], the layout map of each record's
+      `objects` (`jaxdiff.data.layout.layout_map`; the built-in datasets' object lists).
     """
 
     name: str = "shapes"
@@ -65,6 +69,7 @@ class DataConfig:
     worker_count: int = 0
     worker_buffer_size: int = 2
     read_threads: int = 4
+    layout: bool = False
 
 
 def prepare_hint(name: str, data_dir: str | None) -> str:
@@ -242,6 +247,7 @@ class Preprocess:
     label_names: tuple | None
     resolution: int | None
     crop: str
+    layout: bool = False
 
     def caption(self, record: dict) -> str:
         if self.caption_template is not None:
@@ -257,7 +263,10 @@ class Preprocess:
         image = as_rgb_uint8(record[self.image_key], self.image_key)
         if self.resolution is not None:
             image = resize_crop(image, self.resolution, self.crop, rng)
-        return {"image": normalise(image), "caption": self.caption(record)}
+        out = {"image": normalise(image), "caption": self.caption(record)}
+        if self.layout:
+            out["layout"] = layout_map(record["objects"], image.shape[-2])
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +289,11 @@ class Tokenize:
 def _preprocess_for(cfg: DataConfig, source, label_names) -> Preprocess:
     """Checks the first record's fields and sizes at the edge, before any worker starts."""
     pre = Preprocess(cfg.image_key, cfg.caption_key, cfg.label_key, cfg.caption_template,
-                     tuple(label_names) if label_names else None, cfg.resolution, cfg.crop)
+                     tuple(label_names) if label_names else None, cfg.resolution, cfg.crop, cfg.layout)
     first = source[0]
+    if cfg.layout and "objects" not in first:
+        raise ValueError(f"layout=True reads each record's 'objects', which {cfg.name!r} has not; its fields: "
+                         f"{', '.join(sorted(first))}")
     field, key = (("label_key", cfg.label_key) if cfg.caption_template is not None
                   else ("caption_key", cfg.caption_key))
     if key is not None and key not in first:

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxdiff import guidance
 from jaxdiff.convert.scheduler import dynamic_shift_mu, schedule_from_config
+from jaxdiff.data.layout import LAYOUT_CHANNELS, downsampled, layout_map
 from jaxdiff.models import FluxTransformer2D, SD3Transformer2D, UNet2DCondition
 from jaxdiff.models.text_encoders import SDXLTextEncoders
 from jaxdiff.pipelines.runner import Runner, sampler_options
@@ -75,6 +76,8 @@ class LatentDiffusion:
     timestep_spacing, steps_offset, set_alpha_to_one, ...) that each call may override;
     `scheduler_config` is the folder's scheduler config (dynamic shifting's constants); `trained_guidance` the
     guidance scale the folder's training run sampled with (its training.json), the default when set.
+    `layout_model`: a layout-to-image folder's caption -> layout model (`jaxdiff.models.layout.LayoutModel`), which
+    draws the layout its denoiser reads when a call gives none.
     """
 
     denoiser: Any
@@ -88,6 +91,7 @@ class LatentDiffusion:
     sampler_defaults: dict = dataclasses.field(default_factory=dict)
     scheduler_config: dict = dataclasses.field(default_factory=dict)
     trained_guidance: float | None = None
+    layout_model: Any = None
     runner: Runner = dataclasses.field(default_factory=Runner, init=False, repr=False, compare=False)
 
     @classmethod
@@ -127,6 +131,32 @@ class LatentDiffusion:
         """How img2img rounds steps * strength (`samplers.driver.img2img_start`): up for the patch transformers,
         as diffusers' SD3 and Flux img2img pipelines do; down for the U-Nets, as its SD and SDXL pipelines do."""
         return "up" if self.patch_transformer else "down"
+
+    @property
+    def layout_channels(self) -> int:
+        """The layout map's channels (`jaxdiff.data.layout`) an MMDiT reads beside the latent, 0 for other models."""
+        c = self.denoiser.config
+        extra = c.in_channels - c.out_channels if isinstance(self.denoiser, SD3Transformer2D) else 0
+        return extra if extra == LAYOUT_CHANNELS else 0
+
+    def layout_latents(self, prompts: Sequence[str], layouts, seed: int, height: int, width: int) -> np.ndarray | None:
+        """The layout maps [B, h, w, K] a layout-to-image denoiser reads, on the latent grid: of `layouts` (one list
+        of objects per prompt, see `jaxdiff.data.layout.as_objects`), or drawn from the prompts by the folder's
+        layout model (seeded by `seed`); None for a model that reads none."""
+        if not self.layout_channels:
+            if layouts is not None:
+                raise ValueError("layouts were given, but this model reads no layout map (only layout-to-image "
+                                 "folders do, e.g. the shipped shapes model)")
+            return None
+        if layouts is None:
+            if self.layout_model is None:
+                raise ValueError("this model reads a layout map and its folder has no layout model to draw one: pass "
+                                 "layouts=[[{'shape', 'colour', 'size', 'x', 'y'}, ...] per prompt]")
+            layouts = self.layout_model.draw(prompts, seed)
+        if len(layouts) != len(prompts):
+            raise ValueError(f"{len(layouts)} layouts for {len(prompts)} prompts; give one list of objects per prompt")
+        maps = np.stack([layout_map(objects, height, width) for objects in layouts])
+        return downsampled(maps, self.vae_scale_factor)
 
     @property
     def flux(self) -> bool:

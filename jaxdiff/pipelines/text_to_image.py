@@ -44,10 +44,11 @@ class TextToImage(LatentDiffusion):
         """The whole generation as one function of traced inputs, for `runner.program`."""
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
 
-        def generate(params, ids, uncond_ids, noise, init_latents, latent_mask, rng, scale, rescale, true_cfg_scale):
+        def generate(params, ids, uncond_ids, noise, init_latents, latent_mask, layout, rng, scale, rescale,
+                     true_cfg_scale):
             denoiser_params, vae_params, text_params = params
-            # a 9-channel inpainting U-Net sees [x_t | mask | masked image latents]
-            extra = jnp.concatenate([latent_mask, init_latents], axis=-1) if inpaint == "channels" else None
+            # a 9-channel inpainting U-Net sees [x_t | mask | masked image latents]; a layout-to-image MMDiT [x_t | map]
+            extra = jnp.concatenate([latent_mask, init_latents], axis=-1) if inpaint == "channels" else layout
             model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, extra,
                                          true_cfg_scale if true_cfg else None, zero_uncond)
             extra_kwargs = {}
@@ -70,7 +71,7 @@ class TextToImage(LatentDiffusion):
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, true_cfg_scale: float = 1.0,
                  seed: int = 0,
                  height: int | None = None, width: int | None = None, noise=None, init_latents=None,
-                 strength: float | None = None, latent_mask=None, inpaint: str | None = None,
+                 strength: float | None = None, latent_mask=None, inpaint: str | None = None, layouts=None,
                  return_trajectory: bool = False, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
         """Runs the program; returns {'images', 'latents'} (+ 'trajectory' {'x', 'x0'} if asked).
 
@@ -83,6 +84,10 @@ class TextToImage(LatentDiffusion):
         Flux: `guidance_scale` is what its guidance embedding reads (a model without the embedding ignores it),
         and with negative prompts a `true_cfg_scale` > 1 runs CFG
         against them (diffusers' true CFG); other models take `true_cfg_scale` 1 only.
+        A layout-to-image model (`layout_channels`; the shipped shapes model) draws each prompt's objects where
+        `layouts` puts them -- one list per prompt of SceneObjects or {'shape', 'colour', 'size', 'x', 'y'} dicts
+        (box centres as fractions of the image, y downwards; `jaxdiff.data.layout`) -- or, without `layouts`, where
+        its folder's caption -> layout model places them (seeded by `seed`).
         `noise` [B, h, w, C] overrides the seed's initial latents. `progress` shows
         a progress bar over the denoising steps. With a `mesh` (a `jax.sharding.Mesh` with a
         'data' axis) the batch is split over that axis and the params are replicated.
@@ -112,7 +117,9 @@ class TextToImage(LatentDiffusion):
                               ("latent_mask", latent_mask, shape[:-1] + (1,))):
             if a is not None and tuple(a.shape) != want:
                 raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {want}")
-        expected_in = self.latent_channels * (2 if inpaint == "channels" else 1) + (inpaint == "channels")
+        layout = self.layout_latents(prompts, layouts, seed, height, width)
+        expected_in = (self.latent_channels * (2 if inpaint == "channels" else 1) + (inpaint == "channels")
+                       + self.layout_channels)
         takes = self.denoiser.config.in_channels // (4 if self.flux else 1)  # Flux counts 2x2-packed channels
         if takes != expected_in:
             raise ValueError(f"the denoiser takes {takes} latent channels; inpaint={inpaint!r} feeds {expected_in} "
@@ -124,7 +131,8 @@ class TextToImage(LatentDiffusion):
         program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
         batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
                  None if init_latents is None else jnp.asarray(init_latents, jnp.float32),
-                 None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32)]
+                 None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32),
+                 None if layout is None else jnp.asarray(layout, jnp.float32)]
         images, latents, traj = self.runner.run(program, self.params, batch, jax.random.key(seed + 1),
                                                 jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
                                                 jnp.float32(true_cfg_scale), steps=steps, progress=progress, mesh=mesh)

@@ -17,7 +17,7 @@ import numpy as np
 from jaxdiff import parallel
 from jaxdiff.training.config import choice
 
-SOURCES = ("squares", "toy2d", "shapes")
+SOURCES = ("squares", "toy2d", "shapes", "layouts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class DataSpec:
     empty_tokens: tuple = ()        # the empty caption's ids (caption dropout, CFG's unconditional)
     tokenize: Callable | None = None  # list of str -> int32 [N, L], for sample prompts
     preview_prompts: tuple = ()
+    layout_channels: int = 0        # channels of batch["layout"] (config.data.layout), 0 without
 
 
 class IndexedBatches:
@@ -104,6 +105,10 @@ def make_batches(data, batch_size: int, seed: int):
         name = data.get("dataset", "gaussians8")
         make = lambda rng, n: {"x": make_dataset(name, n, seed=int(rng.integers(2**31)))}
         return IndexedBatches(make, batch_size, seed), spec
+    if spec.source == "layouts":
+        from jaxdiff.training.recipes.layout import layout_batches
+
+        return layout_batches(data, batch_size, seed), spec
     return shapes_batches(data, batch_size, seed), spec
 
 
@@ -114,14 +119,17 @@ def data_spec(data) -> DataSpec:
         return squares_spec(data.get("image_size", 16))
     if source == "toy2d":
         return DataSpec(source="toy2d")
+    from jaxdiff.data.layout import LAYOUT_CHANNELS
+
     tokenizer = shapes_tokenizer(data)
     empty = tokenizer([""])[0]
-    return DataSpec(source="shapes", image_size=data.image_size, max_length=tokenizer.max_length,
+    return DataSpec(source=source, image_size=data.get("image_size", 0), max_length=tokenizer.max_length,
                     vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     unk_token_id=tokenizer.unk_token_id, empty_tokens=tuple(int(i) for i in empty),
                     tokenize=lambda prompts: np.asarray(tokenizer(list(prompts)), np.int32),
-                    preview_prompts=tuple(data.get("preview_prompts", ())))
+                    preview_prompts=tuple(data.get("preview_prompts", ())),
+                    layout_channels=LAYOUT_CHANNELS if data.get("layout", False) else 0)
 
 
 def shapes_tokenizer(data):
@@ -159,5 +167,5 @@ def shapes_batches(data, batch_size: int, seed: int) -> CaptionedBatches:
 
     cfg = DataConfig(name=data.get("name", "shapes"), data_dir=data.get("data_dir") or None,
                      resolution=data.image_size, batch_size=batch_size, seed=seed,
-                     worker_count=data.get("worker_count", 0))
+                     worker_count=data.get("worker_count", 0), layout=bool(data.get("layout", False)))
     return CaptionedBatches(iter(make_dataset(cfg, shapes_tokenizer(data))))

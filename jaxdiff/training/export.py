@@ -249,7 +249,7 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     if has_clip:
         records["clip"] = sources.record(clip_source, "clip")
     if m.get("init_from") and os.path.exists(m.init_from):   # the run it started from, with that one's history
-        records["diffusion"]["init_from"] = sources.record(m.init_from, "unet")
+        records["diffusion"]["init_from"] = sources.record(m.init_from, "unet" if backbone == "unet" else "transformer")
     spec = data_spec(config.data)
 
     vae_cfg = AutoencoderKLConfig(**{**{k: v for k, v in m.vae.items() if k != "checkpoint"},
@@ -258,7 +258,8 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
     model = ModelConfig.of(m)
     text_encoder, t5, width, pooled_width = text_modules(model, spec)   # the recipe's own builders
     # an inflated video U-Net's architecture comes from its image run
-    denoiser = network(model, vae_cfg.latent_channels, latent_size, jnp.float32, width, pooled_width)
+    denoiser = network(model, vae_cfg.latent_channels, latent_size, jnp.float32, width, pooled_width,
+                       spec.layout_channels)
     denoiser_params = load_params(workdir, weights, records["diffusion"]["step"])
     if t5:   # the T5 trained beside the denoiser (the recipe's {"denoiser": ..., "t5": ...})
         denoiser_params, t5_params = denoiser_params["denoiser"], denoiser_params["t5"]

@@ -3,7 +3,8 @@ params and config.json) or a model folder that `jaxdiff.training.export` wrote (
 transformers sub-folders and training.json, e.g. the shipped `jaxdiff/assets/shapes_unet`).
 
 A part is one of PARTS: `vae` (a vae run), `text_encoder` (the text tower of a clip run), `clip`
-(both towers of a clip run) and `unet` (a latent text-to-image diffusion run). From a run workdir
+(both towers of a clip run), `unet` (a latent text-to-image diffusion run) and `transformer` / `t5` (an MMDiT
+diffusion run's transformer and the T5 encoder it trained beside it). From a run workdir
 the part's run is that workdir; from a model folder it is the run that training.json records.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from jaxdiff.training.checkpoint import latest_step, load_params
 
 # part -> (its run in training.json, its sub-folder of a model folder, its subtree of the run's EMA params)
 PARTS = {"vae": ("vae", "vae", "vae"), "text_encoder": ("clip", "text_encoder", "text_model"),
-         "clip": ("clip", "clip", None), "unet": ("diffusion", "unet", None)}
+         "clip": ("clip", "clip", None), "unet": ("diffusion", "unet", None),
+         "transformer": ("diffusion", "transformer", "denoiser"), "t5": ("diffusion", "text_encoder_2", "t5")}
 
 
 def is_model_folder(path: str) -> bool:
@@ -75,7 +77,7 @@ def ema_params(path: str, part: str, step: int | None = None):
             raise ValueError(f"{path!r} is a model folder holding step {held} of its {part}'s run, not step {step}")
         from jaxdiff import convert
 
-        load = convert.from_transformers if part in ("text_encoder", "clip") else convert.from_diffusers
+        load = convert.from_transformers if part in ("text_encoder", "clip", "t5") else convert.from_diffusers
         return load(os.path.join(path, folder))[1]
     from jaxdiff.training.evaluate import read_run_config
 
@@ -83,4 +85,6 @@ def ema_params(path: str, part: str, step: int | None = None):
         raise ValueError(f"{path!r} is a LoRA run: its checkpoints hold adapters, not a {part}; export it with "
                          f"`python -m jaxdiff.training.export --merge` and use that folder")
     params = load_params(path, "ema", step)
+    if part == "transformer" and subtree not in params:   # an MMDiT run without a T5 trains the transformer alone
+        return params
     return params[subtree] if subtree else params

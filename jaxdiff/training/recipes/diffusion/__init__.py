@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import diffusion, guidance, samplers
+from jaxdiff.data.layout import downsampled
+from jaxdiff.training import sources
 from jaxdiff.training.lora import LoRAConfig, lora_task
 from jaxdiff.training.recipes.diffusion.backbones import backbone
 from jaxdiff.training.recipes.diffusion.config import ModelConfig
@@ -69,8 +71,13 @@ class Diffusion:
             self.empty = jnp.asarray(spec.empty_tokens, jnp.int32)
         self.emphasized = emphasis_ids(m, spec)
         self.mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
+        self.layout = spec.layout_channels      # config.data.layout: the layout map's channels, read beside x_t
+        if self.layout and (m.video or not m.text):
+            raise ValueError(f"config.data.layout conditions a text-to-image backbone on the scene's layout map; "
+                             f"backbone {m.backbone!r}{'' if m.text else ' without a text encoder'} takes none")
         self.net, self.initial = backbone(m, channels, size, dtype, *((self.text.width, self.text.pooled_width)
-                                                                      if m.text else ()))
+                                                                      if m.text else (None, None)),
+                                          extra_channels=self.layout)
         # One example's shape: [h, w, C], or [T, h, w, C] for video (T only matters for previews).
         self.example = (num_frames_for(c, m), size, size, channels) if m.video else (size, size, channels)
         self.cond_channels = self.net.config.conditioning_frame_channels if m.backbone == "temporal_unet" else 0
@@ -88,7 +95,11 @@ class Diffusion:
         states, pooled = self.text.encode(self.parts(params)[1], (frozen or {}).get("text"), tokens)
         return (states, pooled) if self.mmdit else states
 
-    def apply(self, params, x, t, ctx, **kwargs):
+    def apply(self, params, x, t, ctx, layout=None, **kwargs):
+        """The network on x_t (with `layout` [B, h, w, layout channels] appended to its channels, zero if None)."""
+        if self.layout:
+            layout = jnp.zeros((*x.shape[:-1], self.layout), x.dtype) if layout is None else layout
+            x = jnp.concatenate([x, layout.astype(x.dtype)], axis=-1)
         return self.net.apply({"params": self.parts(params)[0]}, x, t, *(ctx if self.mmdit else (ctx,)), **kwargs)
 
     def fresh(self, key):
@@ -97,15 +108,25 @@ class Diffusion:
         if self.m.text:
             ctx = jnp.zeros((1, self.spec.max_length, self.text.width))
             ctx = (ctx, jnp.zeros((1, self.text.pooled_width))) if self.mmdit else ctx   # (an MMDiT has CLIP)
-        return init_boxed(self.net, key, jnp.zeros((1, *self.example)), jnp.zeros((1,)),
-                          *(ctx if self.mmdit else (ctx,)))
+        x = jnp.zeros((1, *self.example[:-1], self.example[-1] + self.layout))
+        return init_boxed(self.net, key, x, jnp.zeros((1,)), *(ctx if self.mmdit else (ctx,)))
 
     def init(self, key):
         params = self.fresh(key)
         params = params if self.initial is None else rebox(self.initial(key, nn.meta.unbox(params)), params)
         if self.m.t5 is None:
             return params
-        return {"denoiser": params, "t5": self.text.init_t5(jax.random.fold_in(key, 1))}
+        t5 = self.text.init_t5(jax.random.fold_in(key, 1))
+        if self.m.init_from:   # the T5 trained beside the source MMDiT
+            t5 = rebox(sources.ema_params(self.m.init_from, "t5"), t5)
+        return {"denoiser": params, "t5": t5}
+
+    def layout_input(self, batch, key):
+        """batch["layout"] [B, H, W, K] averaged over each latent pixel's H/h x W/w block -> [B, h, w, K], zeroed for
+        a layout_dropout share of the examples."""
+        maps = downsampled(batch["layout"], batch["layout"].shape[1] // self.example[0])
+        keep = ~jax.random.bernoulli(key, self.m.layout_dropout, (maps.shape[0],))
+        return jnp.where(keep[:, None, None, None], maps, 0.0)
 
     def base(self, key):
         """The U-Net a LoRA adapts, boxed: init_from's weights, or (smoke runs) a random init, warned."""
@@ -130,6 +151,8 @@ class Diffusion:
         if self.cond_channels:   # image-to-video: frame 0's clean latent, dropped independently of the caption
             keep = ~jax.random.bernoulli(jax.random.fold_in(k_drop, 1), m.image_dropout, (x0.shape[0],))
             net_kwargs = {"cond_frames": x0[:, 0], "cond_present": keep}
+        if self.layout:   # the layout map, dropped independently of the caption
+            net_kwargs = {"layout": self.layout_input(batch, jax.random.fold_in(k_drop, 2))}
         if self.emphasized is not None:   # captions holding an emphasis word count emphasis_weight times
             hit = jnp.isin(batch["tokens"], self.emphasized).any(axis=-1)
             weights = jnp.where(hit, float(m.emphasis_weight), 1.0)
@@ -137,7 +160,8 @@ class Diffusion:
         return m.objective.loss(apply_fn, x0, k_loss, self.schedule, context, weights), {}
 
     def sample(self, params, frozen, key):
-        """The preview grid: images [N, H, W, 3] in [0, 1] (videos: each one's frames side by side)."""
+        """The preview grid: images [N, H, W, 3] in [0, 1] (videos: each one's frames side by side; a layout-
+        conditioned model draws from the captions alone, its layout map zero)."""
         m, spec = self.m, self.spec
         n = len(spec.preview_prompts) if m.text else 8
         correlation = m.objective.frame_noise_correlation

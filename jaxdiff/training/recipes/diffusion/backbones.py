@@ -1,5 +1,6 @@
 """The denoising network of a diffusion config: a U-Net, a DiT, an MMDiT, a video U-Net or a Wan video transformer,
-from scratch, fine-tuned from a trained text-to-image U-Net (`init_from`), or inflated from one into a video U-Net."""
+from scratch, fine-tuned from a trained text-to-image U-Net or MMDiT (`init_from`; with conditioning channels the
+source did not read, e.g. a layout map, its input layer widened by zeros), or inflated from one into a video U-Net."""
 from __future__ import annotations
 
 import logging
@@ -15,11 +16,15 @@ from jaxdiff.training.recipes.diffusion.latents import vae_config
 
 log = logging.getLogger(__name__)
 
+# Where each backbone reads its input channels: the layer `widened` grows for added conditioning channels.
+INPUT_LAYERS = {"unet": ("conv_in",), "mmdit": ("pos_embed", "proj")}
 
-def image_unet(unet_fields: dict, channels: int, size: int, dtype) -> UNet2DCondition:
-    """The 2-D U-Net of `unet_fields` (UNetConfig fields) on `channels` x size x size inputs."""
-    return UNet2DCondition(UNetConfig(**{**unet_fields, "in_channels": channels, "out_channels": channels,
-                                         "sample_size": size}), dtype=dtype)
+
+def image_unet(unet_fields: dict, channels: int, size: int, dtype, extra_channels: int = 0) -> UNet2DCondition:
+    """The 2-D U-Net of `unet_fields` (UNetConfig fields) on `channels` (+ `extra_channels` of conditioning read,
+    not predicted) x size x size inputs."""
+    return UNet2DCondition(UNetConfig(**{**unet_fields, "in_channels": channels + extra_channels,
+                                         "out_channels": channels, "sample_size": size}), dtype=dtype)
 
 
 def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[TemporalUNet, UNet2DCondition | None]:
@@ -35,12 +40,13 @@ def video_unet(m: ModelConfig, channels: int, size: int, dtype) -> tuple[Tempora
 
 
 def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None,
-            pooled_width: int | None = None):
+            pooled_width: int | None = None, extra_channels: int = 0):
     """The denoising network of `m` on `channels` x size x size latents (no weights: an inflated video U-Net's
     architecture is read from its image run's config). `text_width`: the text states' width (an MMDiT's
     joint_attention_dim, a Wan transformer's text_dim); `pooled_width`: the pooled text embedding's (an MMDiT's
-    pooled_projection_dim; default text_width)."""
-    fields = {"in_channels": channels, "out_channels": channels, "sample_size": size}
+    pooled_projection_dim; default text_width); `extra_channels`: conditioning channels appended to the input
+    (image backbones; the output keeps `channels`)."""
+    fields = {"in_channels": channels + extra_channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "wan":
         return WanTransformer3D(WanConfig(**{**m.wan, "in_channels": channels, "out_channels": channels,
                                              "text_dim": text_width}), dtype=dtype, remat=m.remat)
@@ -51,29 +57,77 @@ def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | N
     if m.backbone == "dit":
         return DiT(DiTConfig(**{**m.dit, **fields}), dtype=dtype, remat=m.remat)
     if m.backbone == "unet":
-        return image_unet(m.unet, channels, size, dtype)
+        return image_unet(m.unet, channels, size, dtype, extra_channels)
     return video_unet(m, channels, size, dtype)[0]
 
 
 def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None,
-             pooled_width: int | None = None):
+             pooled_width: int | None = None, extra_channels: int = 0):
     """(`network(...)`, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh random init:
-    the init_from run's EMA U-Net as it is (unet) or inflated (temporal_unet), Wan's training init (wan))."""
+    the init_from run's EMA U-Net or MMDiT as it is (unet, mmdit; its input layer `widened` for extra_channels) or
+    inflated (temporal_unet), Wan's training init (wan))."""
     if m.backbone == "wan":
         return network(m, channels, size, dtype, text_width), wan_training_init
+    net = network(m, channels, size, dtype, text_width, pooled_width, extra_channels)
     if not m.init_from:
-        return network(m, channels, size, dtype, text_width, pooled_width), None
-    if m.backbone == "unet":
-        net, source = image_unet(m.unet, channels, size, dtype), source_unet(m, size, dtype)
-        if source.config != net.config:
-            differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v)
-            raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
-                             f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture")
-        weights = sources.ema_params(m.init_from, "unet")
-        return net, lambda key, fresh: weights
+        return net, None
+    if m.backbone in INPUT_LAYERS:
+        if m.backbone == "unet":
+            check_same_unet(m, net, source_unet(m, size, dtype))
+        else:
+            check_same_mmdit(m)
+        weights = sources.ema_params(m.init_from, "unet" if m.backbone == "unet" else "transformer")
+        return net, lambda key, fresh: widened(weights, fresh, INPUT_LAYERS[m.backbone])
     net, unet = video_unet(m, channels, size, dtype)
     weights = sources.ema_params(m.init_from, "unet")   # host arrays (init runs under a trace, where orbax cannot load)
     return net, lambda key, fresh: inflate(unet, weights, key, **(m.temporal or {}))[1]
+
+
+def check_same_unet(m: ModelConfig, net: UNet2DCondition, source: UNet2DCondition) -> None:
+    differ = sorted(k for k, v in vars(net.config).items() if getattr(source.config, k) != v and k != "in_channels")
+    if differ:
+        raise ValueError(f"config.model.init_from={m.init_from!r}: that run's U-Net differs from "
+                         f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture")
+
+
+def check_same_mmdit(m: ModelConfig) -> None:
+    """The init_from run must be a latent MMDiT run with config.model's mmdit, t5 and text encoder fields."""
+    r = sources.run_config(m.init_from, "transformer").model
+    if r.get("backbone") != "mmdit" or r.get("space") != "latent":
+        raise ValueError(f"config.model.init_from={m.init_from!r}: need a latent MMDiT run; that run has "
+                         f"backbone={r.get('backbone')!r}, space={r.get('space')!r}")
+    for part in ("mmdit", "t5", "text_encoder"):
+        theirs, ours = r.get(part), getattr(m, part)
+        theirs = None if theirs is None else theirs.to_dict()
+        if part == "text_encoder":   # where a frozen encoder is read from may differ; its shape may not
+            theirs, ours = ({k: v for k, v in (d or {}).items() if k != "checkpoint"} for d in (theirs, ours))
+        if theirs != ours:
+            raise ValueError(f"config.model.init_from={m.init_from!r}: that run's config.model.{part} is {theirs}, "
+                             f"this run's {ours}; fine-tuning keeps the architecture")
+
+
+def widened(weights: dict, fresh: dict, layer: tuple[str, ...]) -> dict:
+    """`weights` with `layer`'s kernel [..., C_in, C_out] grown to `fresh`'s input channels, the added rows zero, so
+    the network computes what it did until the new channels' weights train."""
+    *parents, name = layer
+    source, target = weights, fresh
+    for key in layer:
+        source, target = source[key], target[key]
+    kernel = source["kernel"]
+    added = target["kernel"].shape[-2] - kernel.shape[-2]
+    if added == 0:
+        return weights
+    if added < 0 or target["kernel"].shape[:-2] + target["kernel"].shape[-1:] != kernel.shape[:-2] + kernel.shape[-1:]:
+        raise ValueError(f"{'/'.join(layer)}: the source's kernel {kernel.shape} cannot grow into {target['kernel'].shape}")
+    grown = {**source, "kernel": jnp.concatenate([jnp.asarray(kernel), jnp.zeros((*kernel.shape[:-2], added,
+                                                                                  kernel.shape[-1]), kernel.dtype)], -2)}
+    out = dict(weights)
+    node = out
+    for key in parents:
+        node[key] = dict(node[key])
+        node = node[key]
+    node[name] = grown
+    return out
 
 
 def wan_training_init(key, fresh):

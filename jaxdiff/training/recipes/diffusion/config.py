@@ -36,10 +36,13 @@ class ModelConfig:
     An MMDiT reads its states as the text stream, the frozen CLIP (text_encoder) giving only the pooled embedding
     (Flux's split of the two encoders); a Wan transformer cross-attends to them instead of CLIP's (Wan's UMT5
     role: padding masked in the encoder and zeroed in its states), with no text_encoder.
-    init_from: a latent text-to-image run or model folder whose EMA U-Net is the start: fine-tuned as it is
-    (backbone unet, same U-Net config), or inflated into a video U-Net (backbone temporal_unet; `temporal`
+    init_from: a latent text-to-image run or model folder whose EMA U-Net or MMDiT (and trained T5) is the start:
+    fine-tuned as it is (backbone unet or mmdit, same config; conditioning channels it did not read, such as
+    config.data.layout's map, are added with zero weights), or inflated into a video U-Net (backbone temporal_unet; `temporal`
     holds the video-only TemporalUNetConfig fields).
-    caption_dropout: the share of captions replaced by the empty one (classifier-free guidance);
+    caption_dropout: the share of captions replaced by the empty one (classifier-free guidance); layout_dropout
+    (config.data.layout): the share of examples whose layout map is zeroed, independently (so the model also
+    draws from the caption alone);
     emphasis_words / emphasis_weight: examples whose caption holds one of these words weigh emphasis_weight
     times the others in the loss. image_dropout (image-to-video): the share of examples trained without their
     conditioning frame. num_frames: frames of the preview videos (default: from a moving_shapes data name).
@@ -59,6 +62,7 @@ class ModelConfig:
     text_encoder: dict | None = None
     t5: dict | None = None
     caption_dropout: float = 0.1
+    layout_dropout: float = 0.1
     emphasis_words: tuple = ()
     emphasis_weight: float = 1.0
     image_dropout: float = 0.1
@@ -85,7 +89,7 @@ class ModelConfig:
             self._check_t5()
         if self.latent and self.vae is None:
             raise ValueError("config.model.space='latent' needs config.model.vae")
-        for name in ("caption_dropout", "image_dropout"):
+        for name in ("caption_dropout", "layout_dropout", "image_dropout"):
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
                 raise ValueError(f"config.model.{name}={p!r}: need a probability in [0, 1]")
@@ -96,9 +100,9 @@ class ModelConfig:
         elif self.objective.frame_noise_correlation:
             raise ValueError(f"config.model.frame_noise_correlation is for videos (backbone 'temporal_unet' or "
                              f"'wan'), not backbone {self.backbone!r}")
-        elif self.init_from and not (self.backbone == "unet" and self.latent and self.text):
+        elif self.init_from and not (self.backbone in ("unet", "mmdit") and self.latent and self.text):
             raise ValueError(f"config.model.init_from={self.init_from!r} is for a latent text-conditioned backbone "
-                             f"'unet' (fine-tuning) or 'temporal_unet' (inflating an image U-Net), not "
+                             f"'unet' or 'mmdit' (fine-tuning) or 'temporal_unet' (inflating an image U-Net), not "
                              f"{self.backbone!r} in {self.space!r} space{'' if self.text else ' without a text encoder'}")
 
     def _check_t5(self) -> None:
