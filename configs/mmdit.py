@@ -4,7 +4,7 @@ the text tokens and the image's patch tokens attend jointly in every block, each
 
   python -m train --config configs/mmdit.py --workdir runs/mmdit_shapes        # on the shapes data
   python -m train --config configs/mmdit.py:t5 --workdir runs/mmdit_t5           # text from a T5 trained alongside
-  python -m train --config configs/mmdit.py:layout --workdir runs/mmdit_layout   # the shipped model + layout maps
+  python -m train --config configs/mmdit.py:layout --workdir runs/mmdit_layout   # the t5 run + layout maps
   python -m train --config configs/mmdit.py:tiny --workdir /tmp/mmdit           # seconds, synthetic squares
 
 `shapes` works in the shipped model's VAE latent space (16x16x4 for 32 px images) and reads the shipped
@@ -12,13 +12,13 @@ CLIP text encoder's states (frozen): both from jaxdiff/assets/shapes_unet. `t5` 
 bidirectional T5 encoder (4 layers, 128 wide) trained from scratch with the transformer, the frozen CLIP giving
 only the pooled embedding (Flux's split): every caption word sees every other before the image does, where the
 causal CLIP's state of the first object cannot see the relation word after it. `tiny_t5`: the tiny run so.
-`layout`: the shipped `t5` model (jaxdiff/assets/shapes) fine-tuned to also read each scene's layout map (every
-object's box painted into its colour's and shape's channels, jaxdiff.data.layout), appended to the latent's
-channels with zero weights at the start; a caption -> layout model (configs/layout.py) draws the map at sampling.
+`layout`: the `t5` run (runs/mmdit_t5) fine-tuned to also read each scene's layout map (every object's box painted
+into its colour's and shape's channels, jaxdiff.data.layout), appended to the latent's channels with zero weights at
+the start; a caption -> layout model (configs/layout.py) draws the map at sampling. The shipped model
+(jaxdiff/assets/shapes) is this run and configs/layout.py's, exported with --layout (docs/shipped-model-history.md).
 """
 from configs import common
 from configs.latent_diffusion import SCALING_FACTOR
-from jaxdiff.pipelines import SHAPES_MODEL as SHIPPED
 from jaxdiff.pipelines import SHAPES_UNET_MODEL as SHIPPED_UNET
 from jaxdiff.training.config import base_config
 
@@ -54,6 +54,6 @@ def get_config(variant: str = "shapes"):
     if variant in ("t5", "layout"):
         c.model.t5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
     if variant == "layout":
-        c.data.layout, c.model.init_from = True, SHIPPED
+        c.data.layout, c.model.init_from = True, common.run_dir("mmdit_t5")
         c.steps, c.optim.lr, c.optim.warmup_steps = 6000, 1e-4, 200
     return c

@@ -165,13 +165,16 @@ def test_layout_fine_tune_of_an_mmdit_folder(runs, tmp_path):
     """configs/mmdit.py:layout's route on the tiny runs: a T5 MMDiT folder is the start (init_from) of a run on
     layout maps (config.data.layout). Its init is the folder's transformer and T5 with the patch embedding widened
     by zero rows for the map's channels (so it computes what the folder did, whatever the map); the loss reaches
-    those rows; the export reads 4 + LAYOUT_CHANNELS channels, and TextToImage with `layouts` samples as the
-    sampler driven by hand with the map, pooled to the latent grid, appended to x_t in both guidance halves."""
+    those rows; the export (with a tiny configs/layout.py run as its layout/) reads 4 + LAYOUT_CHANNELS channels,
+    its layout model is the layout run's, and TextToImage with `layouts` samples as the sampler driven by hand
+    with the map, pooled to the latent grid, appended to x_t in both guidance halves."""
     from flax import linen as nn
 
+    from configs import layout as layout_config
     from jaxdiff import guidance, samplers
     from jaxdiff.data import render
     from jaxdiff.data.layout import LAYOUT_CHANNELS, as_objects, downsampled, layout_map
+    from jaxdiff.models.layout import sample_layouts
     from jaxdiff.training import train
     from jaxdiff.training.recipes.diffusion import Diffusion
 
@@ -198,10 +201,26 @@ def test_layout_fine_tune_of_an_mmdit_folder(runs, tmp_path):
     assert float(jnp.abs(grads["denoiser"]["pos_embed"]["proj"]["kernel"][..., 4:, :]).max()) > 0
 
     train(c, str(tmp_path / "layout_run"))
-    out = export.export_text_to_image(str(tmp_path / "layout_run"), str(tmp_path / "layout_model"))
-    record = json.load(open(os.path.join(out, "training.json")))["diffusion"]
+    train(layout_config.get_config("tiny"), str(tmp_path / "caption_to_layout"))
+    with pytest.raises(ValueError, match="reads layout maps .*: pass the caption -> layout run to carry"):
+        export.export_run(str(tmp_path / "layout_run"), str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="reads no layout map, so its folder takes no layout model"):
+        export.export_run(workdir, str(tmp_path / "bad"), layout=str(tmp_path / "caption_to_layout"))
+    out = export.export_run(str(tmp_path / "layout_run"), str(tmp_path / "layout_model"),
+                            layout=str(tmp_path / "caption_to_layout"))
+    records = json.load(open(os.path.join(out, "training.json")))
+    record = records["diffusion"]
     assert record["init_from"]["step"] == 3 and not os.path.isabs(record["config"]["model"]["init_from"])
+    assert records["layout"]["step"] == 20 and records["layout"]["config"]["recipe"] == "layout"
+    assert json.load(open(os.path.join(out, "model_index.json")))["layout"] == ["jaxdiff", "LayoutTransformer"]
     pipe = TextToImage.from_pretrained(out)
+    # the folder's layout model is the layout run's EMA model, and draws what sampling it by hand draws
+    layout_ema = load_params(str(tmp_path / "caption_to_layout"), "ema")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(pipe.layout_model.params), layout_ema)
+    captions = ["a red circle to the left of a blue square", "three green triangles"]
+    assert pipe.layout_model.draw(captions, seed=4) == sample_layouts(
+        pipe.layout_model.module, layout_ema, np.asarray(d.spec.tokenize(captions)), jax.random.key(4))
+    assert pipe.generate(captions, steps=1, seed=4)["images"].shape == (2, 16, 16, 3)
     assert pipe.denoiser.config.in_channels == 4 + LAYOUT_CHANNELS and pipe.layout_channels == LAYOUT_CHANNELS
     prompts = ["a red circle to the left of a blue square"]
     layouts = [[{"shape": "circle", "colour": "red", "size": "large", "x": 0.25, "y": 0.5},
@@ -216,11 +235,13 @@ def test_layout_fine_tune_of_an_mmdit_folder(runs, tmp_path):
     want = samplers.sample(model_fn, pipe.schedule, jax.random.normal(jax.random.key(1), got.shape),
                            key=jax.random.key(2), method="flow_euler", steps=3, prediction_type="flow")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for kwargs, message in ((dict(), "its folder has no layout model to draw one: pass layouts="),
-                            (dict(layouts=layouts * 2), "2 layouts for 1 prompts"),
+    for kwargs, message in ((dict(layouts=layouts * 2), "2 layouts for 1 prompts"),
                             (dict(layouts=[[{"shape": "star", "colour": "red", "size": "small", "x": 0.5, "y": 0.5}]]),
                              "layout object shape 'star': choose one of: circle, square, triangle")):
         with pytest.raises(ValueError, match=message):
             pipe.generate(prompts, steps=1, **kwargs)
+    pipe.layout_model = None
+    with pytest.raises(ValueError, match="its folder has no layout model to draw one: pass layouts="):
+        pipe.generate(prompts, steps=1)
     with pytest.raises(ValueError, match="layouts were given, but this model reads no layout map"):
         TextToImage.from_pretrained(source).generate(prompts, layouts=layouts, steps=1)

@@ -87,6 +87,16 @@ def test_model_config_names_unknown_fields_and_bad_values(runs):
         bad.model[field] = value
         with pytest.raises(ValueError, match=message):
             recipes.build(bad, spec)
+    # config.data.layout: scene records' objects on a text-to-image backbone only
+    bad = c.copy_and_resolve_references()
+    bad.data.update(source="squares", layout=True)
+    with pytest.raises(ValueError, match=r"config.data.layout reads the scene records' objects: data.source='squares'"):
+        data_spec(bad.data)
+    bad = c.copy_and_resolve_references()
+    bad.model.text_encoder, bad.data.layout = None, True
+    with pytest.raises(ValueError, match=r"config.data.layout conditions a text-to-image backbone .* 'unet' without a "
+                                         r"text encoder takes none"):
+        recipes.build(bad, data_spec(bad.data))
 
 
 def test_emphasis_words_weight_their_examples(runs):

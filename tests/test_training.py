@@ -103,7 +103,7 @@ def test_command_line_overrides_reach_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("recipe", "gan", "config.recipe='gan': unknown recipe; choose one of: clip, vae, diffusion, toy2d"),
+    ("recipe", "gan", "config.recipe='gan': unknown recipe; choose one of: clip, vae, diffusion, toy2d, layout"),
     ("dtype", "float16", "config.dtype='float16': choose one of: float32, bfloat16"),
     ("steps", 0, "config.steps=0: need a positive int"),
     ("accumulate", 3, "config.batch_size=64 is not a multiple of config.accumulate=3"),

@@ -164,7 +164,7 @@ def _architecture_name(module: nn.Module) -> str:
 def to_transformers(module: nn.Module, params, path: str) -> None:
     """Writes `module` + `params` as a transformers folder (config.json + model.safetensors) that
     `transformers.<Architecture>.from_pretrained(path)` loads. Boxed (logically partitioned) params are unboxed;
-    bfloat16 params are written as float32 (torch casts on load to the model's dtype)."""
+    each tensor keeps its dtype (bfloat16 params are stored in bfloat16; loading casts to the model's dtype)."""
     name = _architecture_name(module)
     arch = ARCHITECTURES[name]
     params = nn.meta.unbox(params)
@@ -172,7 +172,6 @@ def to_transformers(module: nn.Module, params, path: str) -> None:
     if jax.tree.structure(expected) != jax.tree.structure(params):
         raise CheckpointError(f"params do not match the {name} module's parameter tree")
     state = export_params(params, lambda p: torch_key(p, arch.tower_prefix))
-    state = {k: np.asarray(v, np.float32) if v.dtype == jnp.bfloat16 else v for k, v in state.items()}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"architectures": [name], **module.config.to_transformers_config()}, f, indent=2)

@@ -22,6 +22,7 @@ from jaxdiff.convert.scheduler import dynamic_shift_mu, schedule_from_config
 from jaxdiff.data.layout import LAYOUT_CHANNELS, downsampled, layout_map
 from jaxdiff.models import FluxTransformer2D, SD3Transformer2D, UNet2DCondition
 from jaxdiff.models.text_encoders import SDXLTextEncoders
+from jaxdiff.pipelines.layout import LayoutModel
 from jaxdiff.pipelines.runner import Runner, sampler_options
 from jaxdiff.schedules import Schedule
 
@@ -98,13 +99,16 @@ class LatentDiffusion:
     def _components(cls, path: str, record: dict, **load_kwargs) -> tuple:
         """The constructor's positional fields from a diffusers folder (see `jaxdiff.convert.load_pipeline`);
         the folder's scheduler gives the schedule and the sampler defaults (DDIM where it names no sampler), its
-        training.json `record` (`training_config`; {} for a folder not exported here) the default guidance."""
+        training.json `record` (`training_config`; {} for a folder not exported here) the default guidance, its
+        layout/ (a layout-to-image folder's) the layout model."""
         from jaxdiff.convert import load_pipeline
 
         sd = load_pipeline(path, **load_kwargs)
         schedule, defaults = schedule_from_config(sd.scheduler_config)
+        layout = os.path.join(path, "layout")
         return (sd.denoiser, sd.denoiser_params, sd.vae, sd.vae_params, sd.text_encoder, sd.text_params, sd.tokenizer,
-                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, recorded_guidance(record))
+                schedule, {"method": "ddim", **defaults}, sd.scheduler_config, recorded_guidance(record),
+                LayoutModel.from_pretrained(layout) if os.path.isdir(layout) else None)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -15,7 +15,7 @@ import ml_collections
 from jaxdiff.parallel import DEFAULT_RULES, check_rules
 from jaxdiff.training.lora import LoRAConfig
 
-RECIPES = ("clip", "vae", "diffusion", "toy2d")
+RECIPES = ("clip", "vae", "diffusion", "toy2d", "layout")
 DTYPES = ("float32", "bfloat16")
 
 

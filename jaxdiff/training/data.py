@@ -115,6 +115,9 @@ def make_batches(data, batch_size: int, seed: int):
 def data_spec(data) -> DataSpec:
     """The DataSpec of `config.data` without opening the data (for building a trained model)."""
     source = choice(data.get("source", ""), SOURCES, "data.source")
+    if data.get("layout", False) and source != "shapes":
+        raise ValueError(f"config.data.layout reads the scene records' objects: data.source={source!r} has none; use "
+                         f"'shapes'")
     if source == "squares":
         return squares_spec(data.get("image_size", 16))
     if source == "toy2d":

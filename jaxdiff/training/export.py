@@ -39,7 +39,10 @@ A LoRA run (configs/lora.py) exports its adapters as a diffusers LoRA folder ins
 `jaxdiff.convert.load_lora` read onto the base model, config.model.init_from), or with `--merge` its base
 model's pipeline folder with the adapters merged into the U-Net (and text encoder).
 
-`--dtype bfloat16` stores the denoiser's weights in bfloat16 (half the bytes; training.json records it).
+`--dtype bfloat16` stores the weights the run trained -- the denoiser's, a T5 trained beside it, the layout
+model's -- in bfloat16 (half the bytes; training.json records it); frozen parts (VAE, CLIP) stay as they are.
+`--layout RUN` (a layout-to-image run, config.data.layout) adds layout/: the caption -> layout model of a
+configs/layout.py run (`jaxdiff.pipelines.layout.LayoutModel`), which draws the layouts the denoiser reads.
 
 The folder is written next to `--out` and renamed into place when complete, so a failed export
 never leaves a half-written model, and an existing folder is replaced only with --overwrite.
@@ -63,6 +66,7 @@ from jaxdiff.convert.diffusers import DIFFUSERS_FORMAT_VERSION, to_diffusers
 from jaxdiff.convert.lora import apply_lora, save_lora
 from jaxdiff.convert.transformers import to_transformers
 from jaxdiff.models import AutoencoderKL, AutoencoderKLConfig
+from jaxdiff.pipelines.layout import CLASS_NAME as LAYOUT_CLASS
 from jaxdiff.training import sources
 from jaxdiff.training.checkpoint import latest_step, load_params
 from jaxdiff.training.evaluate import read_run_config
@@ -112,7 +116,7 @@ class _Pipeline:
     model_index: dict    # further model_index.json entries
 
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: the denoiser's stored weights
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: the trained weights' stored dtype
 PIPELINES = {  # config.model.backbone -> the pipeline its runs export to
     "unet": _Pipeline("text-to-image", "StableDiffusionPipeline", "unet", "UNet2DConditionModel",
                       {"safety_checker": [None, None], "feature_extractor": [None, None],
@@ -144,11 +148,12 @@ def export_text_to_video(workdir: str, out: str, overwrite: bool = False) -> str
 
 
 def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "ema", task: str | None = None,
-               merge: bool = False, dtype: str = "float32") -> str:
+               merge: bool = False, dtype: str = "float32", layout: str | None = None) -> str:
     """Writes the pipeline folder of latent diffusion run `workdir`, text-to-image or text-to-video by its
     config.model.backbone (`task`, if given, must be that one); returns `out`. `weights`: the checkpoint's 'ema'
-    (default) or trained 'params'. `dtype`: the denoiser's stored weights, 'float32' or 'bfloat16' (half the bytes;
-    loading casts them to the model's dtype). A LoRA run (configs/lora.py) writes its LoRA (`export_lora`), or with
+    (default) or trained 'params'. `dtype`: the stored dtype of the weights the run trained (denoiser, a T5 trained
+    beside it, the layout model), 'float32' or 'bfloat16' (half the bytes; loading casts them to the model's dtype). `layout`: the caption -> layout run whose EMA model a layout-to-image
+    run's folder carries in layout/. A LoRA run (configs/lora.py) writes its LoRA (`export_lora`), or with
     `merge` the pipeline folder of its base model with the adapters merged in."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of: {', '.join(DTYPES)}")
@@ -166,7 +171,12 @@ def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "
         raise ValueError(f"{workdir!r} is a {config.get('recipe')!r} run with config.model.backbone={backbone!r}, "
                          f"which has no pipeline export; exportable: diffusion runs with backbone "
                          + ", ".join(f"{b!r} ({p.task})" for b, p in PIPELINES.items()))
-    return _export(workdir, out, overwrite, backbone, weights, dtype)
+    reads_layout = bool(config.data.get("layout", False))
+    if reads_layout != (layout is not None):
+        raise ValueError(f"{workdir!r} reads layout maps (config.data.layout): pass the caption -> layout run to "
+                         f"carry (--layout)" if reads_layout else
+                         f"layout={layout!r}: {workdir!r} reads no layout map, so its folder takes no layout model")
+    return _export(workdir, out, overwrite, backbone, weights, dtype, layout)
 
 
 def export_lora(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:
@@ -214,8 +224,24 @@ def _merged(config, adapters, unet_params, text_params):
                  for c, params in (("unet", unet_params), ("text_encoder", text_params)))
 
 
+def _layout_model(workdir: str):
+    """(the LayoutModel of caption -> layout run `workdir` with its EMA params, its training.json record)."""
+    from jaxdiff.pipelines.layout import LayoutModel
+    from jaxdiff.training.data import data_spec, shapes_tokenizer
+    from jaxdiff.training.recipes.layout import model_for
+
+    config = read_run_config(workdir)
+    if config.get("recipe") != "layout":
+        raise ValueError(f"layout={workdir!r} is a {config.get('recipe')!r} run; need a caption -> layout run "
+                         f"(configs/layout.py)")
+    step = latest_step(workdir)
+    tokenizer = shapes_tokenizer(config.data)
+    model = LayoutModel(model_for(config, data_spec(config.data)), load_params(workdir, "ema", step), tokenizer)
+    return model, {"step": step, "seed": config.seed, "config": config.to_dict()}
+
+
 def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str = "ema",
-            dtype: str = "float32") -> str:
+            dtype: str = "float32", layout: str | None = None) -> str:
     """The export of a run of `backbone`: checks the run, then writes every part into one staging folder."""
     from jaxdiff.training.data import data_spec, shapes_tokenizer
     from jaxdiff.training.recipes.clip import model_for as clip_model_for
@@ -272,8 +298,15 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
         denoiser_params, text_params = _merged(config, denoiser_params, base, encoders[0][2])
         encoders[0] = (*encoders[0][:2], text_params)
     vae_params = sources.ema_params(vae_source, "vae", records["vae"]["step"])
-    denoiser_params = jax.tree.map(lambda p: jnp.asarray(p, DTYPES[dtype]), denoiser_params)
+    stored = lambda params: jax.tree.map(lambda p: jnp.asarray(p, DTYPES[dtype]), params)
+    denoiser_params = stored(denoiser_params)
+    if has_t5:
+        encoders[-1] = (*encoders[-1][:2], stored(encoders[-1][2]))
     records["diffusion"]["stored_dtype"] = dtype
+    layout_model = None
+    if layout is not None:
+        layout_model, records["layout"] = _layout_model(layout)
+        layout_model.params = stored(layout_model.params)
 
     def write(folder: str) -> None:
         to_diffusers(denoiser, denoiser_params, os.path.join(folder, pipeline.denoiser), jaxdiff_fields=video_unet)
@@ -289,6 +322,9 @@ def _export(workdir: str, out: str, overwrite: bool, backbone: str, weights: str
             to_transformers(clip_model_for(sources.run_config(clip_source, "clip"), spec),
                             sources.ema_params(clip_source, "clip", records["clip"]["step"]),
                             os.path.join(folder, "clip"))
+        if layout_model is not None:
+            layout_model.save(os.path.join(folder, "layout"))
+            index["layout"] = ["jaxdiff", LAYOUT_CLASS]
         os.makedirs(os.path.join(folder, "scheduler"))
         _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(folder, "model_index.json"), {
@@ -349,13 +385,18 @@ def main(argv=None) -> int:
     p.add_argument("--weights", choices=("ema", "params"), default="ema",
                    help="the checkpoint's EMA (default) or its trained parameters (a short fine-tune's EMA lags them)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="the denoiser's stored weights; bfloat16 halves the folder (loading casts back)")
+                   help="the trained weights' stored dtype (denoiser, a T5 trained with it, the layout model); "
+                        "bfloat16 halves them (loading casts back)")
+    p.add_argument("--layout", default=None,
+                   help="a layout-to-image run (config.data.layout): the caption -> layout run (configs/layout.py) "
+                        "whose model the folder carries")
     p.add_argument("--merge", action="store_true",
                    help="a LoRA run: write its base model's pipeline folder with the adapters merged in, instead of "
                         "the LoRA file")
     args = p.parse_args(argv)
     try:
-        print(export_run(args.workdir, args.out, args.overwrite, args.weights, merge=args.merge, dtype=args.dtype))
+        print(export_run(args.workdir, args.out, args.overwrite, args.weights, merge=args.merge, dtype=args.dtype,
+                         layout=args.layout))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         if cli.debugging(argv):
             raise

@@ -1,0 +1,95 @@
+"""Caption -> layout (LMD's layout stage, `jaxdiff.models.layout`): teacher-forced slot prediction on the shapes
+captions.
+
+config.data (source 'layouts'): seed (the shapes dataset's: training scenes are `render.scene_at(seed, 0, i)`, the
+train split, so the held-out prompts of the test split stay out), max_length, max_objects.
+config.model: LayoutConfig's sizes (vocabulary, caption length and padding id come from the data).
+
+Loss: cross-entropy of colour, shape and place class, summed over the slots that hold an object, plus the binary
+cross-entropy of `present` over all slots. The held-out evaluation samples layouts of `eval.heldout_prompts` and
+scores them with `jaxdiff.data.layout.layout_report`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdiff.data import render
+from jaxdiff.data.eval import heldout_prompts
+from jaxdiff.data.layout import layout_report, layout_violations, on_grid
+from jaxdiff.models.layout import (
+    SLOT_FIELDS,
+    LayoutConfig,
+    LayoutTransformer,
+    layout_targets,
+    sample_layouts,
+)
+from jaxdiff.training.data import IndexedBatches, shapes_tokenizer
+from jaxdiff.training.task import Task, init_boxed
+
+TRAIN_SPLIT = 0   # split id of `train` in jaxdiff.data.shapes
+
+
+def layout_examples(rng: np.random.Generator, n: int, seed: int, tokenizer, max_objects: int) -> dict:
+    """n train-split scenes at indices drawn by `rng`: caption 'tokens' [n, L] and their `layout_targets`.
+
+    Scenes whose layout breaks a rule once on the place grid (`on_grid`; 4% of them, 8% of counting ones: two boxes
+    MIN_GAP apart can touch once each centre moves half a bin) are skipped: every layout the model learns, it can
+    write.
+    """
+    scenes = []
+    while len(scenes) < n:
+        scene = render.scene_at(seed, TRAIN_SPLIT, int(rng.integers(2 ** 31)))
+        if not layout_violations(scene.caption, on_grid(scene.objects)):
+            scenes.append(scene)
+    tokens = np.asarray(tokenizer([s.caption for s in scenes]), np.int32)
+    return {"tokens": tokens, **layout_targets([s.objects for s in scenes], max_objects)}
+
+
+def layout_batches(data, batch_size: int, seed: int) -> IndexedBatches:
+    """config.data (source 'layouts') -> resumable batches of `layout_examples`; pure NumPy, nothing rendered."""
+    tokenizer = shapes_tokenizer(data)
+    return IndexedBatches(lambda rng, n: layout_examples(rng, n, data.seed, tokenizer, data.max_objects),
+                          batch_size, seed)
+
+
+def layout_loss(logits: dict, batch: dict):
+    """(scalar loss, {loss_present, loss_colour, loss_shape, loss_place, place_accuracy}); each loss part is summed
+    over slots and averaged over the batch, the accuracy is over the slots that hold an object."""
+    present = batch["present"].astype(jnp.float32)
+    parts = {f"loss_{name}": jnp.mean(jnp.sum(
+        optax.softmax_cross_entropy_with_integer_labels(logits[name], batch[name]) * present, axis=-1))
+        for name in SLOT_FIELDS}
+    parts["loss_present"] = jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits["present"], present), -1))
+    hits = (jnp.argmax(logits["place"], axis=-1) == batch["place"]) * present
+    return sum(parts.values()), {**parts, "place_accuracy": jnp.sum(hits) / jnp.maximum(jnp.sum(present), 1.0)}
+
+
+def model_for(c, spec) -> LayoutTransformer:
+    return LayoutTransformer(LayoutConfig(vocab_size=spec.vocab_size, max_length=spec.max_length,
+                                          max_objects=c.data.max_objects, pad_token_id=spec.pad_token_id,
+                                          **c.model.to_dict()), dtype=jnp.dtype(c.dtype))
+
+
+def build(c, spec) -> Task:
+    model = model_for(c, spec)
+    slots = model.config.max_objects
+
+    def init(key):
+        return init_boxed(model, key, jnp.zeros((1, spec.max_length), jnp.int32),
+                          jnp.zeros((1, slots, len(SLOT_FIELDS)), jnp.int32))
+
+    def loss(params, frozen, batch, key, step):
+        return layout_loss(model.apply({"params": params}, batch["tokens"], batch["previous"]), batch)
+
+    def evaluate(params, frozen):
+        """layout_report of one sampled layout per held-out prompt (eval_examples of them, the families
+        interleaved): the share of valid layouts per family and overall, and per rule the share breaking it."""
+        prompts = heldout_prompts(max(c.eval_examples // len(render.FAMILIES), 1), c.data.seed)
+        report = layout_report(prompts, sample_layouts(model, params, spec.tokenize(prompts), jax.random.key(0)))
+        scores = {k: v for k, v in report.items() if isinstance(v, float)}
+        return {**scores, **{f"broken_{rule}": n / len(prompts) for rule, n in report["failures"].items()}}
+
+    return Task(init=init, loss=loss, evaluate=evaluate)
