@@ -33,7 +33,8 @@ def model(tmp_path):
 
 
 @pytest.mark.parametrize("folder, weights", [
-    (SHAPES_MODEL, ["text_encoder_2/model.safetensors", "transformer/diffusion_pytorch_model.safetensors"]),
+    (SHAPES_MODEL, ["layout/model.safetensors", "text_encoder_2/model.safetensors",
+                    "transformer/diffusion_pytorch_model.safetensors"]),
     (SHAPES_UNET_MODEL, [UNET_WEIGHTS])])
 def test_shipped_model_checksums_match_its_weights(folder, weights):
     sums = json.load(open(os.path.join(folder, "checksums.json")))["sha256"]

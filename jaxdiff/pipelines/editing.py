@@ -5,6 +5,9 @@ Every function takes (pipe, prompts, images, ...): the prompts that describe the
 Images are float [0, 1] (or uint8) NHWC with 3 channels; masks are [B, H, W] or [B, H, W, 1]
 with 1 = repaint, 0 = keep. `pipe` must be a `TextToImage`; every function runs through its
 `generate` (`invert` through its runner's program cache), one jitted program per static setup.
+A layout-to-image model (the shipped shapes model) edits from the captions alone -- an empty layout, which it was
+trained to draw from -- unless `layouts=` (one list of objects per image, see `TextToImage.generate`) places them:
+a layout drawn for the caption would not be where the image has its objects.
 """
 from __future__ import annotations
 
@@ -30,6 +33,11 @@ def _pipe_images(pipe, images, what: str, kwargs: dict) -> jnp.ndarray:
     images = as_images(images)
     pipe.check_size(images.shape[1], images.shape[2], "the image")
     return images
+
+
+def _with_layouts(pipe, kwargs: dict, count: int) -> dict:
+    """`kwargs` with layouts=[[]] * count (no layout: the captions alone) for a layout-to-image model, unless given."""
+    return {"layouts": [[] for _ in range(count)], **kwargs} if pipe.layout_channels else kwargs
 
 
 def as_masks(masks, images) -> jnp.ndarray:
@@ -62,7 +70,7 @@ def img2img(pipe: TextToImage, prompts, images, strength: float = 0.6, **kwargs)
     check_number("strength", strength, 0.0, 1.0)
     init = pipe.encode_image(pipe.vae_params, images)
     return pipe.generate(prompts, height=images.shape[1], width=images.shape[2], init_latents=init,
-                         strength=strength, **kwargs)["images"]
+                         strength=strength, **_with_layouts(pipe, kwargs, images.shape[0]))["images"]
 
 
 def inpaint(pipe: TextToImage, prompts, images, masks, *, paste_back: bool = False, **kwargs):
@@ -79,7 +87,8 @@ def inpaint(pipe: TextToImage, prompts, images, masks, *, paste_back: bool = Fal
     known = images * (1.0 - masks) if channels else images
     init = pipe.encode_image(pipe.vae_params, known)
     out = pipe.generate(prompts, height=images.shape[1], width=images.shape[2], init_latents=init,
-                        latent_mask=lmask, inpaint="channels" if channels else "blend", **kwargs)["images"]
+                        latent_mask=lmask, inpaint="channels" if channels else "blend",
+                        **_with_layouts(pipe, kwargs, images.shape[0]))["images"]
     return masks * out + (1.0 - masks) * images if paste_back else out
 
 
@@ -102,25 +111,29 @@ def outpaint(pipe: TextToImage, prompts, images, margins: Sequence[int], *, fill
     return inpaint(pipe, prompts, canvas, masks, paste_back=True, **kwargs)
 
 
-def invert(pipe: TextToImage, prompts, images, *, steps: int = 50, guidance_scale: float = 1.0, **sampler_kwargs):
+def invert(pipe: TextToImage, prompts, images, *, steps: int = 50, guidance_scale: float = 1.0, layouts=None,
+           **sampler_kwargs):
     """DDIM inversion of real images under their captions (`samplers.ddim_invert` in latent space): the
-    latent noise [B, h, w, C] that regenerates them."""
+    latent noise [B, h, w, C] that regenerates them (a layout-to-image model: under `layouts`, default none)."""
     images = _pipe_images(pipe, images, "invert", {"guidance_scale": guidance_scale})
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != images.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images; give one per image")
+    layouts = _with_layouts(pipe, {} if layouts is None else {"layouts": layouts}, len(prompts)).get("layouts")
+    layout = pipe.layout_latents(prompts, layouts, 0, images.shape[1], images.shape[2])
     defaults = {k: v for k, v in pipe.sampler_defaults.items()
                 if k in ("prediction_type", "timestep_spacing", "steps_offset", "set_alpha_to_one")}
     options = {**defaults, **sampler_kwargs}
     schedule = pipe.schedule
 
-    def run(params, ids, uncond_ids, images, scale):
+    def run(params, ids, uncond_ids, images, layout, scale):
         denoiser_params, vae_params, text_params = params
-        model_fn = pipe.guided_model(denoiser_params, text_params, ids, uncond_ids, scale)
+        model_fn = pipe.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, extra_channels=layout)
         return samplers.ddim_invert(model_fn, schedule, pipe.encode_image(vae_params, images), steps=steps, **options)
 
     program = pipe.runner.program(("invert", steps, tuple(sorted(options.items())), id(schedule)), lambda: run)
-    return pipe.runner.run(program, pipe.params, [pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), images],
+    return pipe.runner.run(program, pipe.params, [pipe.tokenize(prompts), pipe.tokenize([""] * len(prompts)), images,
+                                                  None if layout is None else jnp.asarray(layout, jnp.float32)],
                            jnp.float32(guidance_scale), steps=steps, progress=False)
 
 
@@ -130,6 +143,8 @@ def edit(pipe: TextToImage, source_prompts, images, target_prompts, *, steps: in
     from that noise with DDIM under `target_prompts` ("a red circle" -> "a blue circle"), keeping the rest."""
     images = _pipe_images(pipe, images, "edit", {**kwargs, "guidance_scale": guidance_scale})
     check_number("inversion_guidance", inversion_guidance)
-    x_t = invert(pipe, source_prompts, images, steps=steps, guidance_scale=inversion_guidance)
+    kwargs = _with_layouts(pipe, kwargs, images.shape[0])
+    x_t = invert(pipe, source_prompts, images, steps=steps, guidance_scale=inversion_guidance,
+                 layouts=kwargs.get("layouts"))
     return pipe.generate(target_prompts, height=images.shape[1], width=images.shape[2], noise=x_t, steps=steps,
                          guidance_scale=guidance_scale, method="ddim", **kwargs)["images"]
