@@ -6,9 +6,22 @@ Importing this package registers the tfds builders `shapes` and `moving_shapes`.
     DataConfig(name="shapes", data_dir=DIR) -> make_iterator -> global_batches
     python -m jaxdiff.pipelines.shapes_eval --images FOLDER   # prompt adherence (jaxdiff.data.eval)
 """
+import importlib
+
 from jaxdiff.data import render
-from jaxdiff.data.eval import evaluate, evaluate_model, heldout_prompts, parse_prompt, score, score_video
 from jaxdiff.data.moving_shapes import MovingShapes, MovingShapesConfig, moving_shapes_config
-from jaxdiff.data.pipeline import DataConfig, global_batch, global_batches, make_dataset, make_iterator
 from jaxdiff.data.render import caption_vocabulary
 from jaxdiff.data.shapes import Shapes, ShapesConfig, shapes_config
+
+# The evaluator and the grain pipeline load on first use: sampling reads the renderer's vocabulary (a layout model's
+# objects) and never needs them, and importing them costs ~0.35 s of a fresh process's first image.
+_LAZY = {**dict.fromkeys(("evaluate", "evaluate_model", "heldout_prompts", "parse_prompt", "score", "score_video"),
+                         "jaxdiff.data.eval"),
+         **dict.fromkeys(("DataConfig", "global_batch", "global_batches", "make_dataset", "make_iterator"),
+                         "jaxdiff.data.pipeline")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxdiff.data' has no attribute {name!r}")
