@@ -133,7 +133,8 @@ class Diffusion:
         if self.initial is None:
             log.warning("config.model.init_from is empty: LoRA adapters of a randomly initialised U-Net")
             return self.fresh(key)
-        return rebox(self.initial(key, None), jax.eval_shape(self.fresh, key))
+        abstract = jax.eval_shape(self.fresh, key)
+        return rebox(self.initial(key, nn.meta.unbox(abstract)), abstract)
 
     def loss(self, params, frozen, batch, key, step):
         m = self.m
