@@ -77,6 +77,13 @@ def _tiny_mmdit_run(runs, variant: str, steps: int, tmp_path):
     return c, workdir
 
 
+@pytest.fixture(scope="module")
+def t5_run(runs, tmp_path_factory):
+    """(config, workdir) of configs/mmdit.py:tiny_t5 trained 3 steps: from the zero-initialised output layer and
+    gates, the third update opens the path to the text."""
+    return _tiny_mmdit_run(runs, "tiny_t5", 3, tmp_path_factory.mktemp("t5_run"))
+
+
 def test_mmdit_run_exports_and_samples_as_its_own_transformer(runs, tmp_path):
     """A flow-matching MMDiT run (configs/mmdit.py:tiny on the tiny CLIP and VAE runs) exports transformer/ (an
     SD3Transformer2DModel) with a FlowMatchEulerDiscreteScheduler; TextToImage loads it, and its guided flow-Euler
@@ -119,7 +126,7 @@ def test_mmdit_run_exports_and_samples_as_its_own_transformer(runs, tmp_path):
         export.export_run(workdir, str(tmp_path / "bad"), dtype="float16")
 
 
-def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, tmp_path):
+def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, t5_run, tmp_path):
     """configs/mmdit.py:tiny_t5 trains a T5 encoder beside the MMDiT (the loss's gradient reaches it; the CLIP stays
     frozen); the export adds text_encoder_2/ (T5EncoderModel) and tokenizer_2/, and the loaded folder's text
     conditioning (T5's states, CLIP's pooled state) equals the recipe's on the run's EMA weights."""
@@ -129,8 +136,7 @@ def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, tmp_path):
     from jaxdiff.models.text_encoders import FluxTextEncoders
     from jaxdiff.training.recipes.diffusion import Diffusion
 
-    # 3 steps: from the zero-initialised output layer and gates, the third update opens the path to the text
-    c, workdir = _tiny_mmdit_run(runs, "tiny_t5", 3, tmp_path)
+    c, workdir = t5_run
     d = Diffusion(c, data_spec(c.data))
     frozen = jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen))
     params = jax.tree.map(jnp.asarray, load_params(workdir, "params"))
@@ -161,7 +167,7 @@ def test_mmdit_with_a_trained_t5_exports_text_encoder_2(runs, tmp_path):
     assert pipe.generate(prompts[:1], steps=2, seed=0)["images"].shape == (1, 16, 16, 3)
 
 
-def test_layout_fine_tune_of_an_mmdit_folder(runs, tmp_path):
+def test_layout_fine_tune_of_an_mmdit_folder(t5_run, tmp_path):
     """configs/mmdit.py:layout's route on the tiny runs: a T5 MMDiT folder is the start (init_from) of a run on
     layout maps (config.data.layout). Its init is the folder's transformer and T5 with the patch embedding widened
     by zero rows for the map's channels (so it computes what the folder did, whatever the map); the loss reaches
@@ -178,7 +184,8 @@ def test_layout_fine_tune_of_an_mmdit_folder(runs, tmp_path):
     from jaxdiff.training import train
     from jaxdiff.training.recipes.diffusion import Diffusion
 
-    c, workdir = _tiny_mmdit_run(runs, "tiny_t5", 3, tmp_path)
+    c, workdir = t5_run
+    c = c.copy_and_resolve_references()
     source = export.export_text_to_image(workdir, str(tmp_path / "source"))
     c.data.layout, c.model.init_from, c.steps = True, source, 2
     d = Diffusion(c, data_spec(c.data))
