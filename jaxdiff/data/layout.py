@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 
 from jaxdiff.data import render
-from jaxdiff.data.eval import family_of_prompt, parse_prompt
 
 LAYOUT_CHANNELS = len(render.COLOURS) + len(render.SHAPES)
 SIZE_NAMES = tuple(render.SIZES)   # ("small", "large"): the size index of a scene record
@@ -31,7 +30,7 @@ def as_objects(objects) -> list[render.SceneObject]:
     ({'shape': 'circle', 'colour': 'red', 'size': 'small', 'x': 0.3, 'y': 0.5}) -> a list of SceneObjects, each
     checked (`check_object`)."""
     if isinstance(objects, dict):
-        fields = [np.asarray(objects[k]).reshape(-1) for k in ("shape", "colour", "size", "x", "y")]
+        fields = [np.asarray(objects[k]).reshape(-1) for k in OBJECT_FIELDS]
         return [render.SceneObject(render.SHAPES[int(s)], render.COLOURS[int(c)], SIZE_NAMES[int(z)], float(x),
                                    float(y)) for s, c, z, x, y in zip(*fields)]
     return [check_object(o if isinstance(o, render.SceneObject) else _from_fields(o)) for o in objects]
@@ -103,6 +102,8 @@ def layout_violations(caption: str, objects) -> list[str]:
     objects the caption names), 'kind' (an object's colour or shape, as `eval.parse_prompt` reads them), 'size' and
     'place' (a single object's size and place words), 'relation' (`render.relation_holds`, first object on the
     second), 'inside' (`render.inside`), 'overlap' (`render.separated`, pairwise). Empty for a valid layout."""
+    from jaxdiff.data.eval import parse_prompt   # scoring only: sampling, which reads this module, never needs it
+
     req, objects = parse_prompt(caption), as_objects(objects)
     if req.family == "motion":
         raise ValueError(f"caption {caption!r} is a motion caption; layouts score the families "
@@ -136,6 +137,7 @@ def layout_report(captions, layouts) -> dict:
         raise ValueError(f"{len(captions)} captions but {len(layouts)} layouts")
     if not captions:
         raise ValueError("nothing to score: no captions")
+    from jaxdiff.data.eval import family_of_prompt
     valid: dict[str, list[bool]] = {}
     failures = {rule: 0 for rule in ("count", "kind", "size", "place", "relation", "inside", "overlap")}
     for caption, objects in zip(captions, layouts):
