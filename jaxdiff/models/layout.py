@@ -185,6 +185,11 @@ class LayoutTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """The smallest (args, kwargs) this model accepts (one caption, every slot), for tracing its init."""
+        c = self.config
+        return (jnp.zeros((1, c.max_length), jnp.int32), jnp.zeros((1, c.max_objects, len(SLOT_FIELDS)), jnp.int32)), {}
+
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = c.hidden_size

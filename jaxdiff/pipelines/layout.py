@@ -15,13 +15,13 @@ import json
 import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
 
 from jaxdiff.convert.common import load_state_dict, save_state_dict
 from jaxdiff.models.checks import CheckpointError
+from jaxdiff.models.layers import param_shapes
 from jaxdiff.models.layout import LayoutConfig, LayoutTransformer, sample_layouts
 from jaxdiff.tokenizers import WordTokenizer
 
@@ -66,10 +66,7 @@ class LayoutModel:
             raise CheckpointError(f"{path!r} is not a {CLASS_NAME} config")
         module = LayoutTransformer(LayoutConfig(**fields))
         tokenizer = WordTokenizer.load(folder)
-        abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0),
-                                                np.zeros((1, module.config.max_length), np.int32),
-                                                np.zeros((1, module.config.max_objects, 3), np.int32))["params"])
-        want = traverse_util.flatten_dict(abstract, sep="/")
+        want = traverse_util.flatten_dict(param_shapes(module), sep="/")
         state = load_state_dict(os.path.join(folder, WEIGHTS_FILE))
         missing, unused = sorted(set(want) - set(state)), sorted(set(state) - set(want))
         if missing or unused:

@@ -75,11 +75,9 @@ def model_for(c, spec) -> LayoutTransformer:
 
 def build(c, spec) -> Task:
     model = model_for(c, spec)
-    slots = model.config.max_objects
 
     def init(key):
-        return init_boxed(model, key, jnp.zeros((1, spec.max_length), jnp.int32),
-                          jnp.zeros((1, slots, len(SLOT_FIELDS)), jnp.int32))
+        return init_boxed(model, key, *model.example_inputs()[0])
 
     def loss(params, frozen, batch, key, step):
         return layout_loss(model.apply({"params": params}, batch["tokens"], batch["previous"]), batch)
