@@ -19,7 +19,10 @@ from configs.latent_diffusion import SCALING_FACTOR, SHIPPED_UNET
 from configs.video_diffusion import PREVIEW_PROMPTS, TINY_DATA, video_data
 from jaxdiff.training.config import base_config
 
-VARIANTS = ("shapes", "t5", "tiny", "tiny_t5")
+VARIANTS = ("shapes", "t5", "layout", "tiny", "tiny_t5", "tiny_layout")
+# `layout`: `t5` reading each frame's layout map beside its latent (config.data.layout: the objects' boxes where they
+# are at that frame, from moving_shapes' trajectories; a caption -> trajectory model draws them at sampling, as the
+# image model's layout stage does), since `t5` alone bound no direction to its object in two-object prompts
 # `t5`: the Wan transformer cross-attends to a bidirectional T5 encoder trained with it (Wan's UMT5 role) instead of
 # the frozen CLIP, whose states barely tell "moving left" from "moving right" (docs/video.md)
 T5 = dict(d_model=128, d_kv=32, num_heads=4, d_ff=512, num_layers=4, feed_forward_proj="gated-gelu")
@@ -45,8 +48,9 @@ def get_config(variant: str = "shapes"):
         c.model.vae = dict(common.tiny_vae(), checkpoint="")
         c.model.text_encoder = dict(common.tiny_text_encoder(), checkpoint="")
         c.model.sample_steps = 3
-        if variant == "tiny_t5":
+        if variant in ("tiny_t5", "tiny_layout"):
             c.model.t5, c.model.text_encoder = TINY_T5, None
+        c.data.layout = variant == "tiny_layout"
         return c
     c.data = video_data("moving_shapes/32px-8f", 32)
     # 0.86 steps/s at batch 8 alone on the 2 cores (a 60-step smoke run, blocked attention; 0.32 before it): ~3.2 h
@@ -59,6 +63,9 @@ def get_config(variant: str = "shapes"):
                        scaling_factor=SCALING_FACTOR, checkpoint=SHIPPED_UNET)
     c.model.text_encoder = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, checkpoint=SHIPPED_UNET)
-    if variant == "t5":
+    if variant in ("t5", "layout"):
         c.model.t5, c.model.text_encoder = T5, None
+    c.data.layout = variant == "layout"
+    if variant == "layout":   # 2.1 s/step alone on the 2 cores (2026-12-07): ~1.8 h, a checkpoint every ~5 min
+        c.steps, c.checkpoint_every, c.optim.warmup_steps = 3000, 150, 300
     return c

@@ -1,5 +1,5 @@
 """python -m sample "a red circle above a blue square" --out image.png    # the shipped shapes model
-python -m sample --video "a red circle moving left" --model VIDEO_PATH --out clip.gif
+python -m sample --video "a red circle moving left" --out clip.gif     # the shipped shapes video model
 
 A thin command line over `jaxdiff.pipelines`: text-to-video with --video (GIF or MP4 by
 extension; with --init-image, image-to-video), text-to-image, and with --init-image:
@@ -74,14 +74,13 @@ def parse_args(argv):
     if (args.prompt is None) == (args.prompts_file is None):
         p.error("give exactly one of: a prompt, or --prompts-file")
     if args.model is None:
-        from jaxdiff.pipelines import SHAPES_MODEL
+        from jaxdiff.pipelines import SHAPES_MODEL, SHAPES_VIDEO_MODEL
 
-        if args.video:
-            p.error("--video needs --model: a text-to-video folder (no video model is shipped)")
-        if not os.path.isfile(os.path.join(SHAPES_MODEL, "model_index.json")):
-            p.error(f"no --model given and the shipped shapes model is missing from this installation "
-                    f"(expected {SHAPES_MODEL})")
-        args.model = SHAPES_MODEL
+        shipped, what = (SHAPES_VIDEO_MODEL, "video") if args.video else (SHAPES_MODEL, "")
+        if not os.path.isfile(os.path.join(shipped, "model_index.json")):
+            p.error(f"no --model given and the shipped shapes {what + ' ' if what else ''}model is missing from this "
+                    f"installation (expected {shipped})")
+        args.model = shipped
     for name in ("steps", "batch", "frames", "fps", "height", "width"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -178,6 +178,32 @@ def test_layout_maps_cover_the_rendered_shapes(data_dir):
         np.testing.assert_array_equal(shapes.max(-1), maps[..., :len(render.COLOURS)].max(-1))
 
 
+def test_video_layout_maps_follow_each_frame(data_dir):
+    """layout=True on moving_shapes: frame t's map is the boxes of the objects where they are at frame t, and every
+    pixel the renderer painted in frame t lies in its colour's box of that frame (and not in the next frame's)."""
+    from jaxdiff.data.layout import LAYOUT_CHANNELS, as_trajectories
+
+    cfg = DataConfig(name=VIDEOS, data_dir=data_dir, batch_size=4, num_epochs=1, shuffle=False, layout=True)
+    batch = next(make_iterator(cfg))
+    source = tfds.data_source(VIDEOS, data_dir=data_dir, split="train")
+    assert batch["layout"].shape == (4, 8, 32, 32, LAYOUT_CHANNELS)
+    moved = 0
+    for j in range(4):
+        raw, maps = source[j], batch["layout"][j]
+        objects = as_trajectories(raw["objects"])
+        for t in range(8):
+            for o in objects:
+                c = render.COLOURS.index(o.colour)
+                painted = (raw["image"][t] == render.PALETTE[o.colour]).all(-1)
+                assert painted.any() and not (painted & (maps[t, ..., c] == 0)).any()
+                box = render.shape_mask(render.SceneObject("square", o.colour, o.size, *(
+                    getattr(o.at(t), f) for f in "xy")), 32)
+                assert (maps[t, ..., c][box] == 1).all()
+                if t < 7:
+                    moved += int((painted & (maps[t + 1, ..., c] == 0)).any())
+    assert moved > 0   # the boxes move with the objects
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(data_dir="/no/such/dir"), FileNotFoundError,
      r"data_dir '/no/such/dir' does not exist; prepare it with `python -m jaxdiff.data.prepare shapes"),

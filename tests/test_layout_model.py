@@ -1,5 +1,6 @@
 """Caption -> layout: place classes, layout maps and targets in closed form, the transformer's causal slots and
-padding mask, layout validity by the renderer's rules, and the recipe through the trainer."""
+padding mask, layout validity by the renderer's rules, and the recipe through the trainer; the same for the caption
+-> trajectory model of moving_shapes captions (direction and speed classes, per-frame maps)."""
 import dataclasses
 
 import flax.linen as nn
@@ -12,17 +13,23 @@ from jaxdiff.data import render
 from jaxdiff.data.layout import (
     LAYOUT_CHANNELS,
     PLACE_CLASSES,
+    SPEED_BINS,
     layout_map,
     layout_report,
     layout_violations,
+    moving_at,
     object_at,
+    on_grid,
     place_class,
+    speed_class,
+    trajectory_map,
 )
 from jaxdiff.models.layout import (
     LayoutConfig,
     LayoutTransformer,
     RelativePlaceBias,
     layout_targets,
+    sample_layouts,
 )
 from jaxdiff.training import recipes, train
 from jaxdiff.training.data import data_spec, make_batches, shapes_tokenizer
@@ -33,6 +40,19 @@ TOKENIZER = shapes_tokenizer({})
 @pytest.fixture(scope="module")
 def scenes():
     return [render.scene_at(0, 2, i) for i in range(200)]   # 50 per family
+
+
+@pytest.fixture(scope="module")
+def motion_scenes():
+    return [render.motion_at(0, 2, i, 8) for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def tiny_motion_model():
+    model = LayoutTransformer(LayoutConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=16, num_heads=2,
+                                           intermediate_size=32, max_objects=3, num_frames=8))
+    params = nn.meta.unbox(model.init(jax.random.key(0), *model.example_inputs()[0])["params"])
+    return model, params
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +212,101 @@ def test_tiny_recipe_trains_and_its_loss_falls(tmp_path):
     assert float(after) < float(before) - 5.0
     for part in ("loss_present", "loss_colour", "loss_shape"):
         assert float(parts_after[part]) < 0.7 * float(parts_before[part])
+
+
+# ---------------------------------------------------------------- trajectories (moving_shapes)
+
+def test_speed_classes_and_trajectories_closed_form(motion_scenes):
+    lo, hi = render.MIN_SPEED, render.MAX_SPEED
+    width = (hi - lo) / SPEED_BINS
+    assert [speed_class(v) for v in (lo, lo + width * 1.5, hi, hi + 1)] == [0, 1, SPEED_BINS - 1, SPEED_BINS - 1]
+    # A large circle in the right-most bin moving right for 8 frames at the slowest class's centre: its start moves
+    # left until the last frame's box ends at the image's edge.
+    obj = moving_at((1 * 32 + 16) * 32 + 31, 0, "right", "circle", "red", 8)
+    assert obj.speed == pytest.approx(lo + width / 2) and obj.y == pytest.approx(16.5 / 32)
+    assert obj.at(7).x + 0.175 == pytest.approx(1.0)
+    # The fastest class is capped at the most a large object can travel in 16 frames.
+    assert moving_at(1 * 32 * 32, SPEED_BINS - 1, "down", "square", "red", 16).speed == render.max_travel(16, "large")
+    for scene in motion_scenes:
+        for o, back in zip(scene.objects, on_grid(scene.objects, 8)):
+            assert (back.direction, back.size) == (o.direction, o.size) and speed_class(back.speed) == speed_class(
+                o.speed)
+            assert all(render.inside(back.at(t)) for t in range(8))
+    o = scene.objects[0]
+    np.testing.assert_array_equal(trajectory_map([o], 8, 16)[5], layout_map([o.at(5)], 16))
+
+
+def test_trajectory_violations(motion_scenes):
+    report = layout_report([s.caption for s in motion_scenes], [s.objects for s in motion_scenes], 8)
+    assert report["motion"] == 1.0 and report["count"] == {"motion": 100}
+    one = next(s for s in motion_scenes if len(s.objects) == 1)
+    o = one.objects[0]
+    back = {"left": "right", "right": "left", "up": "down", "down": "up"}[o.direction]
+    assert layout_violations(one.caption, [dataclasses.replace(o, direction=back)], 8)[0] == "direction"
+    fast = render.MovingObject("circle", "red", "small", 0.5, 0.5, "left", 0.2)
+    assert layout_violations("a red circle moving left", [fast], 8) == ["inside"]
+    a = render.MovingObject("circle", "red", "small", 0.2, 0.5, "right", 0.08)
+    b = render.MovingObject("square", "blue", "small", 0.8, 0.5, "left", 0.08)
+    assert layout_violations("a red circle moving right and a blue square moving left", [a, b], 8) == ["overlap"]
+    assert layout_violations("a red circle moving right and a blue square moving left", [a, b], 2) == []
+    with pytest.raises(ValueError, match="motion caption: its trajectories need num_frames"):
+        layout_violations(one.caption, one.objects)
+    with pytest.raises(ValueError, match="trajectory direction 'sideways': choose one of: left, right, up, down"):
+        layout_violations(one.caption, [dataclasses.replace(o, direction="sideways")], 8)
+    with pytest.raises(ValueError, match=r"trajectory .*need a MovingObject or a dict with exactly the fields"):
+        trajectory_map([{"shape": "circle"}], 8, 16)
+
+
+def test_motion_targets_and_the_slot_own_motion_reaches_only_its_place(tiny_motion_model, motion_scenes):
+    """layout_targets with motion: slot k's (direction, speed) in `current`, slot k - 1's after its place in
+    `previous`. Changing slot k's `current` changes slot k's place logits only: direction, speed and the rest are
+    read before it, and later slots see it only through `previous`."""
+    two = next(s for s in motion_scenes if len(s.objects) == 2)
+    t = layout_targets([two.objects], 3, motion=True)
+    a, b = two.objects
+    motion = lambda o: [render.DIRECTIONS.index(o.direction), speed_class(o.speed)]
+    np.testing.assert_array_equal(t["current"][0], [motion(a), motion(b), [0, 0]])
+    assert list(t["previous"][0, 1]) == [render.COLOURS.index(a.colour), render.SHAPES.index(a.shape),
+                                         place_class(a.at(0)), *motion(a)]
+    model, params = tiny_motion_model
+    tokens = np.asarray(TOKENIZER([two.caption]), np.int32)
+    base = model.apply({"params": params}, tokens, t["previous"], t["current"])
+    assert set(base) == {"present", "colour", "shape", "place", "direction", "speed"}
+    changed = t["current"].copy()
+    changed[0, 1] = [(changed[0, 1, 0] + 1) % 4, (changed[0, 1, 1] + 3) % SPEED_BINS]
+    out = model.apply({"params": params}, tokens, t["previous"], changed)
+    for name in base:
+        same = [0, 2] if name == "place" else [0, 1, 2]
+        np.testing.assert_array_equal(out[name][:, same], base[name][:, same])
+    assert not np.allclose(out["place"][:, 1], base["place"][:, 1])
+    with pytest.raises(ValueError, match="a trajectory model .* needs `current`"):
+        model.apply({"params": params}, tokens, t["previous"])
+    with pytest.raises(ValueError, match="previous has 3 fields per slot; this model reads 5"):
+        model.apply({"params": params}, tokens, t["previous"][..., :3], t["current"])
+
+
+def test_sampled_trajectories_are_moving_objects(tiny_motion_model, motion_scenes):
+    model, params = tiny_motion_model
+    captions = [s.caption for s in motion_scenes[:6]]
+    layouts = sample_layouts(model, params, np.asarray(TOKENIZER(captions), np.int32), jax.random.key(0))
+    assert len(layouts) == 6
+    for objects in layouts:
+        for o in objects:
+            assert isinstance(o, render.MovingObject) and o.direction in render.DIRECTIONS
+            assert render.MIN_SPEED <= o.speed <= render.MAX_SPEED
+            assert all(render.inside(o.at(t)) for t in range(8))
+
+
+def test_tiny_motion_recipe_trains(tmp_path):
+    c = layout_config.get_config("tiny_motion")
+    c.steps, c.checkpoint_every = 40, 0
+    result = train(c, str(tmp_path))
+    task = recipes.build(c, data_spec(c.data))
+    batch = next(make_batches(c.data, 256, seed=99)[0])
+    assert batch["current"].shape == (256, 4, 2)
+    before, parts_before = task.loss(nn.meta.unbox(task.init(jax.random.key(c.seed))), None, batch, None, 0)
+    after, parts_after = task.loss(result.state.params, None, batch, None, 0)
+    assert float(after) < float(before) - 3.0
+    assert float(parts_after["loss_present"]) < 0.5 * float(parts_before["loss_present"])
+    for part in ("loss_colour", "loss_shape", "loss_direction", "loss_speed"):   # 40 steps: each on its way down
+        assert float(parts_after[part]) < 0.9 * float(parts_before[part])

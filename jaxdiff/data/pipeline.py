@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxdiff.data.layout import layout_map
+from jaxdiff.data.layout import layout_map, trajectory_map
 
 CROPS = ("center", "random", "none")
 BUILT_IN = ("shapes", "moving_shapes")
@@ -49,7 +49,8 @@ class DataConfig:
     num_epochs: None repeats forever.
     worker_count: grain worker processes (0 reads in this process with threads).
     layout: also give 'layout' float32 [B, H, W, LAYOUT_CHANNELS], the layout map of each record's
-      `objects` (`jaxdiff.data.layout.layout_map`; the built-in datasets' object lists).
+      `objects` (`jaxdiff.data.layout.layout_map`; the built-in datasets' object lists), or for videos [B, T, H,
+      W, LAYOUT_CHANNELS], each frame's (`trajectory_map` of moving_shapes' moving objects).
     """
 
     name: str = "shapes"
@@ -265,7 +266,9 @@ class Preprocess:
             image = resize_crop(image, self.resolution, self.crop, rng)
         out = {"image": normalise(image), "caption": self.caption(record)}
         if self.layout:
-            out["layout"] = layout_map(record["objects"], image.shape[-2])
+            objects = record["objects"]   # a video's: moving_shapes' trajectories, drawn frame by frame
+            out["layout"] = (trajectory_map(objects, image.shape[0], image.shape[-2]) if image.ndim == 4
+                             else layout_map(objects, image.shape[-2]))
         return out
 
 

@@ -10,6 +10,11 @@ place can have any distribution, not a regressed mean).
 
     logits = model.apply({'params': p}, tokens, previous)           # teacher forcing: `layout_targets`
     layouts = sample_layouts(model, p, tokens, key)                  # slot by slot
+
+With `num_frames` set it is a caption -> trajectory model for moving_shapes clips of that many frames: each slot
+also predicts its object's direction and speed class (`jaxdiff.data.layout.speed_class`), and its place class is
+that of its frame-0 box given them (`current`: the slot's own direction and speed, teacher-forced in training and
+sampled first at sampling, since where a trip can start depends on where it goes).
 """
 from __future__ import annotations
 
@@ -26,9 +31,13 @@ from jaxdiff.data import render
 from jaxdiff.data.layout import (
     PLACE_BINS,
     PLACE_CLASSES,
+    SPEED_BINS,
     as_objects,
+    as_trajectories,
+    moving_at,
     object_at,
     place_class,
+    speed_class,
 )
 from jaxdiff.models.layers import (
     Attention,
@@ -40,6 +49,7 @@ from jaxdiff.models.layers import (
 
 Dtype = Any
 SLOT_FIELDS = ("colour", "shape", "place")   # the content of a slot, in the order of `previous`'s last axis
+MOTION_FIELDS = ("direction", "speed")        # and a trajectory model's after them, in the order of `current`'s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +67,12 @@ class LayoutConfig:
     relative_maps: int = 8      # maps of the place head's relative bias (`PlaceHead`)
     pad_token_id: int = 0
     layer_norm_eps: float = 1e-5
+    num_frames: int = 0         # > 0: a caption -> trajectory model for clips of this many frames
+
+    @property
+    def slot_fields(self) -> tuple[str, ...]:
+        """The content of a slot: SLOT_FIELDS, and MOTION_FIELDS for a trajectory model."""
+        return SLOT_FIELDS + (MOTION_FIELDS if self.num_frames else ())
 
     def __post_init__(self):
         for field in ("vocab_size", "max_length", "hidden_size", "num_heads", "encoder_layers", "decoder_layers",
@@ -74,6 +90,8 @@ class LayoutConfig:
             raise ValueError(f"LayoutConfig.pad_token_id={self.pad_token_id!r}: need an id in 0..{self.vocab_size - 1}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"LayoutConfig.layer_norm_eps={self.layer_norm_eps!r}: need a positive float")
+        if not isinstance(self.num_frames, int) or isinstance(self.num_frames, bool) or self.num_frames < 0:
+            raise ValueError(f"LayoutConfig.num_frames={self.num_frames!r}: need 0 (still layouts) or a positive int")
 
 
 class LayoutLayer(nn.Module):
@@ -188,7 +206,9 @@ class LayoutTransformer(nn.Module):
     def example_inputs(self) -> tuple[tuple, dict]:
         """The smallest (args, kwargs) this model accepts (one caption, every slot), for tracing its init."""
         c = self.config
-        return (jnp.zeros((1, c.max_length), jnp.int32), jnp.zeros((1, c.max_objects, len(SLOT_FIELDS)), jnp.int32)), {}
+        slots = lambda n: jnp.zeros((1, c.max_objects, n), jnp.int32)
+        current = (slots(len(MOTION_FIELDS)),) if c.num_frames else ()
+        return (jnp.zeros((1, c.max_length), jnp.int32), slots(len(c.slot_fields)), *current), {}
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -208,8 +228,12 @@ class LayoutTransformer(nn.Module):
         self.column_embedding = _embed(PLACE_BINS, d, (None, "embed"), "column_embedding", **kw)
         self.decoder = [LayoutLayer(c, name=f"decoder_{i}", **kw) for i in range(c.decoder_layers)]
         self.decoder_norm = layer_norm(c.layer_norm_eps, name="decoder_norm", **kw)
-        self.heads = {name: dense(n, ("embed", "vocab"), name=f"{name}_head", **kw) for name, n in (
-            ("present", 1), ("colour", len(render.COLOURS)), ("shape", len(render.SHAPES)))}
+        heads = [("present", 1), ("colour", len(render.COLOURS)), ("shape", len(render.SHAPES))]
+        if c.num_frames:
+            self.direction_embedding = _embed(len(render.DIRECTIONS), d, (None, "embed"), "direction_embedding", **kw)
+            self.speed_embedding = _embed(SPEED_BINS, d, (None, "embed"), "speed_embedding", **kw)
+            heads += [("direction", len(render.DIRECTIONS)), ("speed", SPEED_BINS)]
+        self.heads = {name: dense(n, ("embed", "vocab"), name=f"{name}_head", **kw) for name, n in heads}
         self.place_head = PlaceHead(c, **kw)
 
     def encode(self, tokens):
@@ -223,22 +247,38 @@ class LayoutTransformer(nn.Module):
             x = layer(x, mask)
         return self.encoder_norm(x), mask
 
+    def motion(self, fields):
+        """[B, S, 2] int (direction, speed class) -> [B, S, D]."""
+        return self.direction_embedding(fields[..., 0]) + self.speed_embedding(fields[..., 1])
+
     def slot_inputs(self, previous):
-        """previous [B, S, 3] int (colour, shape, place of slot k - 1; row 0 ignored) -> [B, S, D]."""
+        """previous [B, S, F] int (slot k - 1's `config.slot_fields`; row 0 ignored) -> [B, S, D]."""
         colour, shape, place = (previous[..., i] for i in range(len(SLOT_FIELDS)))
         size, row, column = place // PLACE_BINS ** 2, place // PLACE_BINS % PLACE_BINS, place % PLACE_BINS
         content = (self.colour_embedding(colour) + self.shape_embedding(shape) + self.size_embedding(size)
                    + self.row_embedding(row) + self.column_embedding(column))
+        if self.config.num_frames:
+            content = content + self.motion(previous[..., len(SLOT_FIELDS):])
         first = jnp.arange(previous.shape[1])[None, :, None] == 0
         content = jnp.where(first, self.start.astype(content.dtype), content)
         return content + self.slot_embedding(jnp.arange(previous.shape[1]))
 
-    def __call__(self, tokens, previous):
-        """tokens [B, L] int32; previous [B, S, 3] int32, S <= max_objects. Returns float32 logits {'present':
-        [B, S], 'colour': [B, S, len(COLOURS)], 'shape': [B, S, len(SHAPES)], 'place': [B, S, PLACE_CLASSES]}."""
+    def __call__(self, tokens, previous, current=None):
+        """tokens [B, L] int32; previous [B, S, F] int32 (F = len(config.slot_fields)), S <= max_objects; a
+        trajectory model's current [B, S, 2] int32: each slot's own direction and speed class, which its place is
+        conditioned on. Returns float32 logits {'present': [B, S], 'colour': [B, S, len(COLOURS)], 'shape': [B, S,
+        len(SHAPES)], 'place': [B, S, PLACE_CLASSES]}, and a trajectory model's 'direction' [B, S, len(DIRECTIONS)]
+        and 'speed' [B, S, SPEED_BINS] (which do not depend on `current`)."""
+        c = self.config
         slots = previous.shape[1]
-        if slots > self.config.max_objects:
-            raise ValueError(f"{slots} slots exceed LayoutConfig.max_objects={self.config.max_objects}")
+        if slots > c.max_objects:
+            raise ValueError(f"{slots} slots exceed LayoutConfig.max_objects={c.max_objects}")
+        if previous.shape[-1] != len(c.slot_fields):
+            raise ValueError(f"previous has {previous.shape[-1]} fields per slot; this model reads "
+                             f"{len(c.slot_fields)}: {', '.join(c.slot_fields)}")
+        if (current is None) != (not c.num_frames):
+            raise ValueError("a trajectory model (num_frames > 0) needs `current`, each slot's direction and speed "
+                             "class; a still-layout model takes none")
         context, context_mask = self.encode(tokens)
         x = constrain_tokens(self.slot_inputs(previous))
         causal = jnp.tril(jnp.ones((slots, slots), bool))[None, None]
@@ -246,56 +286,84 @@ class LayoutTransformer(nn.Module):
             x = layer(x, causal, context, context_mask)
         x = self.decoder_norm(x)
         logits = {name: head(x).astype(jnp.float32) for name, head in self.heads.items()}
+        if c.num_frames:
+            x = x + self.motion(current)
         place = self.place_head(x, previous[..., SLOT_FIELDS.index("place")],
                                 self.size_embedding(jnp.arange(PLACE_CLASSES // PLACE_BINS ** 2)),
                                 self.row_embedding(jnp.arange(PLACE_BINS)))
         return {**logits, "present": logits["present"][..., 0], "place": place}
 
 
-def layout_targets(objects_list, max_objects: int) -> dict:
-    """Teacher-forcing targets of N layouts (lists of SceneObjects, or scene records' `objects`, in mention order):
-    'present' [N, S] (1 where slot k holds an object), 'colour', 'shape', 'place' [N, S] (0 in empty slots) and
-    'previous' [N, S, 3] (slot k - 1's colour, shape, place; 0 in row 0 and after an empty slot); int32."""
-    n = len(objects_list)
-    out = {name: np.zeros((n, max_objects), np.int32) for name in ("present", *SLOT_FIELDS)}
+def layout_targets(objects_list, max_objects: int, motion: bool = False) -> dict:
+    """Teacher-forcing targets of N layouts (lists of SceneObjects, or scene records' `objects`, in mention order;
+    with `motion`, trajectories as `as_trajectories` reads them): 'present' [N, S] (1 where slot k holds an object),
+    'colour', 'shape', 'place' [N, S] (with motion also 'direction', 'speed'; 0 in empty slots), 'previous' [N, S,
+    F] (slot k - 1's fields; 0 in row 0 and after an empty slot) and with motion 'current' [N, S, 2] (slot k's
+    direction and speed); int32."""
+    n, fields = len(objects_list), SLOT_FIELDS + (MOTION_FIELDS if motion else ())
+    out = {name: np.zeros((n, max_objects), np.int32) for name in ("present", *fields)}
     for i, objects in enumerate(objects_list):
-        objects = as_objects(objects)
+        objects = as_trajectories(objects) if motion else as_objects(objects)
         if len(objects) > max_objects:
             raise ValueError(f"layout {i} has {len(objects)} objects; max_objects={max_objects}")
         for k, obj in enumerate(objects):
-            values = (1, render.COLOURS.index(obj.colour), render.SHAPES.index(obj.shape), place_class(obj))
-            for name, value in zip(("present", *SLOT_FIELDS), values):
+            values = [1, render.COLOURS.index(obj.colour), render.SHAPES.index(obj.shape), place_class(obj.at(0)
+                                                                                                 if motion else obj)]
+            if motion:
+                values += [render.DIRECTIONS.index(obj.direction), speed_class(obj.speed)]
+            for name, value in zip(("present", *fields), values):
                 out[name][i, k] = value
-    previous = np.stack([out[name] for name in SLOT_FIELDS], axis=-1)
+    previous = np.stack([out[name] for name in fields], axis=-1)
     out["previous"] = np.concatenate([np.zeros_like(previous[:, :1]), previous[:, :-1]], axis=1)
+    if motion:
+        out["current"] = previous[..., len(SLOT_FIELDS):]
     return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _slot_step(model, params, tokens, previous, slot, key, temperature):
-    """Slot `slot`'s prediction given `previous`: (present probability [B], colour [B], shape [B], place [B])."""
-    logits = jax.tree.map(lambda x: x[:, slot], model.apply({"params": params}, tokens, previous))
-    place = jax.random.categorical(key, logits["place"] / temperature)
-    return (jax.nn.sigmoid(logits["present"]), jnp.argmax(logits["colour"], -1), jnp.argmax(logits["shape"], -1),
-            place)
+    """Slot `slot`'s prediction given `previous`: {present probability, colour, shape, place} [B] each, and a
+    trajectory model's direction (argmax) and speed class (sampled at `temperature`), which its place is drawn
+    given."""
+    apply = lambda current=None: jax.tree.map(lambda x: x[:, slot], model.apply(
+        {"params": params}, tokens, previous, **({} if current is None else {"current": current})))
+    key_place, key_speed = jax.random.split(key)
+    if model.config.num_frames:
+        logits = apply(jnp.zeros((*previous.shape[:2], len(MOTION_FIELDS)), jnp.int32))
+        motion = {"direction": jnp.argmax(logits["direction"], -1),
+                  "speed": jax.random.categorical(key_speed, logits["speed"] / temperature)}
+        current = jnp.zeros((*previous.shape[:2], len(MOTION_FIELDS)), jnp.int32).at[:, slot].set(
+            jnp.stack([motion["direction"], motion["speed"]], -1))
+        logits = apply(current)
+    else:
+        logits, motion = apply(), {}
+    return {"present": jax.nn.sigmoid(logits["present"]), "colour": jnp.argmax(logits["colour"], -1),
+            "shape": jnp.argmax(logits["shape"], -1),
+            "place": jax.random.categorical(key_place, logits["place"] / temperature), **motion}
 
 
 def sample_layouts(model: LayoutTransformer, params, tokens, key, temperature: float = 1.0):
     """Layouts of captions `tokens` [B, L], slot by slot: a slot whose present probability is below 0.5 ends its
-    layout; colour and shape are the argmax, the place class is sampled from its softmax at `temperature` (slot k's
-    from fold_in(key, k)). Returns B lists of SceneObjects (`jaxdiff.data.layout.object_at`), in mention order."""
+    layout; colour and shape (and a trajectory's direction) are the argmax, the place class (and a trajectory's
+    speed class, drawn first) is sampled from its softmax at `temperature` (slot k's from fold_in(key, k)). Returns
+    B lists of SceneObjects (`jaxdiff.data.layout.object_at`), or of a trajectory model's MovingObjects
+    (`moving_at`), in mention order."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: need a positive float")
+    c = model.config
     tokens = jnp.asarray(tokens, jnp.int32)
-    batch, slots = tokens.shape[0], model.config.max_objects
-    previous = np.zeros((batch, slots, len(SLOT_FIELDS)), np.int32)
+    batch, slots = tokens.shape[0], c.max_objects
+    previous = np.zeros((batch, slots, len(c.slot_fields)), np.int32)
     layouts, open_ = [[] for _ in range(batch)], np.ones(batch, bool)
     for k in range(slots):
-        present, colour, shape, place = map(np.asarray, _slot_step(model, params, tokens, jnp.asarray(previous), k,
-                                                                  jax.random.fold_in(key, k), temperature))
-        open_ &= present >= 0.5
+        out = {name: np.asarray(v) for name, v in _slot_step(model, params, tokens, jnp.asarray(previous), k,
+                                                              jax.random.fold_in(key, k), temperature).items()}
+        open_ &= out["present"] >= 0.5
         for i in np.flatnonzero(open_):
-            layouts[i].append(object_at(int(place[i]), render.SHAPES[shape[i]], render.COLOURS[colour[i]]))
+            shape, colour = render.SHAPES[out["shape"][i]], render.COLOURS[out["colour"][i]]
+            layouts[i].append(moving_at(int(out["place"][i]), int(out["speed"][i]),
+                                        render.DIRECTIONS[out["direction"][i]], shape, colour, c.num_frames)
+                              if c.num_frames else object_at(int(out["place"][i]), shape, colour))
         if k + 1 < slots:
-            previous[:, k + 1] = np.stack([colour, shape, place], axis=-1)
+            previous[:, k + 1] = np.stack([out[name] for name in c.slot_fields], axis=-1)
     return layouts

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxdiff import guidance
 from jaxdiff.convert.scheduler import dynamic_shift_mu, schedule_from_config
-from jaxdiff.data.layout import LAYOUT_CHANNELS, downsampled, layout_map
+from jaxdiff.data.layout import LAYOUT_CHANNELS, downsampled, layout_map, trajectory_map
 from jaxdiff.models import FluxTransformer2D, SD3Transformer2D, UNet2DCondition
 from jaxdiff.models.text_encoders import SDXLTextEncoders
 from jaxdiff.pipelines.layout import LayoutModel
@@ -143,23 +143,31 @@ class LatentDiffusion:
         extra = c.in_channels - c.out_channels if isinstance(self.denoiser, SD3Transformer2D) else 0
         return extra if extra == LAYOUT_CHANNELS else 0
 
-    def layout_latents(self, prompts: Sequence[str], layouts, seed: int, height: int, width: int) -> np.ndarray | None:
+    def layout_latents(self, prompts: Sequence[str], layouts, seed: int, height: int, width: int,
+                       num_frames: int | None = None) -> np.ndarray | None:
         """The layout maps [B, h, w, K] a layout-to-image denoiser reads, on the latent grid: of `layouts` (one list
         of objects per prompt, see `jaxdiff.data.layout.as_objects`), or drawn from the prompts by the folder's
-        layout model (seeded by `seed`); None for a model that reads none."""
+        layout model (seeded by `seed`); None for a model that reads none. With `num_frames` (layout-to-video) the
+        layouts are trajectories (`as_trajectories`) and the maps [B, T, h, w, K], each frame's."""
+        fields = "'shape', 'colour', 'size', 'x', 'y'" + (", 'direction', 'speed'" if num_frames else "")
         if not self.layout_channels:
             if layouts is not None:
-                raise ValueError("layouts were given, but this model reads no layout map (only layout-to-image "
-                                 "folders do, e.g. the shipped shapes model)")
+                raise ValueError("layouts were given, but this model reads no layout map (only layout-to-image and "
+                                 "layout-to-video folders do, e.g. the shipped shapes models)")
             return None
         if layouts is None:
             if self.layout_model is None:
-                raise ValueError("this model reads a layout map and its folder has no layout model to draw one: pass "
-                                 "layouts=[[{'shape', 'colour', 'size', 'x', 'y'}, ...] per prompt]")
+                raise ValueError(f"this model reads a layout map and its folder has no layout model to draw one: pass "
+                                 f"layouts=[[{{{fields}}}, ...] per prompt]")
+            drawn_frames = self.layout_model.module.config.num_frames or None
+            if drawn_frames != num_frames:
+                raise ValueError(f"this folder's layout model draws trajectories of {drawn_frames} frames; ask for "
+                                 f"num_frames={drawn_frames} or pass layouts=[[{{{fields}}}, ...] per prompt]")
             layouts = self.layout_model.draw(prompts, seed)
         if len(layouts) != len(prompts):
             raise ValueError(f"{len(layouts)} layouts for {len(prompts)} prompts; give one list of objects per prompt")
-        maps = np.stack([layout_map(objects, height, width) for objects in layouts])
+        maps = np.stack([trajectory_map(objects, num_frames, height, width) if num_frames
+                         else layout_map(objects, height, width) for objects in layouts])
         return downsampled(maps, self.vae_scale_factor)
 
     @property

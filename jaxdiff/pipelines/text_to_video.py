@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import diffusion, samplers
+from jaxdiff.data.layout import LAYOUT_CHANNELS
 from jaxdiff.models.wan import WanTransformer3D
 from jaxdiff.models.wan_vae import AutoencoderKLWan, denormalize_latents, normalize_latents
 from jaxdiff.pipelines.latent import LatentDiffusion, as_images, training_config
@@ -126,7 +127,17 @@ class TextToVideo(LatentDiffusion):
         """Whether the denoiser is a Wan image-to-video transformer: it reads mask and first-frame latent channels
         or CLIP image states, so every request needs `init_image`."""
         c = self.denoiser.config
-        return self.wan and (c.in_channels != self.latent_channels or c.image_dim is not None)
+        return self.wan and (c.in_channels != self.latent_channels + self.layout_channels or c.image_dim is not None)
+
+    @property
+    def layout_channels(self) -> int:
+        """The layout map's channels a layout-to-video Wan transformer (jaxdiff's, on an image VAE) reads beside each
+        frame's latent, 0 for other models."""
+        if not self.wan or self.video_vae:
+            return 0
+        c = self.denoiser.config
+        extra = c.in_channels - c.video_out_channels
+        return extra if extra == LAYOUT_CHANNELS else 0
 
     @property
     def latent_channels(self) -> int:
@@ -217,10 +228,12 @@ class TextToVideo(LatentDiffusion):
         kwargs, schedule = self.runner.sampler_kwargs(sampler, progress), self.schedule
         kwargs["noise_fn"] = functools.partial(diffusion.frame_correlated_noise, correlation=correlation, axis=2)
 
-        def generate(params, ids, uncond_ids, noise, init_image, rng, scale, rescale):
+        def generate(params, ids, uncond_ids, noise, init_image, layout, rng, scale, rescale):
             denoiser_params, vae_params, text_params = params
             first, extra = self.image_conditioning(vae_params, text_params, init_image, noise.shape[1]) if image \
                 else (None, {})
+            if layout is not None:   # a layout-to-video transformer: [x_t | each frame's layout map]
+                extra = {**extra, "extra_channels": layout}
             model_fn = self.guided_model(denoiser_params, text_params, ids, uncond_ids, scale, rescale, **extra)
             blend = {}
             if image and keep_first_frame:
@@ -236,7 +249,8 @@ class TextToVideo(LatentDiffusion):
                  num_frames: int | None = None, steps: int = 25, guidance_scale: float | None = None,
                  guidance_rescale: float = 0.0, seed: int = 0, height: int | None = None, width: int | None = None,
                  noise=None, frame_noise_correlation: float | None = None, init_image=None,
-                 keep_first_frame: bool | None = None, progress: bool = False, mesh=None, **sampler_kwargs) -> dict:
+                 keep_first_frame: bool | None = None, layouts=None, progress: bool = False, mesh=None,
+                 **sampler_kwargs) -> dict:
         """Runs the program; returns {'videos' [B, T, H, W, 3] in [0, 1], 'latents' [B, n, h, w, C]} (n = T, or
         Wan's 1 + (T - 1) / 4 latent frames).
 
@@ -245,6 +259,11 @@ class TextToVideo(LatentDiffusion):
         for a Wan image-to-video model, which reads the image itself as diffusers runs it);
         `noise` [B, n, h, w, C] overrides the seed's initial latents; `frame_noise_correlation` (in [0, 1))
         the model's default share of the noise common to all frames. `guidance_scale` None is `default_guidance`.
+        A layout-to-video model (`layout_channels`; the shipped shapes video model) moves each prompt's objects along
+        `layouts` -- one list per prompt of MovingObjects or {'shape', 'colour', 'size', 'x', 'y', 'direction',
+        'speed'} dicts (the frame-0 box centre as fractions of the frame, y downwards; speed in frame sides per frame;
+        `jaxdiff.data.layout.as_trajectories`) -- or, without `layouts`, where its folder's caption -> trajectory
+        model sends them (seeded by `seed`; for the frame count that model draws).
         The default size is `video_size`: the trained one, or the U-Net's working size, or Wan's 480x832 (height x
         width). With a `mesh` (a
         `jax.sharding.Mesh` with a 'data' axis) the videos are split over that axis and the params are replicated.
@@ -271,6 +290,8 @@ class TextToVideo(LatentDiffusion):
             if tuple(init_image.shape) != want:
                 raise ValueError(f"init_image has shape {tuple(init_image.shape)}, expected {want} (one image in "
                                  f"[0, 1] per prompt, the video's size)")
+        layout = self.layout_latents(prompts, layouts, seed, shape[2] * self.vae_scale_factor,
+                                     shape[3] * self.vae_scale_factor, num_frames=frames)
         correlation = self.frame_noise_correlation if frame_noise_correlation is None else frame_noise_correlation
         if not (isinstance(correlation, (int, float)) and 0.0 <= correlation < 1.0):
             raise ValueError(f"frame_noise_correlation must be in [0, 1), got {correlation!r}")
@@ -280,7 +301,8 @@ class TextToVideo(LatentDiffusion):
         sampler = sampler_options(self.sampler_defaults, sampler_kwargs)
         setup = (steps, sampler, init_image is not None, keep_first_frame, correlation, progress)
         program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
-        batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image]
+        batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image,
+                 None if layout is None else jnp.asarray(layout, jnp.float32)]
         videos, latents = self.runner.run(program, self.params, batch, jax.random.key(seed + 1),
                                           jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
                                           steps=steps, progress=progress, mesh=mesh)

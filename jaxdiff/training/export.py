@@ -176,7 +176,21 @@ def export_run(workdir: str, out: str, overwrite: bool = False, weights: str = "
         raise ValueError(f"{workdir!r} reads layout maps (config.data.layout): pass the caption -> layout run to "
                          f"carry (--layout)" if reads_layout else
                          f"layout={layout!r}: {workdir!r} reads no layout map, so its folder takes no layout model")
+    if layout is not None:
+        _check_layout_frames(config, layout)
     return _export(workdir, out, overwrite, backbone, weights, dtype, layout)
+
+
+def _check_layout_frames(config, layout: str) -> None:
+    """A layout-to-video run takes a caption -> trajectory run of its clips' frame count, an image run a still one."""
+    from jaxdiff.data.moving_shapes import frames_of
+
+    frames = frames_of(config.data.get("name", "")) or 0
+    drawn = read_run_config(layout).data.get("num_frames", 0)
+    if drawn != frames:
+        raise ValueError(f"layout={layout!r} draws {f'{drawn}-frame trajectories' if drawn else 'still layouts'}; "
+                         f"this run reads {f'{frames}-frame trajectories' if frames else 'still layouts'} "
+                         f"(configs/layout.py:{'motion' if frames else 'shapes'})")
 
 
 def export_lora(workdir: str, out: str, overwrite: bool = False, weights: str = "ema") -> str:

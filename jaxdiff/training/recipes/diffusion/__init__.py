@@ -72,9 +72,10 @@ class Diffusion:
         self.emphasized = emphasis_ids(m, spec)
         self.mmdit = m.backbone == "mmdit"      # its text is two inputs: the states and the pooled state
         self.layout = spec.layout_channels      # config.data.layout: the layout map's channels, read beside x_t
-        if self.layout and (m.video or not m.text):
-            raise ValueError(f"config.data.layout conditions a text-to-image backbone on the scene's layout map; "
-                             f"backbone {m.backbone!r}{'' if m.text else ' without a text encoder'} takes none")
+        if self.layout and (m.backbone == "temporal_unet" or not m.text):
+            raise ValueError(f"config.data.layout conditions a text-to-image or Wan text-to-video backbone on the "
+                             f"scene's layout map; backbone {m.backbone!r}"
+                             f"{'' if m.text else ' without a text encoder'} takes none")
         self.net, self.initial = backbone(m, channels, size, dtype, *((self.text.width, self.text.pooled_width)
                                                                       if m.text else (None, None)),
                                           extra_channels=self.layout)
@@ -96,7 +97,8 @@ class Diffusion:
         return (states, pooled) if self.mmdit else states
 
     def apply(self, params, x, t, ctx, layout=None, **kwargs):
-        """The network on x_t (with `layout` [B, h, w, layout channels] appended to its channels, zero if None)."""
+        """The network on x_t (with `layout` [B, (T,) h, w, layout channels] appended to its channels, zero if
+        None)."""
         if self.layout:
             layout = jnp.zeros((*x.shape[:-1], self.layout), x.dtype) if layout is None else layout
             x = jnp.concatenate([x, layout.astype(x.dtype)], axis=-1)
@@ -122,11 +124,11 @@ class Diffusion:
         return {"denoiser": params, "t5": t5}
 
     def layout_input(self, batch, key):
-        """batch["layout"] [B, H, W, K] averaged over each latent pixel's H/h x W/w block -> [B, h, w, K], zeroed for
-        a layout_dropout share of the examples."""
-        maps = downsampled(batch["layout"], batch["layout"].shape[1] // self.example[0])
+        """batch["layout"] [B, (T,) H, W, K] averaged over each latent pixel's H/h x W/w block -> [B, (T,) h, w, K],
+        zeroed for a layout_dropout share of the examples."""
+        maps = downsampled(batch["layout"], batch["layout"].shape[-3] // self.example[-3])
         keep = ~jax.random.bernoulli(key, self.m.layout_dropout, (maps.shape[0],))
-        return jnp.where(keep[:, None, None, None], maps, 0.0)
+        return jnp.where(keep.reshape(-1, *(1,) * (maps.ndim - 1)), maps, 0.0)
 
     def base(self, key):
         """The U-Net a LoRA adapts, boxed: init_from's weights, or (smoke runs) a random init, warned."""

@@ -45,10 +45,10 @@ def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | N
     architecture is read from its image run's config). `text_width`: the text states' width (an MMDiT's
     joint_attention_dim, a Wan transformer's text_dim); `pooled_width`: the pooled text embedding's (an MMDiT's
     pooled_projection_dim; default text_width); `extra_channels`: conditioning channels appended to the input
-    (image backbones; the output keeps `channels`)."""
+    (image backbones and Wan; the output keeps `channels`)."""
     fields = {"in_channels": channels + extra_channels, "out_channels": channels, "sample_size": size}
     if m.backbone == "wan":
-        return WanTransformer3D(WanConfig(**{**m.wan, "in_channels": channels, "out_channels": channels,
+        return WanTransformer3D(WanConfig(**{**m.wan, "in_channels": channels + extra_channels, "out_channels": channels,
                                              "text_dim": text_width}), dtype=dtype, remat=m.remat)
     if m.backbone == "mmdit":
         return SD3Transformer2D(SD3Config(**{**m.mmdit, **fields, "joint_attention_dim": text_width,
@@ -67,7 +67,7 @@ def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | 
     the init_from run's EMA U-Net or MMDiT as it is (unet, mmdit; its input layer `widened` for extra_channels) or
     inflated (temporal_unet), Wan's training init (wan))."""
     if m.backbone == "wan":
-        return network(m, channels, size, dtype, text_width), wan_training_init
+        return network(m, channels, size, dtype, text_width, extra_channels=extra_channels), wan_training_init
     net = network(m, channels, size, dtype, text_width, pooled_width, extra_channels)
     if not m.init_from:
         return net, None
