@@ -402,3 +402,67 @@ def test_wan_on_a_trained_t5_exports_it_as_its_text_encoder(data_dir, tmp_path):
     n = len(d.spec.tokenize(prompts[:1])[0].nonzero()[0])   # BOS, the words, EOS
     assert not np.any(np.asarray(states)[0, n:]) and np.all(np.abs(np.asarray(states)[0, :n]).sum(-1) > 0)
     assert pipe.generate(prompts[:1], steps=2, seed=0)["videos"].shape == (1, 4, 16, 16, 3)
+
+
+def test_layout_to_video_wan_reads_each_frame_map_and_exports_with_its_trajectory_model(data_dir, tmp_path):
+    """configs/wan.py:tiny_layout: the batches carry each clip's per-frame layout maps, which the transformer reads
+    after the latent's channels (4 + LAYOUT_CHANNELS in); the export carries a caption -> trajectory run of the clips'
+    frame count as layout/ (a still-layout run is refused), and TextToVideo with `layouts` samples as flow Euler
+    driven by hand with every frame's map, pooled to the latent grid, appended to x_t in both guidance halves."""
+    from configs import layout as layout_config
+    from jaxdiff.data.layout import LAYOUT_CHANNELS, downsampled, trajectory_map
+    from jaxdiff.data.render import MovingObject
+
+    c = wan_config.get_config("tiny_layout")
+    c.model.vae = wan_config.get_config("shapes").model.vae   # trained frozen parts, for the export
+    c.data.data_dir = data_dir
+    c.steps, c.checkpoint_every, c.sample_every = 2, 0, 0
+    d = Diffusion(c, data_spec(c.data))
+    batch = next(shapes_batches(c.data, 2, 0))
+    assert batch["layout"].shape == (2, 4, 16, 16, LAYOUT_CHANNELS)
+    assert d.net.config.in_channels == 4 + LAYOUT_CHANNELS and d.net.config.video_out_channels == 4
+    run = train(c, str(tmp_path / "run"))
+    params, frozen = run.state.params, jax.tree.map(jnp.asarray, nn.meta.unbox(d.frozen))
+    ctx = d.encode_text(params, frozen, jnp.asarray(batch["tokens"]))
+    x, t = jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 4)), jnp.full((2,), 500.0)
+    maps = downsampled(jnp.asarray(batch["layout"]), 2)
+    np.testing.assert_allclose(d.apply(params, x, t, ctx, layout=maps), d.net.apply(
+        {"params": params["denoiser"]}, jnp.concatenate([x, maps], -1), t, ctx), rtol=1e-6, atol=1e-6)
+
+    still, motion = layout_config.get_config("tiny"), layout_config.get_config("tiny_motion")
+    motion.data.num_frames = 4
+    for cfg, name in ((still, "still"), (motion, "motion")):
+        cfg.steps, cfg.checkpoint_every, cfg.eval_examples = 4, 0, 4
+        train(cfg, str(tmp_path / name))
+    with pytest.raises(ValueError, match="draws still layouts; this run reads 4-frame trajectories"):
+        export.export_run(run.workdir, str(tmp_path / "bad"), layout=str(tmp_path / "still"))
+    out = export.export_run(run.workdir, str(tmp_path / "model"), layout=str(tmp_path / "motion"))
+    assert not os.path.exists(tmp_path / "bad")
+    pipe = TextToVideo.from_pretrained(out)
+    assert pipe.layout_channels == LAYOUT_CHANNELS and not pipe.wan_image_to_video
+    assert pipe.layout_model.module.config.num_frames == 4
+    prompts = ["a red circle moving right and a blue square moving up"]
+    drawn = pipe.layout_model.draw(prompts, seed=3)[0]
+    assert all(isinstance(o, MovingObject) for o in drawn)
+    assert pipe.generate(prompts, steps=1, seed=3)["videos"].shape == (1, 4, 16, 16, 3)
+    layouts = [[{"shape": "circle", "colour": "red", "size": "small", "x": 0.2, "y": 0.3, "direction": "right",
+                 "speed": 0.1},
+                MovingObject("square", "blue", "small", 0.7, 0.8, "up", 0.05)]]
+    got = pipe.generate(prompts, layouts=layouts, steps=3, guidance_scale=3.0, seed=1)
+    ema = load_params(run.workdir, "ema")
+    maps = jnp.asarray(downsampled(trajectory_map(layouts[0], 4, 16)[None], 2))
+    assert not np.array_equal(maps[0, 0], maps[0, 3])
+    encode = lambda ids: d.encode_text(ema, frozen, jnp.asarray(ids))
+    apply_fn = lambda x, t, ctx: d.net.apply({"params": ema["denoiser"]}, jnp.concatenate(
+        [x, jnp.concatenate([maps, maps])], -1), t, ctx)
+    model_fn = guidance.cfg(apply_fn, encode(d.spec.tokenize(prompts)), encode(d.spec.tokenize([""])), 3.0)
+    want = samplers.sample(model_fn, schedules.flow_matching(1000, shift=wan_config.FLOW_SHIFT),
+                           jax.random.normal(jax.random.key(1), (1, 4, 8, 8, 4)), key=jax.random.key(2),
+                           method="flow_euler", steps=3, prediction_type="flow")
+    np.testing.assert_allclose(got["latents"], want, rtol=1e-5, atol=1e-5)
+    for kwargs, message in ((dict(num_frames=8), "draws trajectories of 4 frames; ask for num_frames=4 or pass"),
+                            (dict(layouts=[[{**layouts[0][0], "direction": "sideways"}]]),
+                             "trajectory direction 'sideways': choose one of: left, right, up, down"),
+                            (dict(layouts=[[{"shape": "circle"}]]), "need a MovingObject or a dict with exactly")):
+        with pytest.raises(ValueError, match=message):
+            pipe.generate(prompts, steps=1, **kwargs)
