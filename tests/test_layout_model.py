@@ -14,6 +14,7 @@ from jaxdiff.data.layout import (
     LAYOUT_CHANNELS,
     PLACE_CLASSES,
     SPEED_BINS,
+    frame_violations,
     layout_map,
     layout_report,
     layout_violations,
@@ -285,16 +286,26 @@ def test_motion_targets_and_the_slot_own_motion_reaches_only_its_place(tiny_moti
         model.apply({"params": params}, tokens, t["previous"][..., :3], t["current"])
 
 
-def test_sampled_trajectories_are_moving_objects(tiny_motion_model, motion_scenes):
+def test_sampled_trajectories_are_moving_objects_and_paths_that_meet_are_drawn_again(tiny_motion_model,
+                                                                                       motion_scenes):
+    """A layout whose paths meet in some frame is replaced by the batch's next draw (key fold_in(key, slots + a)),
+    the others kept as drawn."""
     model, params = tiny_motion_model
-    captions = [s.caption for s in motion_scenes[:6]]
-    layouts = sample_layouts(model, params, np.asarray(TOKENIZER(captions), np.int32), jax.random.key(0))
-    assert len(layouts) == 6
-    for objects in layouts:
+    captions = [s.caption for s in motion_scenes if len(s.objects) == 2][:16]
+    tokens, key = np.asarray(TOKENIZER(captions), np.int32), jax.random.key(0)
+    first = sample_layouts(model, params, tokens, key, redraws=0)
+    second = sample_layouts(model, params, tokens, jax.random.fold_in(key, 3), redraws=0)
+    got = sample_layouts(model, params, tokens, key, redraws=1)
+    met = lambda objects: frame_violations([[o.at(t) for o in objects] for t in range(8)])
+    assert any(met(objects) for objects in first) and not all(met(objects) for objects in first)
+    for i, objects in enumerate(got):
+        assert objects == (second[i] if met(first[i]) else first[i])
         for o in objects:
             assert isinstance(o, render.MovingObject) and o.direction in render.DIRECTIONS
             assert render.MIN_SPEED <= o.speed <= render.MAX_SPEED
             assert all(render.inside(o.at(t)) for t in range(8))
+    with pytest.raises(ValueError, match="redraws=-1: need a non-negative int"):
+        sample_layouts(model, params, tokens, key, redraws=-1)
 
 
 def test_tiny_motion_recipe_trains(tmp_path):

@@ -54,14 +54,16 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     assert "holds no prompts" in run(["--prompts-file", str(empty), "--model", MODEL, "--out", str(tmp_path)],
                                      capsys)
     assert "the prompt is empty" in run(["  ", "--model", MODEL], capsys)
-    assert "--video needs --model" in run(["--video", "a red circle moving left"], capsys)
 
 
 def test_default_model_is_the_shipped_one(tmp_path, capsys, monkeypatch):
     import jaxdiff.pipelines
 
     monkeypatch.setattr(jaxdiff.pipelines, "SHAPES_MODEL", str(tmp_path / "absent"))
+    monkeypatch.setattr(jaxdiff.pipelines, "SHAPES_VIDEO_MODEL", str(tmp_path / "absent_video"))
     assert "shipped shapes model is missing" in run(["a red circle", "--out", str(tmp_path / "o.png")], capsys)
+    assert "shipped shapes video model is missing" in run(["--video", "a red circle moving left", "--out",
+                                                           str(tmp_path / "o.gif")], capsys)
     monkeypatch.setattr(jaxdiff.pipelines, "SHAPES_MODEL", MODEL)
     out = tmp_path / "o.png"
     assert main(["a red circle", "--out", str(out), "--steps", "2"]) == 0

@@ -204,6 +204,13 @@ def layout_violations(caption: str, objects, num_frames: int | None = None) -> l
         broken.append("relation")
     if any(s.direction is not None and o.direction != s.direction for s, o in pairs):
         broken.append("direction")
+    return broken + frame_violations(frames)
+
+
+def frame_violations(frames) -> list[str]:
+    """The caption-free rules that frames (lists of SceneObjects) break: 'inside' (an object not wholly inside the
+    image) and 'overlap' (two objects closer than MIN_GAP), each in some frame. Empty when both hold."""
+    broken = []
     if not all(render.inside(o) for frame in frames for o in frame):
         broken.append("inside")
     if not all(render.separated(a, b) for frame in frames for i, a in enumerate(frame) for b in frame[i + 1:]):

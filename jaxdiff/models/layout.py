@@ -34,6 +34,7 @@ from jaxdiff.data.layout import (
     SPEED_BINS,
     as_objects,
     as_trajectories,
+    frame_violations,
     moving_at,
     object_at,
     place_class,
@@ -48,6 +49,7 @@ from jaxdiff.models.layers import (
 )
 
 Dtype = Any
+TRAJECTORY_REDRAWS = 8   # `sample_layouts`: draws of a trajectory layout whose paths meet, at most
 SLOT_FIELDS = ("colour", "shape", "place")   # the content of a slot, in the order of `previous`'s last axis
 MOTION_FIELDS = ("direction", "speed")        # and a trajectory model's after them, in the order of `current`'s
 
@@ -342,16 +344,38 @@ def _slot_step(model, params, tokens, previous, slot, key, temperature):
             "place": jax.random.categorical(key_place, logits["place"] / temperature), **motion}
 
 
-def sample_layouts(model: LayoutTransformer, params, tokens, key, temperature: float = 1.0):
+def sample_layouts(model: LayoutTransformer, params, tokens, key, temperature: float = 1.0,
+                   redraws: int = TRAJECTORY_REDRAWS):
     """Layouts of captions `tokens` [B, L], slot by slot: a slot whose present probability is below 0.5 ends its
     layout; colour and shape (and a trajectory's direction) are the argmax, the place class (and a trajectory's
     speed class, drawn first) is sampled from its softmax at `temperature` (slot k's from fold_in(key, k)). Returns
     B lists of SceneObjects (`jaxdiff.data.layout.object_at`), or of a trajectory model's MovingObjects
-    (`moving_at`), in mention order."""
+    (`moving_at`), in mention order.
+
+    A trajectory model's layouts whose paths meet or leave the image in some frame (`frame_violations`) are drawn
+    again, up to `redraws` times (attempt a from fold_in(key, max_objects + a)): its place head sees where the objects
+    before a slot start, not where they go (measured on 400 held-out captions, temperature 1: 13% of the two-object
+    layouts met in some frame; docs/video.md)."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r}: need a positive float")
+    if not isinstance(redraws, int) or redraws < 0:
+        raise ValueError(f"redraws={redraws!r}: need a non-negative int")
     c = model.config
     tokens = jnp.asarray(tokens, jnp.int32)
+    layouts = _draw(model, params, tokens, key, temperature)
+    for attempt in range(redraws if c.num_frames else 0):
+        frames = lambda objects: [[o.at(t) for o in objects] for t in range(c.num_frames)]
+        bad = [i for i, objects in enumerate(layouts) if frame_violations(frames(objects))]
+        if not bad:
+            break
+        again = _draw(model, params, tokens, jax.random.fold_in(key, c.max_objects + attempt), temperature)
+        for i in bad:   # the whole batch is drawn again (one compiled shape), the broken rows replaced
+            layouts[i] = again[i]
+    return layouts
+
+
+def _draw(model: LayoutTransformer, params, tokens, key, temperature: float) -> list[list]:
+    c = model.config
     batch, slots = tokens.shape[0], c.max_objects
     previous = np.zeros((batch, slots, len(c.slot_fields)), np.int32)
     layouts, open_ = [[] for _ in range(batch)], np.ones(batch, bool)

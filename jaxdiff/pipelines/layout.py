@@ -38,7 +38,8 @@ class LayoutModel:
     tokenizer: WordTokenizer
 
     def draw(self, prompts: Sequence[str], seed: int = 0, temperature: float = 1.0) -> list[list]:
-        """One layout per prompt: a list of `render.SceneObject`s in mention order, places sampled (`seed`)."""
+        """One layout per prompt: a list of `render.SceneObject`s (a trajectory model's `render.MovingObject`s) in
+        mention order, places sampled (`seed`; `jaxdiff.models.layout.sample_layouts`)."""
         tokens = np.asarray(self.tokenizer(list(prompts)), np.int32)
         return sample_layouts(self.module, self.params, tokens, jax.random.key(seed), temperature)
 

@@ -45,10 +45,18 @@ import jax.numpy as jnp
 from jaxdiff import diffusion, samplers
 from jaxdiff.data.layout import LAYOUT_CHANNELS
 from jaxdiff.models.wan import WanTransformer3D
-from jaxdiff.models.wan_vae import AutoencoderKLWan, denormalize_latents, normalize_latents
+from jaxdiff.models.wan_vae import (
+    AutoencoderKLWan,
+    denormalize_latents,
+    normalize_latents,
+)
 from jaxdiff.pipelines.latent import LatentDiffusion, as_images, training_config
-from jaxdiff.pipelines.runner import check_guidance, check_seed, prompt_lists, sampler_options
-
+from jaxdiff.pipelines.runner import (
+    check_guidance,
+    check_seed,
+    prompt_lists,
+    sampler_options,
+)
 
 DEFAULT_FRAMES = 8  # for a video U-Net folder whose training.json does not say how many frames it learnt
 WAN_FRAMES, WAN_SIZE = 81, (480, 832)  # diffusers' Wan pipelines' defaults: 81 frames of 480x832 (height, width)
