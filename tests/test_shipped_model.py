@@ -1,8 +1,10 @@
 """The shipped shapes model (jaxdiff/assets/shapes, an MMDiT), checked the way a user meets it: the README's
 first command makes an image that ShapesEval scores as matching its prompt; inversion editing of a
 real image ("a red circle" -> "a blue circle") changes the colour, which ShapesEval confirms, and
-keeps the object where it was; both shipped folders (it and the U-Net model, jaxdiff/assets/shapes_unet) fit
-the 30 MB budget and record how they were made; the recipes that start from the U-Net folder do so exactly."""
+keeps the object where it was; the shipped video model (jaxdiff/assets/shapes_video, a Wan transformer) makes the
+README's clip, which ShapesEval scores as moving the prompted way; the shipped folders (and the U-Net model,
+jaxdiff/assets/shapes_unet) fit the 30 MB budget and record how they were made; the recipes that start from the
+U-Net folder do so exactly; diffusers and transformers read the shipped transformers and T5s as jaxdiff does."""
 import json
 import os
 import re
@@ -16,7 +18,7 @@ from PIL import Image
 
 from jaxdiff.data import eval as ev
 from jaxdiff.data import render
-from jaxdiff.pipelines import SHAPES_MODEL, SHAPES_UNET_MODEL
+from jaxdiff.pipelines import SHAPES_MODEL, SHAPES_UNET_MODEL, SHAPES_VIDEO_MODEL
 from sample.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +31,14 @@ def readme_first_command() -> list[str]:
     command = shlex.split(first.split("&&")[-1])
     assert command[:3] == ["python", "-m", "sample"], command
     return command
+
+
+def readme_video_command() -> list[str]:
+    """argv of the README's `python -m sample --video ...` line that names no --model (the shipped video model)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    line = next(line for line in text.splitlines() if line.startswith("python -m sample --video")
+                and "--model" not in line)
+    return shlex.split(line.split("#")[0])
 
 
 def test_readme_first_command_makes_an_image_shapes_eval_accepts(tmp_path):
@@ -59,20 +69,37 @@ def test_editing_a_real_image_changes_the_named_colour_only(tmp_path):
     assert abs(found.x - circle.x) < 0.1 and abs(found.y - circle.y) < 0.1   # within 3 px of 32
 
 
-@pytest.mark.parametrize("folder, backbone, parts", [(SHAPES_MODEL, "mmdit", {"layout"}),
-                                                     (SHAPES_UNET_MODEL, "unet", set())])
-def test_shipped_folder_fits_the_budget_and_records_its_runs(folder, backbone, parts):
+def test_readme_video_command_moves_the_prompted_objects(tmp_path):
+    command = readme_video_command()
+    out = command.index("--out") + 1
+    prompt = command[command.index("--video") + 1]
+    command[out] = str(tmp_path / command[out])
+    done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from jaxdiff.video_io import read_video
+
+    video = read_video(command[out])
+    assert video.shape == (8, 32, 32, 3)
+    assert ev.score_video(prompt, video) and ev.constant_objects(video), [ev.analyse(f) for f in video]
+
+
+@pytest.mark.parametrize("folder, backbone, runs", [
+    (SHAPES_MODEL, "mmdit", {"diffusion", "vae", "clip", "layout"}),
+    (SHAPES_UNET_MODEL, "unet", {"diffusion", "vae", "clip"}),
+    (SHAPES_VIDEO_MODEL, "wan", {"diffusion", "vae", "layout"})])   # its T5 trained in the diffusion run
+def test_shipped_folder_fits_the_budget_and_records_its_runs(folder, backbone, runs):
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
     assert size <= 30 * 10**6, size
-    runs = json.load(open(os.path.join(folder, "training.json")))
-    assert set(runs) == {"diffusion", "vae", "clip", *parts}
-    assert all(run["seed"] == 0 and run["step"] > 0 for run in runs.values())
-    model = runs["diffusion"]["config"]["model"]
+    records = json.load(open(os.path.join(folder, "training.json")))
+    assert set(records) == runs
+    assert all(run["seed"] == 0 and run["step"] > 0 for run in records.values())
+    model = records["diffusion"]["config"]["model"]
     assert model["backbone"] == backbone
     vae = json.load(open(os.path.join(folder, "vae", "config.json")))
     assert model["vae"]["scaling_factor"] == vae["scaling_factor"]
     # parts read from another folder name it relative to the project, as it is now
-    assert {model["vae"]["checkpoint"], model["text_encoder"]["checkpoint"]} <= {"", "jaxdiff/assets/shapes_unet"}
+    read = {model["vae"]["checkpoint"], (model.get("text_encoder") or {}).get("checkpoint", "")}
+    assert read <= {"", "jaxdiff/assets/shapes_unet"}
 
 
 def test_emphasis_fine_tune_builds_on_the_shipped_unet_folder():
@@ -130,4 +157,22 @@ def test_diffusers_and_transformers_give_the_shipped_mmdit_and_t5_outputs():
     t5, params = from_transformers(os.path.join(SHAPES_MODEL, "text_encoder_2"))
     states = np.asarray(t5.apply({"params": params}, ref["ids"], (ref["ids"] > 0).astype(np.int32)))
     real = ref["ids"] > 0                       # padded positions' states are not read downstream
+    assert np.abs(states - ref["t5"])[real].max() < 1e-4 * np.abs(ref["t5"]).max()
+
+
+def test_diffusers_and_transformers_give_the_shipped_video_transformer_and_t5_outputs():
+    """The shipped video model's Wan transformer (13 input channels: latents and per-frame layout maps) and its T5,
+    read by jaxdiff, give the outputs diffusers' WanTransformer3DModel and transformers' T5EncoderModel give from the
+    same folder (golden file: tests/fixtures/make_shipped_fixtures.py)."""
+    from safetensors.numpy import load_file
+
+    from jaxdiff.convert import from_diffusers, from_transformers
+
+    ref = load_file(os.path.join(ROOT, "tests", "fixtures", "shipped", "video_reference.safetensors"))
+    transformer, params = from_diffusers(os.path.join(SHAPES_VIDEO_MODEL, "transformer"))
+    got = np.asarray(transformer.apply({"params": params}, ref["x"], ref["t"], ref["context"]))
+    assert np.abs(got - ref["transformer"]).max() < 1e-4 * np.abs(ref["transformer"]).max()
+    t5, params = from_transformers(os.path.join(SHAPES_VIDEO_MODEL, "text_encoder"))
+    states = np.asarray(t5.apply({"params": params}, ref["ids"], (ref["ids"] > 0).astype(np.int32)))
+    real = ref["ids"] > 0
     assert np.abs(states - ref["t5"])[real].max() < 1e-4 * np.abs(ref["t5"]).max()
