@@ -121,9 +121,10 @@ def test_param_shapes_are_kept_beside_the_compilation_cache(tmp_path, monkeypatc
     from jaxdiff.models import layers
 
     module, params = jd.convert.from_diffusers(str(FIXTURES / "vae"))
-    assert layers.shapes_cache_file(module) is None
-    before = jax.config.jax_compilation_cache_dir
+    before = jax.config.jax_compilation_cache_dir   # set by any CLI test that ran before in this process
     try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert layers.shapes_cache_file(module) is None
         enable(str(tmp_path / "xla"))
         traced = layers.param_shapes(module, boxed=True)
         path = layers.shapes_cache_file(module)
