@@ -94,8 +94,8 @@ def test_model_config_names_unknown_fields_and_bad_values(runs):
         data_spec(bad.data)
     bad = c.copy_and_resolve_references()
     bad.model.text_encoder, bad.data.layout = None, True
-    with pytest.raises(ValueError, match=r"config.data.layout conditions a text-to-image backbone .* 'unet' without a "
-                                         r"text encoder takes none"):
+    with pytest.raises(ValueError, match=r"config.data.layout conditions a text-to-image or Wan text-to-video "
+                                         r"backbone .* 'unet' without a text encoder takes none"):
         recipes.build(bad, data_spec(bad.data))
 
 
