@@ -345,8 +345,8 @@ def test_wan_config_errors_are_named(data_dir, tmp_path):
     with pytest.raises(ValueError, match="backbone='wan' trains with flow matching: config.model.prediction_type="
                                          "'v_prediction' must be 'flow'"):
         ModelConfig.of(model(prediction_type="v_prediction", schedule="scaled_linear", flow_shift=1.0))
-    with pytest.raises(ValueError, match="backbone='wan' trains from scratch"):
-        ModelConfig.of(model(init_from=str(tmp_path)))
+    with pytest.raises(ValueError, match="backbone='wan': config.model.temporal .* is for 'temporal_unet'"):
+        ModelConfig.of(model(temporal={"num_frames": 4}))
     with pytest.raises(ValueError, match="config.model.wan.image_dim: the recipe trains text-to-video"):
         ModelConfig.of(model(wan={**wan_config.get_config("tiny").model.wan, "image_dim": 8}))
     bare = model()
@@ -367,10 +367,11 @@ def test_wan_config_errors_are_named(data_dir, tmp_path):
         recipes.build(c, data_spec(c.data))
 
 
-def test_wan_on_a_trained_t5_exports_it_as_its_text_encoder(data_dir, tmp_path):
+def test_wan_on_a_trained_t5_exports_it_as_its_text_encoder_and_fine_tunes_from_it(data_dir, tmp_path):
     """configs/wan.py:tiny_t5 trains a T5 encoder with the transformer (no CLIP); the export writes it as
     text_encoder/ (T5EncoderModel) over the WordTokenizer, and the loaded folder reads it as Wan reads UMT5 (ids and
-    mask): its states equal the recipe's on the run's EMA weights, zero past each prompt's tokens."""
+    mask): its states equal the recipe's on the run's EMA weights, zero past each prompt's tokens. The folder starts
+    a fine-tune (init_from), as an MMDiT folder does."""
     from jaxdiff.models.t5 import T5EncoderModel
     from jaxdiff.models.text_encoders import WanEncoders
 
@@ -402,6 +403,23 @@ def test_wan_on_a_trained_t5_exports_it_as_its_text_encoder(data_dir, tmp_path):
     n = len(d.spec.tokenize(prompts[:1])[0].nonzero()[0])   # BOS, the words, EOS
     assert not np.any(np.asarray(states)[0, n:]) and np.all(np.abs(np.asarray(states)[0, :n]).sum(-1) > 0)
     assert pipe.generate(prompts[:1], steps=2, seed=0)["videos"].shape == (1, 4, 16, 16, 3)
+
+    # the folder is the start (init_from) of a layout run: its transformer and T5 as they are, the patch embedding
+    # widened by zero rows for the maps' channels; a transformer of another shape is refused
+    from jaxdiff.data.layout import LAYOUT_CHANNELS
+
+    tune = wan_config.get_config("tiny_layout")
+    tune.model.vae, tune.model.init_from, tune.data.data_dir = c.model.vae, out, data_dir
+    params = nn.meta.unbox(Diffusion(tune, data_spec(tune.data)).init(jax.random.key(5)))
+    jax.tree.map(np.testing.assert_array_equal, params["t5"], ema["t5"])
+    kernel = params["denoiser"]["patch_embedding"]["kernel"]
+    assert kernel.shape[-2] == 4 + LAYOUT_CHANNELS and not np.asarray(kernel[..., 4:, :]).any()
+    np.testing.assert_array_equal(kernel[..., :4, :], ema["denoiser"]["patch_embedding"]["kernel"])
+    rest = lambda tree: {k: v for k, v in tree.items() if k != "patch_embedding"}
+    jax.tree.map(np.testing.assert_array_equal, rest(params["denoiser"]), rest(ema["denoiser"]))
+    tune.model.wan.num_layers = 3
+    with pytest.raises(ValueError, match="that run's config.model.wan is .*'num_layers': 2.*fine-tuning keeps"):
+        Diffusion(tune, data_spec(tune.data))
 
 
 def test_layout_to_video_wan_reads_each_frame_map_and_exports_with_its_trajectory_model(data_dir, tmp_path):

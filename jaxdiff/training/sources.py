@@ -4,7 +4,7 @@ transformers sub-folders and training.json, e.g. the shipped `jaxdiff/assets/sha
 
 A part is one of PARTS: `vae` (a vae run), `text_encoder` (the text tower of a clip run), `clip`
 (both towers of a clip run), `unet` (a latent text-to-image diffusion run) and `transformer` / `t5` (an MMDiT
-diffusion run's transformer and the T5 encoder it trained beside it). From a run workdir
+or Wan diffusion run's transformer and the T5 encoder it trained beside it). From a run workdir
 the part's run is that workdir; from a model folder it is the run that training.json records.
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ import ml_collections
 
 from jaxdiff.training.checkpoint import latest_step, load_params
 
-# part -> (its run in training.json, its sub-folder of a model folder, its subtree of the run's EMA params)
+# part -> (its run in training.json, its sub-folder of a model folder (a T5's: `_t5_folder`), its subtree of the run's
+# EMA params)
 PARTS = {"vae": ("vae", "vae", "vae"), "text_encoder": ("clip", "text_encoder", "text_model"),
          "clip": ("clip", "clip", None), "unet": ("diffusion", "unet", None),
-         "transformer": ("diffusion", "transformer", "denoiser"), "t5": ("diffusion", "text_encoder_2", "t5")}
+         "transformer": ("diffusion", "transformer", "denoiser"), "t5": ("diffusion", None, "t5")}
 
 
 def is_model_folder(path: str) -> bool:
@@ -27,10 +28,21 @@ def is_model_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
 
 
-def _part(part: str) -> tuple[str, str, str | None]:
+def _part(part: str) -> tuple[str, str | None, str | None]:
     if part not in PARTS:
         raise ValueError(f"part={part!r}: choose one of: {', '.join(PARTS)}")
     return PARTS[part]
+
+
+def _t5_folder(path: str) -> str:
+    """The T5's sub-folder of model folder `path`: text_encoder_2 beside a CLIP (an MMDiT's), or text_encoder where it
+    is the only text encoder (a Wan transformer's)."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    folders = [k for k, v in index.items() if isinstance(v, list) and v[-1:] == ["T5EncoderModel"]]
+    if not folders:
+        raise ValueError(f"{path!r} holds no T5 text encoder (model_index.json lists no T5EncoderModel)")
+    return folders[0]
 
 
 def _training_record(path: str, part: str) -> dict:
@@ -72,6 +84,7 @@ def ema_params(path: str, part: str, step: int | None = None):
     one its training.json records)."""
     _, folder, subtree = _part(part)
     if is_model_folder(path):
+        folder = folder or _t5_folder(path)
         held = _training_record(path, part)["step"]
         if step not in (None, held):
             raise ValueError(f"{path!r} is a model folder holding step {held} of its {part}'s run, not step {step}")

@@ -1,8 +1,9 @@
 """The denoising network of a diffusion config: a U-Net, a DiT, an MMDiT, a video U-Net or a Wan video transformer,
-from scratch, fine-tuned from a trained text-to-image U-Net or MMDiT (`init_from`; with conditioning channels the
-source did not read, e.g. a layout map, its input layer widened by zeros), or inflated from one into a video U-Net."""
+from scratch, fine-tuned from a trained U-Net, MMDiT or Wan transformer (`init_from`; with conditioning channels the
+source did not read, e.g. a layout map, its input layer widened by zeros), or inflated from a U-Net into a video U-Net."""
 from __future__ import annotations
 
+import json
 import logging
 
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jaxdiff.training.recipes.diffusion.latents import vae_config
 log = logging.getLogger(__name__)
 
 # Where each backbone reads its input channels: the layer `widened` grows for added conditioning channels.
-INPUT_LAYERS = {"unet": ("conv_in",), "mmdit": ("pos_embed", "proj")}
+INPUT_LAYERS = {"unet": ("conv_in",), "mmdit": ("pos_embed", "proj"), "wan": ("patch_embedding",)}
 
 
 def image_unet(unet_fields: dict, channels: int, size: int, dtype, extra_channels: int = 0) -> UNet2DCondition:
@@ -64,18 +65,16 @@ def network(m: ModelConfig, channels: int, size: int, dtype, text_width: int | N
 def backbone(m: ModelConfig, channels: int, size: int, dtype, text_width: int | None = None,
              pooled_width: int | None = None, extra_channels: int = 0):
     """(`network(...)`, None or initial(key, fresh) -> its initial params (plain arrays) given a fresh random init:
-    the init_from run's EMA U-Net or MMDiT as it is (unet, mmdit; its input layer `widened` for extra_channels) or
-    inflated (temporal_unet), Wan's training init (wan))."""
-    if m.backbone == "wan":
-        return network(m, channels, size, dtype, text_width, extra_channels=extra_channels), wan_training_init
+    the init_from run's EMA U-Net, MMDiT or Wan transformer as it is (unet, mmdit, wan; its input layer `widened`
+    for extra_channels) or inflated (temporal_unet), else Wan's training init (wan) or the network's own."""
     net = network(m, channels, size, dtype, text_width, pooled_width, extra_channels)
     if not m.init_from:
-        return net, None
+        return net, wan_training_init if m.backbone == "wan" else None
     if m.backbone in INPUT_LAYERS:
         if m.backbone == "unet":
             check_same_unet(m, net, source_unet(m, size, dtype))
         else:
-            check_same_mmdit(m)
+            check_same_transformer(m)
         weights = sources.ema_params(m.init_from, "unet" if m.backbone == "unet" else "transformer")
         return net, lambda key, fresh: widened(weights, fresh, INPUT_LAYERS[m.backbone])
     net, unet = video_unet(m, channels, size, dtype)
@@ -90,18 +89,19 @@ def check_same_unet(m: ModelConfig, net: UNet2DCondition, source: UNet2DConditio
                          f"config.model.unet in {', '.join(differ)}; fine-tuning keeps the architecture")
 
 
-def check_same_mmdit(m: ModelConfig) -> None:
-    """The init_from run must be a latent MMDiT run with config.model's mmdit, t5 and text encoder fields."""
+def check_same_transformer(m: ModelConfig) -> None:
+    """The init_from run must be a latent run of m's transformer backbone (mmdit, wan) with config.model's fields of
+    it, its t5 and its text encoder."""
     r = sources.run_config(m.init_from, "transformer").model
-    if r.get("backbone") != "mmdit" or r.get("space") != "latent":
-        raise ValueError(f"config.model.init_from={m.init_from!r}: need a latent MMDiT run; that run has "
-                         f"backbone={r.get('backbone')!r}, space={r.get('space')!r}")
-    for part in ("mmdit", "t5", "text_encoder"):
+    if r.get("backbone") != m.backbone or r.get("space") != "latent":
+        raise ValueError(f"config.model.init_from={m.init_from!r}: need a latent run of backbone {m.backbone!r}; "
+                         f"that run has backbone={r.get('backbone')!r}, space={r.get('space')!r}")
+    for part in (m.backbone, "t5", "text_encoder"):
         theirs, ours = r.get(part), getattr(m, part)
         theirs = None if theirs is None else theirs.to_dict()
         if part == "text_encoder":   # where a frozen encoder is read from may differ; its shape may not
             theirs, ours = ({k: v for k, v in (d or {}).items() if k != "checkpoint"} for d in (theirs, ours))
-        if theirs != ours:
+        if json.loads(json.dumps(theirs)) != json.loads(json.dumps(ours)):   # (a recorded config's tuples are lists)
             raise ValueError(f"config.model.init_from={m.init_from!r}: that run's config.model.{part} is {theirs}, "
                              f"this run's {ours}; fine-tuning keeps the architecture")
 

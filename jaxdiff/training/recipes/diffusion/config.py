@@ -39,7 +39,7 @@ class ModelConfig:
     init_from: a latent text-to-image run or model folder whose EMA U-Net or MMDiT (and trained T5) is the start:
     fine-tuned as it is (backbone unet or mmdit, same config; conditioning channels it did not read, such as
     config.data.layout's map, are added with zero weights), or inflated into a video U-Net (backbone temporal_unet; `temporal`
-    holds the video-only TemporalUNetConfig fields).
+    holds the video-only TemporalUNetConfig fields); for backbone wan, a Wan run or model folder, fine-tuned likewise.
     caption_dropout: the share of captions replaced by the empty one (classifier-free guidance); layout_dropout
     (config.data.layout): the share of examples whose layout map is zeroed, independently (so the model also
     draws from the caption alone);
@@ -133,9 +133,9 @@ class ModelConfig:
                              "from scratch put those fields into config.model.temporal_unet")
 
     def _check_wan(self, what: str) -> None:
-        if self.init_from or self.temporal:
-            raise ValueError(f"{what} trains from scratch: config.model.init_from and config.model.temporal inflate "
-                             f"an image U-Net into a 'temporal_unet'")
+        if self.temporal:
+            raise ValueError(f"{what}: config.model.temporal (overrides of an inflated image U-Net) is for "
+                             f"'temporal_unet'; a Wan transformer's fields are config.model.wan")
         if self.objective.prediction_type != "flow":
             raise ValueError(f"{what} trains with flow matching: config.model.prediction_type="
                              f"{self.objective.prediction_type!r} must be 'flow'")
