@@ -127,7 +127,7 @@ def main():
     from absl import flags
     flags.FLAGS.mark_as_parsed()
     import jax
-    import jaxdiff.data  # noqa: F401  registers the builders
+    import jaxdiff.data.pipeline  # noqa: F401  registers the builders
     from jaxdiff.data.pipeline import DataConfig
 
     n = args.train_size

@@ -14,6 +14,7 @@ import argparse
 import numpy as np
 import tensorflow_datasets as tfds
 
+import jaxdiff.data.pipeline  # noqa: F401  registers the builders
 from jaxdiff.data.eval import parse_prompt
 from jaxdiff.data.render import FAMILIES, PALETTE
 

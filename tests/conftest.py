@@ -9,6 +9,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+@pytest.fixture(autouse=True)
+def compilation_cache_of_this_session(tmp_path_factory, monkeypatch):
+    """A CLI test turns JAX's persistent compilation cache on in its process (`jaxdiff.compilation_cache.enable`),
+    and with it jaxdiff.trace_cache's stored programs and param shapes: it is off again after every test, and a test
+    that turns it on writes into a folder of this session, not the user's cache."""
+    import jax
+
+    monkeypatch.setenv("JAXDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "xla"))
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
 # The tfds config the trained-run fixture uses: 32 training images of 16x16 shapes.
 SHAPES = "shapes/16px-32-4-8-seed0"
 

@@ -113,40 +113,6 @@ def test_wrong_shape_is_named(tmp_path):
         jd.convert.from_diffusers(str(folder))
 
 
-def test_param_shapes_are_kept_beside_the_compilation_cache(tmp_path, monkeypatch):
-    """With the persistent compilation cache on, a module's param shapes (boxed: shape, dtype, logical axis names)
-    are written once and read back without tracing its init, the same tree; a damaged entry is traced again; another
-    config is another entry; with the cache off nothing is written."""
-    from jaxdiff.compilation_cache import enable
-    from jaxdiff.models import layers
-
-    module, params = jd.convert.from_diffusers(str(FIXTURES / "vae"))
-    before = jax.config.jax_compilation_cache_dir   # set by any CLI test that ran before in this process
-    try:
-        jax.config.update("jax_compilation_cache_dir", None)
-        assert layers.shapes_cache_file(module) is None
-        enable(str(tmp_path / "xla"))
-        traced = layers.param_shapes(module, boxed=True)
-        path = layers.shapes_cache_file(module)
-        assert path.startswith(str(tmp_path / "xla-param-shapes"))
-        is_box = lambda x: isinstance(x, nn.Partitioned)
-        describe = lambda tree: [(type(x).__name__, x.names, x.value.shape, x.value.dtype) if is_box(x)
-                                 else (x.shape, x.dtype) for x in jax.tree.leaves(tree, is_leaf=is_box)]
-        with monkeypatch.context() as m:
-            m.setattr(jax, "eval_shape", lambda *a: pytest.fail("traced although cached"))
-            assert describe(layers.param_shapes(module, boxed=True)) == describe(traced)
-            again, reloaded = jd.convert.from_diffusers(str(FIXTURES / "vae"))
-            jax.tree.map(np.testing.assert_array_equal, jax.device_get(reloaded), jax.device_get(params))
-        with open(path, "w") as f:
-            f.write("{broken")
-        assert describe(layers.param_shapes(module, boxed=True)) == describe(traced)
-        assert json.load(open(path)).keys() == traverse_util.flatten_dict(nn.meta.unbox(traced), sep="/").keys()
-        other = module.clone(config=AutoencoderKLConfig(**{**vars(module.config), "latent_channels": 8}))
-        assert layers.shapes_cache_file(other) != path
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
-
-
 @pytest.mark.parametrize("field,value,match", [
     ("resnet_time_scale_shift", "ada_group", "resnet_time_scale_shift='ada_group'.*'default', 'scale_shift'"),
     ("attention_type", "gated", "attention_type='gated'"),

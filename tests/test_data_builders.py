@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import jaxdiff.data  # noqa: F401  registers the builders
+import jaxdiff.data.pipeline  # noqa: F401  registers the builders
 from jaxdiff.data import render
 from jaxdiff.data.prepare import config_name, main as prepare_main
 

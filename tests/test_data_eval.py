@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-import jaxdiff.data  # noqa: F401  registers the builders
+import jaxdiff.data.pipeline  # noqa: F401  registers the builders
 from jaxdiff.data import eval as ev
 from jaxdiff.data import render
 from jaxdiff.pipelines import shapes_eval

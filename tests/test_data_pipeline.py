@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import jaxdiff.data  # noqa: F401  registers the builders
+import jaxdiff.data.pipeline  # noqa: F401  registers the builders
 from jaxdiff.data import render
 from jaxdiff.data.pipeline import DataConfig, global_batch, make_dataset, make_iterator, resize_crop
 from tfds_fixtures import prepare_tfds

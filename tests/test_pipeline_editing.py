@@ -98,7 +98,7 @@ def test_edit_is_inversion_then_ddim(pipe):
     [inversion] = [p for k, p in pipe.runner.programs.items() if k[0] == "invert"]
     np.testing.assert_array_equal(editing.invert(pipe, ["a blue circle"] * 2, IMG, steps=6),
                                   editing.invert(pipe, ["a blue circle"] * 2, IMG, steps=6))
-    assert inversion._cache_size() == 1
+    assert inversion.cache_size() == 1
 
 
 def test_editing_needs_a_text_to_image_pipeline(pipe):

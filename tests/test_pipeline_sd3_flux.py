@@ -91,7 +91,7 @@ def test_flux_guidance_scale_is_traced_and_steers(flux):
     kw = dict(steps=2, height=16, width=16, seed=0)
     a, b = flux(["a red circle"], guidance_scale=1.0, **kw), flux(["a red circle"], guidance_scale=6.0, **kw)
     new = [flux.runner.programs[k] for k in set(flux.runner.programs) - before]
-    assert len(new) == 1 and new[0]._cache_size() == 1 and not np.allclose(a, b)
+    assert len(new) == 1 and new[0].cache_size() == 1 and not np.allclose(a, b)
 
 
 def test_bad_requests(sd3, flux):

@@ -39,7 +39,7 @@ def test_prompt_and_scale_change_without_recompiling(pipe):
     a = pipe(["a red circle", "a blue square"], steps=3, guidance_scale=3.0, seed=1)
     b = pipe(["two green triangles", "a blue square"], steps=3, guidance_scale=9.0, seed=2)
     new = [pipe.runner.programs[k] for k in set(pipe.runner.programs) - before]
-    assert len(new) == 1 and new[0]._cache_size() == 1
+    assert len(new) == 1 and new[0].cache_size() == 1
     assert a.shape == (2, 16, 16, 3) and not np.allclose(a, b)
 
 

@@ -80,7 +80,7 @@ def test_one_program_per_request(t2v):
     before = dict(t2v.runner.programs)
     a = t2v(["a blue square moving up", "a cat"], seed=3, guidance_scale=2.0, **kw)
     b = t2v(["a blue square moving up", "a cat"], seed=4, guidance_scale=2.0, **kw)
-    assert t2v.runner.programs == before and all(p._cache_size() == 1 for p in before.values())
+    assert t2v.runner.programs == before and all(p.cache_size() == 1 for p in before.values())
     assert a.shape == (2, META["frames"], META["height"], META["width"], 3) and not np.allclose(a, b)
 
 

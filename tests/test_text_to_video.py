@@ -49,7 +49,7 @@ def test_matches_diffusers_pipeline_and_does_not_recompile(sd):
     other = pipe(["two green triangles", "a red circle"], num_frames=4, steps=case["steps"], guidance_scale=2.0,
                  seed=3)
     programs = list(pipe.runner.programs.values())
-    assert len(programs) == 1 and programs[0]._cache_size() == 1
+    assert len(programs) == 1 and programs[0].cache_size() == 1
     assert not np.allclose(other, videos)
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxdiff.data  # noqa: F401  registers the builders
+import jaxdiff.data.pipeline  # noqa: F401  registers the builders
 from configs import clip as clip_config
 from configs import latent_diffusion as ld_config
 from configs import vae as vae_config

@@ -1,7 +1,7 @@
 """Built-in tfds datasets prepared once per test module into a temporary data_dir."""
 import tensorflow_datasets as tfds
 
-import jaxdiff.data  # noqa: F401  registers the builders
+import jaxdiff.data.pipeline  # noqa: F401  registers the builders
 
 
 def prepare_tfds(tmp_path_factory, *names: str) -> str:

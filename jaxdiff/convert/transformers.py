@@ -29,6 +29,7 @@ from jaxdiff.convert.common import (CheckpointError, export_params, import_param
                                     read_config, save_state_dict)
 from jaxdiff.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                  CLIPVisionConfig, CLIPVisionModel)
+from jaxdiff.models.layers import param_shapes
 from jaxdiff.models.t5 import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 
@@ -123,9 +124,8 @@ def _strip_tower_prefix(state: dict, prefix: str) -> dict:
 
 def param_template(module: nn.Module, arch: Architecture, boxed: bool = False):
     """Shapes and dtypes of `module`'s params (plain, or with `boxed` in their logical-axis boxes), without
-    allocating them."""
-    params = jax.eval_shape(lambda: module.init(jax.random.key(0), *arch.example_inputs(module.config)))["params"]
-    return params if boxed else nn.meta.unbox(params)
+    allocating them (`layers.param_shapes` on the architecture's example inputs)."""
+    return param_shapes(module, boxed, example=lambda: (arch.example_inputs(module.config), {}))
 
 
 def from_transformers(path: str, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, rules=None):

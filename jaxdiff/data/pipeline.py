@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxdiff.data import moving_shapes, shapes  # noqa: F401  registers the builders that tfds.builder finds
 from jaxdiff.data.layout import layout_map, trajectory_map
 
 CROPS = ("center", "random", "none")

@@ -18,19 +18,14 @@ are always reduced in float32 (Flax's `force_float32_reductions`), attention sof
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import tempfile
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from jaxdiff import trace_cache
 from jaxdiff.models.attention import dot_product_attention
 
 Dtype = Any
@@ -102,72 +97,24 @@ def layer_norm(eps: float, *, affine: bool = True, dtype: Dtype, param_dtype: Dt
                         name=name)
 
 
-def param_shapes(module: nn.Module, boxed: bool = False):
+def param_shapes(module: nn.Module, boxed: bool = False, example=None):
     """Shapes and dtypes of a model's params, without allocating them: its init traced on the module's
-    `example_inputs()`; unboxed, or with `boxed` in their `nn.Partitioned` boxes (logical axis names). The inputs are
-    made inside the trace, so nothing runs on a device (an eager op compiles a program in every fresh process).
+    `example_inputs()` (or `example()`'s (args, kwargs)); unboxed, or with `boxed` in their `nn.Partitioned` boxes
+    (logical axis names). The inputs are made inside the trace, so nothing runs on a device (an eager op compiles a
+    program in every fresh process).
 
     With JAX's persistent compilation cache on (`jaxdiff.compilation_cache.enable`, as the CLIs run) the result is
-    kept beside it (`shapes_cache_file`), so a second process reads it instead of tracing the init again (0.2-0.4 s
+    kept beside it (`jaxdiff.trace_cache`), so a second process reads it instead of tracing the init again (0.2-0.4 s
     a model)."""
-    path = shapes_cache_file(module)
-    if path is not None and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                params = _boxes_of(json.load(f))
-            return params if boxed else nn.meta.unbox(params)
-        except (OSError, ValueError, KeyError, TypeError):   # a damaged entry: traced again and rewritten
-            pass
+    params = trace_cache.load_shapes(module)
+    if params is None:
+        def init():
+            args, kwargs = (example or module.example_inputs)()
+            return module.init(jax.random.key(0), *args, **kwargs)
 
-    def init():
-        args, kwargs = module.example_inputs()
-        return module.init(jax.random.key(0), *args, **kwargs)
-
-    params = jax.eval_shape(init)["params"]
-    if path is not None:
-        _write_atomically(path, json.dumps(_leaves_of(params)))
+        params = jax.eval_shape(init)["params"]
+        trace_cache.store_shapes(module, params)
     return params if boxed else nn.meta.unbox(params)
-
-
-def shapes_cache_file(module: nn.Module) -> str | None:
-    """Where `param_shapes` keeps `module`'s param shapes: a file named by the module's class and fields (its config,
-    dtypes), the Flax version and the size and time of every jaxdiff.models source file (an edit is a new entry), in
-    `<compilation cache dir>-param-shapes`; None while the persistent compilation cache is off."""
-    cache = jax.config.jax_compilation_cache_dir
-    if not cache:
-        return None
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted((name, os.stat(os.path.join(here, name)).st_mtime_ns, os.path.getsize(os.path.join(here, name)))
-                     for name in os.listdir(here) if name.endswith(".py"))
-    key = json.dumps([type(module).__module__, type(module).__qualname__, repr(module), nn.__name__,
-                      flax.__version__, sources])
-    return os.path.join(cache.rstrip(os.sep) + "-param-shapes", hashlib.sha256(key.encode()).hexdigest() + ".json")
-
-
-def _leaves_of(params) -> dict:
-    """{'/'-joined path: [shape, dtype, logical axis names or None]} of abstract (boxed) params."""
-    flat = traverse_util.flatten_dict(params, sep="/", is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
-    return {k: [list(v.value.shape), str(v.value.dtype), list(v.names)] if isinstance(v, nn.Partitioned)
-            else [list(v.shape), str(v.dtype), None] for k, v in flat.items()}
-
-
-def _boxes_of(leaves: dict):
-    """`_leaves_of` read back: ShapeDtypeStructs, in `nn.LogicallyPartitioned` boxes where they had names."""
-    def leaf(shape, dtype, names):
-        value = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-        return value if names is None else nn.LogicallyPartitioned(value, tuple(names))
-
-    return traverse_util.unflatten_dict({k: leaf(*v) for k, v in leaves.items()}, sep="/")
-
-
-def _write_atomically(path: str, text: str) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
-            f.write(text)
-        os.replace(f.name, path)
-    except OSError:   # a read-only cache: the next process traces again
-        pass
 
 
 # Activation checkpointing of transformer blocks (`nn.remat`): '' off; 'full' keeps only each block's inputs and

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import trace_cache
 from jaxdiff.data import render
 from jaxdiff.data.layout import (
     PLACE_BINS,
@@ -322,7 +324,13 @@ def layout_targets(objects_list, max_objects: int, motion: bool = False) -> dict
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.lru_cache(maxsize=None)
+def _slot_program(model: LayoutTransformer) -> trace_cache.StoredProgram:
+    """`_slot_step` of `model`, jitted, and kept on disk by the model's fields (`jaxdiff.trace_cache`)."""
+    identity = json.dumps([__name__, "_slot_step", trace_cache.fingerprint(model)])
+    return trace_cache.StoredProgram(jax.jit(functools.partial(_slot_step, model)), identity)
+
+
 def _slot_step(model, params, tokens, previous, slot, key, temperature):
     """Slot `slot`'s prediction given `previous`: {present probability, colour, shape, place} [B] each, and a
     trajectory model's direction (argmax) and speed class (sampled at `temperature`), which its place is drawn
@@ -380,8 +388,8 @@ def _draw(model: LayoutTransformer, params, tokens, key, temperature: float) -> 
     previous = np.zeros((batch, slots, len(c.slot_fields)), np.int32)
     layouts, open_ = [[] for _ in range(batch)], np.ones(batch, bool)
     for k in range(slots):
-        out = {name: np.asarray(v) for name, v in _slot_step(model, params, tokens, jnp.asarray(previous), k,
-                                                              jax.random.fold_in(key, k), temperature).items()}
+        out = {name: np.asarray(v) for name, v in _slot_program(model)(params, tokens, jnp.asarray(previous), k,
+                                                                        jax.random.fold_in(key, k), temperature).items()}
         open_ &= out["present"] >= 0.5
         for i in np.flatnonzero(open_):
             shape, colour = render.SHAPES[out["shape"][i]], render.COLOURS[out["colour"][i]]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance
+from jaxdiff import guidance, trace_cache
 from jaxdiff.convert.scheduler import dynamic_shift_mu, schedule_from_config
 from jaxdiff.data.layout import LAYOUT_CHANNELS, downsampled, layout_map, trajectory_map
 from jaxdiff.models import FluxTransformer2D, SD3Transformer2D, UNet2DCondition
@@ -66,6 +66,10 @@ def recorded_guidance(record: dict) -> float | None:
     return None if scale is None else float(scale)
 
 
+# LatentDiffusion fields no generation program reads: its arguments (the params) and what runs before or around it
+OUTSIDE_PROGRAMS = ("denoiser_params", "vae_params", "text_params", "tokenizer", "layout_model", "runner")
+
+
 @dataclasses.dataclass
 class LatentDiffusion:
     """Modules, their params, tokenizer, schedule and sampler defaults of a latent diffusion model. The
@@ -94,6 +98,23 @@ class LatentDiffusion:
     trained_guidance: float | None = None
     layout_model: Any = None
     runner: Runner = dataclasses.field(default_factory=Runner, init=False, repr=False, compare=False)
+
+    def program(self, setup: tuple):
+        """The runner's generation program of static `setup` (`_build`'s arguments, `progress` last): in this process
+        keyed by the setup and the schedule object, on disk (`jaxdiff.trace_cache`) by the setup and the
+        `fingerprint` of every field the program may read (all but OUTSIDE_PROGRAMS), unless it has a host callback
+        (progress) or a field has no stable fingerprint."""
+        def identity():
+            if setup[-1]:
+                return None
+            try:
+                fields = {k: v for k, v in sorted(vars(self).items()) if k not in OUTSIDE_PROGRAMS}
+                return json.dumps([type(self).__module__, type(self).__qualname__, "generate",
+                                   trace_cache.fingerprint(setup), trace_cache.fingerprint(fields)])
+            except trace_cache.Unstable:
+                return None
+
+        return self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup), identity)
 
     @classmethod
     def _components(cls, path: str, record: dict, **load_kwargs) -> tuple:

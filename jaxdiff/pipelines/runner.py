@@ -3,7 +3,7 @@ the sampler options, cache the compiled program per static setup, split the batc
 axis, show a progress bar over the denoising steps, and refuse a result that is not finite.
 
     runner = Runner()
-    program = runner.program(key, build)          # jax.jit(build()) the first time `key` is seen
+    program = runner.program(key, build)          # jax.jit(build()) the first time `key` is seen (or on disk)
     out = runner.run(program, params, batch, *rest, steps=25, progress=True, mesh=mesh)
 
 A pipeline owns one Runner (its programs close over the pipeline's modules); editing functions
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.samplers.driver import check_number
+from jaxdiff.trace_cache import StoredProgram
 
 # jax.random.key keeps 32 bits of a seed: a larger one would silently give a smaller one's images.
 MAX_SEED = 2**32 - 1
@@ -103,10 +104,13 @@ class Runner:
         self.programs: dict[tuple, Callable] = {}
         self._bar: Any = None
 
-    def program(self, key: tuple, build: Callable[[], Callable]) -> Callable:
-        """The jitted program cached under `key` (its static setup); `build()` makes the function the first time."""
+    def program(self, key: tuple, build: Callable[[], Callable],
+                identity: Callable[[], str | None] = lambda: None) -> Callable:
+        """The jitted program cached under `key` (its static setup); `build()` makes the function the first time.
+        `identity()`: a text naming everything that function reads besides its arguments, under which a fresh process
+        finds it traced on disk (`jaxdiff.trace_cache.StoredProgram`; None: traced in every process)."""
         if key not in self.programs:
-            self.programs[key] = jax.jit(build())
+            self.programs[key] = StoredProgram(jax.jit(build()), identity())
         return self.programs[key]
 
     def sampler_kwargs(self, options: tuple, progress: bool) -> dict:

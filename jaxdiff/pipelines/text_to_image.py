@@ -128,7 +128,7 @@ class TextToImage(LatentDiffusion):
             noise = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         sampler = self.sampler_setup(steps, height, width, sampler_kwargs)
         setup = (steps, sampler, strength, inpaint, true_cfg, zero_uncond, return_trajectory, progress)
-        program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
+        program = self.program(setup)
         batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise),
                  None if init_latents is None else jnp.asarray(init_latents, jnp.float32),
                  None if latent_mask is None else jnp.asarray(latent_mask, jnp.float32),

@@ -308,7 +308,7 @@ class TextToVideo(LatentDiffusion):
             noise = diffusion.frame_correlated_noise(jax.random.key(seed), shape, correlation)
         sampler = sampler_options(self.sampler_defaults, sampler_kwargs)
         setup = (steps, sampler, init_image is not None, keep_first_frame, correlation, progress)
-        program = self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup))
+        program = self.program(setup)
         batch = [self.tokenize(prompts), self.tokenize(negative), jnp.asarray(noise), init_image,
                  None if layout is None else jnp.asarray(layout, jnp.float32)]
         videos, latents = self.runner.run(program, self.params, batch, jax.random.key(seed + 1),
