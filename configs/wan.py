@@ -13,6 +13,14 @@ and reads the shipped CLIP text encoder's states as its context (text_dim 128); 
 jaxdiff/assets/shapes_unet. Tests and smoke runs (seconds; prepare the tiny dataset first, as for video_diffusion):
 
   python -m train --config configs/wan.py:tiny --workdir /tmp/wan --config.data.data_dir=/tmp/tfds
+
+A run continues from a Wan run or model folder (config.model.init_from: its transformer and T5, the same
+config.model.wan and t5; the patch embedding grows zero rows for layout channels the source did not read), e.g. the
+shipped video model on a fresh schedule:
+
+  python -m train --config configs/wan.py:layout --workdir runs/wan_more \\
+      --config.model.init_from=jaxdiff/assets/shapes_video --config.steps=2700 --config.optim.lr=2e-4 \\
+      --config.optim.warmup_steps=100
 """
 from configs import common
 from configs.latent_diffusion import SCALING_FACTOR, SHIPPED_UNET
