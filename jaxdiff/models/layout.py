@@ -326,8 +326,12 @@ def layout_targets(objects_list, max_objects: int, motion: bool = False) -> dict
 
 @functools.lru_cache(maxsize=None)
 def _slot_program(model: LayoutTransformer) -> trace_cache.StoredProgram:
-    """`_slot_step` of `model`, jitted, and kept on disk by the model's fields (`jaxdiff.trace_cache`)."""
-    identity = json.dumps([__name__, "_slot_step", trace_cache.fingerprint(model)])
+    """`_slot_step` of `model`, jitted, and kept on disk by the model's fields (`jaxdiff.trace_cache`; not where a
+    field has no stable fingerprint)."""
+    try:
+        identity = json.dumps([__name__, "_slot_step", trace_cache.fingerprint(model)])
+    except trace_cache.Unstable:
+        identity = None
     return trace_cache.StoredProgram(jax.jit(functools.partial(_slot_step, model)), identity)
 
 
