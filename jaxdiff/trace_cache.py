@@ -147,6 +147,14 @@ def fingerprint(value) -> str:
     raise Unstable(f"no stable name for a {type(value).__name__}")
 
 
+def identity(*parts) -> str | None:
+    """A StoredProgram's identity: the `fingerprint`s of `parts`, or None where one has none (never stored)."""
+    try:
+        return json.dumps([fingerprint(part) for part in parts])
+    except Unstable:
+        return None
+
+
 def signature(args) -> str | None:
     """The arguments' tree structure, shapes, dtypes and weak types; None where one is not an array or scalar."""
     leaves, tree = jax.tree.flatten(args)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -328,10 +327,7 @@ def layout_targets(objects_list, max_objects: int, motion: bool = False) -> dict
 def _slot_program(model: LayoutTransformer) -> trace_cache.StoredProgram:
     """`_slot_step` of `model`, jitted, and kept on disk by the model's fields (`jaxdiff.trace_cache`; not where a
     field has no stable fingerprint)."""
-    try:
-        identity = json.dumps([__name__, "_slot_step", trace_cache.fingerprint(model)])
-    except trace_cache.Unstable:
-        identity = None
+    identity = trace_cache.identity(__name__, "_slot_step", model)
     return trace_cache.StoredProgram(jax.jit(functools.partial(_slot_step, model)), identity)
 
 

@@ -105,14 +105,9 @@ class LatentDiffusion:
         `fingerprint` of every field the program may read (all but OUTSIDE_PROGRAMS), unless it has a host callback
         (progress) or a field has no stable fingerprint."""
         def identity():
-            if setup[-1]:
-                return None
-            try:
-                fields = {k: v for k, v in sorted(vars(self).items()) if k not in OUTSIDE_PROGRAMS}
-                return json.dumps([type(self).__module__, type(self).__qualname__, "generate",
-                                   trace_cache.fingerprint(setup), trace_cache.fingerprint(fields)])
-            except trace_cache.Unstable:
-                return None
+            fields = {k: v for k, v in vars(self).items() if k not in OUTSIDE_PROGRAMS}
+            return None if setup[-1] else trace_cache.identity(type(self).__module__, type(self).__qualname__,
+                                                                "generate", setup, fields)
 
         return self.runner.program((*setup, id(self.schedule)), lambda: self._build(*setup), identity)
 
